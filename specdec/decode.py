@@ -1,0 +1,249 @@
+"""`generate()`: speculative decoding as a drop-in for ``model.generate`` (batch size 1).
+
+Each step: 1. propose a token tree  2. verify it in one target forward  3. accept a path
+4. commit the path to the KV cache  5. feed the decision back to the drafter. A chain is a tree,
+so there is one code path; with no drafter (or an empty tree) a step is plain decoding.
+
+Boundary: the loop knows the `Drafter` protocol, the `Verifier` and acceptance rules; it never
+imports a concrete drafter and never asks which drafter it holds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from specdec.acceptance import AcceptanceRule, Greedy
+from specdec.drafter import Context, Drafter, Feedback
+from specdec.trees import TokenTree
+from specdec.verifier import Verifier
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    tree: TokenTree  # what the drafter proposed (after depth truncation)
+    accepted_nodes: list[int]  # accepted path through the tree
+    new_tokens: list[int]  # tokens committed this step (accepted drafts + the target's token, cut at a stop)
+    draft_s: float
+    verify_s: float
+    overhead_s: float
+
+
+@dataclass
+class GenerationStats:
+    """Filled in by `generate(stats=...)`; one `StepInfo` per target forward after the prefill."""
+
+    steps: list[StepInfo] = field(default_factory=list)
+    prefill_s: float = 0.0
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(s.new_tokens) for s in self.steps)
+
+    @property
+    def target_forwards(self) -> int:
+        return len(self.steps)
+
+    @property
+    def mean_accepted(self) -> float:
+        """Mean tokens committed per target forward (tau): accepted drafts + the target's own token."""
+        return self.new_tokens / max(1, self.target_forwards)
+
+    @property
+    def draft_s(self) -> float:
+        return sum(s.draft_s for s in self.steps)
+
+    @property
+    def verify_s(self) -> float:
+        return sum(s.verify_s for s in self.steps)
+
+    @property
+    def overhead_s(self) -> float:
+        return sum(s.overhead_s for s in self.steps)
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.draft_s + self.verify_s + self.overhead_s
+
+
+def _as_prompt(input_ids: Tensor) -> Tensor:
+    """[1, t] or [t] -> [t], with clear errors for what this path cannot do."""
+    if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+        raise TypeError("input_ids must be an integer torch.Tensor of shape [1, prompt_len]")
+    if input_ids.dim() == 2:
+        if input_ids.shape[0] != 1:
+            raise ValueError(
+                f"input_ids has batch size {input_ids.shape[0]}; specdec decodes one sequence at a time "
+                "(batch size 1). Call it once per row, or use model.generate for batched decoding."
+            )
+        input_ids = input_ids[0]
+    if input_ids.dim() != 1:
+        raise ValueError(f"input_ids must have shape [1, prompt_len], got {tuple(input_ids.shape)}")
+    if input_ids.numel() == 0:
+        raise ValueError("input_ids is empty: give at least one prompt token (e.g. the BOS token)")
+    return input_ids.long().cpu()
+
+
+def _eos_set(model, eos_token_id) -> set[int]:
+    if eos_token_id is None:
+        eos_token_id = getattr(model.generation_config, "eos_token_id", None)
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, Tensor):
+        eos_token_id = eos_token_id.tolist()
+    return {int(e) for e in ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)}
+
+
+def _processed(logits: Tensor, ids: Tensor, tree: TokenTree, logits_processor) -> Tensor:
+    """Apply HF logits processors to every row with that row's own context (prefix + path)."""
+    if not logits_processor:
+        return logits
+    rows = []
+    for row in range(len(tree) + 1):
+        path = tree.tokens[tree.path_to(row - 1)]
+        context = torch.cat([ids, path])[None]  # [1, t + depth]: what model.generate would have seen
+        rows.append(logits_processor(context, logits[row][None])[0])
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: Tensor,
+    drafter: Drafter | None = None,
+    *,
+    max_new_tokens: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    streamer=None,
+    stopping_criteria=None,
+    logits_processor=None,
+    rule: AcceptanceRule | None = None,
+    stats: GenerationStats | None = None,
+    on_step=None,
+) -> Tensor:
+    """Greedy-exact speculative decoding. Returns ``[1, prompt + new]`` like ``model.generate``.
+
+    `max_new_tokens` and `eos_token_id` default to the model's generation config, as in HF
+    (pass ``eos_token_id=[]`` to never stop on EOS). `stopping_criteria` / `logits_processor` are
+    transformers' lists; criteria are checked after every single token, so generation stops on
+    exactly the token where ``model.generate`` stops. `on_step(StepInfo)` is called after every
+    target forward; `stats` (a `GenerationStats`) collects the same.
+    """
+    prompt = _as_prompt(input_ids)
+    if max_new_tokens is None:
+        gc = model.generation_config
+        max_new_tokens = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - prompt.numel()
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and prompt.numel() > limit:
+        raise ValueError(
+            f"the prompt has {prompt.numel()} tokens but the model allows at most {limit} "
+            "(config.max_position_embeddings); shorten the prompt"
+        )
+    eos = _eos_set(model, eos_token_id)
+    rule = rule or Greedy()
+    stats = stats if stats is not None else GenerationStats()
+    if streamer is not None:
+        streamer.put(prompt[None])
+
+    t0 = time.perf_counter()
+    if drafter is not None:
+        drafter.begin(model)
+    verifier = Verifier(model, keep_hidden_states=drafter is not None and drafter.needs_hidden_states)
+    hidden = verifier.prefill(prompt)
+    stats.prefill_s = time.perf_counter() - t0
+    ids, done = prompt, max_new_tokens == 0
+
+    while not done:
+        remaining = max_new_tokens - (ids.numel() - prompt.numel())
+        t0 = time.perf_counter()
+        # 1. Propose: a tree under the root (the last committed token). Nodes deeper than
+        #    remaining - 1 could only yield tokens past max_new_tokens.
+        if drafter is None or remaining == 1:
+            tree = TokenTree.empty()
+        else:
+            tree = drafter.propose(Context(ids, hidden, remaining - 1)).truncate(remaining - 1)
+        t1 = time.perf_counter()
+        # 2. Verify: one target forward over [root] + tree.
+        scores = verifier.score(int(ids[-1]), tree)
+        logits = _processed(scores.logits.float(), ids, tree, logits_processor)  # [n + 1, vocab], fp32 as in HF
+        t2 = time.perf_counter()
+        # 3. Accept: the longest path the target agrees with, plus the target's own next token.
+        decision = rule(tree, logits)
+        path = decision.accepted_nodes
+        new = tree.tokens[path].tolist() + [decision.next_token]
+        emitted: list[int] = []
+        for j, tok in enumerate(new[:remaining]):  # stop exactly where model.generate would
+            emitted.append(tok)
+            if tok in eos:
+                done = True
+            elif stopping_criteria is not None:
+                row = 0 if j == 0 else path[j - 1] + 1  # the logits row that predicted this token
+                seq = torch.cat([ids, torch.tensor(emitted)])[None]
+                done = bool(stopping_criteria(seq, logits[row][None]).all())
+            if done:
+                break
+        ids = torch.cat([ids, torch.tensor(emitted, dtype=torch.long)])
+        done = done or ids.numel() - prompt.numel() >= max_new_tokens
+        if streamer is not None:
+            streamer.put(torch.tensor(emitted))
+        if not done:
+            # 4. Commit: the cache keeps prefix + root + accepted path.
+            verifier.commit(path)
+            # 5. Feedback: drafters adapt; hidden-state drafters get the committed tokens' features.
+            if scores.hidden_states is not None:
+                hidden = scores.hidden_states[[0] + [i + 1 for i in path]]
+            if drafter is not None:
+                drafter.update(Feedback(tree, path, torch.tensor(new)))
+        step = StepInfo(tree, path, emitted, t1 - t0, t2 - t1, time.perf_counter() - t2)
+        stats.steps.append(step)
+        if on_step is not None:
+            on_step(step)
+
+    if streamer is not None:
+        streamer.end()
+    return ids[None].to(input_ids.device)
+
+
+def hf_generate(
+    model,
+    input_ids: Tensor,
+    logits_processor=None,
+    stopping_criteria=None,
+    generation_config=None,
+    synced_gpus: bool = False,
+    streamer=None,
+    drafter: Drafter | None = None,
+    specdec_streamer=None,
+    specdec_stats: GenerationStats | None = None,
+    **model_kwargs,
+) -> Tensor:
+    """``model.generate(ids, custom_generate=specdec.hf_generate, drafter=...)``.
+
+    transformers prepares the generation config, logits processors and stopping criteria
+    (max length, EOS, stop strings) and hands them here. It does not pass `streamer` on to custom
+    decoding loops (checked on 5.23), so streaming goes through `specdec_streamer=`.
+    """
+    if generation_config is not None and generation_config.do_sample:
+        raise ValueError("specdec.hf_generate supports greedy decoding only: pass do_sample=False")
+    if generation_config is not None and generation_config.num_beams not in (None, 1):
+        raise ValueError("specdec.hf_generate does not do beam search: pass num_beams=1")
+    mask = model_kwargs.get("attention_mask")
+    if mask is not None and not bool(mask.all()):
+        raise ValueError("specdec.hf_generate got a padded attention_mask; pass the unpadded prompt (batch size 1)")
+    max_length = generation_config.max_length if generation_config is not None else model.generation_config.max_length
+    return generate(
+        model,
+        input_ids,
+        drafter,
+        max_new_tokens=max_length - input_ids.shape[-1],
+        eos_token_id=[],  # transformers already put its EOS criterion into stopping_criteria
+        streamer=specdec_streamer if specdec_streamer is not None else streamer,
+        stopping_criteria=stopping_criteria,
+        logits_processor=logits_processor,
+        stats=specdec_stats,
+    )

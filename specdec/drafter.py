@@ -1,0 +1,48 @@
+"""The drafter interface: what the core needs from anything that proposes tokens.
+
+Boundary: interface only, no behaviour. The core sees drafters only through this module and
+never asks which kind of drafter it holds.
+
+Contract: `propose` must be correct from `ctx` alone. Any private state (a draft model's KV
+cache, an n-gram index) is an optimisation the drafter reconciles itself against
+``ctx.input_ids``, so new prompts, rejections and restarts need no special protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+from specdec.trees import TokenTree
+
+
+@dataclass(frozen=True)
+class Context:
+    input_ids: Tensor  # [t] every committed token (prompt + generated); batch size 1
+    # Target last-layer states for the tokens committed by the previous step (the root and the
+    # accepted path), only for drafters with needs_hidden_states.
+    hidden_states: Tensor | None = None  # [m, hidden]
+    max_depth: int | None = None  # deeper nodes cannot be used (remaining token budget)
+
+
+@dataclass(frozen=True)
+class Feedback:
+    tree: TokenTree  # what was proposed
+    accepted_nodes: list[int]  # root-to-node path through the tree (may be empty)
+    new_tokens: Tensor  # [len(accepted_nodes) + 1] accepted drafts + the target's own token
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    needs_hidden_states: bool  # ask the verifier for target hidden states (like HF's requires_model_outputs)
+
+    def begin(self, target) -> None:
+        """Called once per generation before the first propose: validate against the target
+        (vocabulary, hidden size) with a clear error, and reset per-sequence state."""
+
+    def propose(self, ctx: Context) -> TokenTree: ...
+
+    def update(self, feedback: Feedback) -> None:
+        """Learn from the verifier's decision (adapt lengths, fill tables); may do nothing."""

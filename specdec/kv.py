@@ -1,0 +1,53 @@
+"""The only module that touches transformers' cache internals.
+
+After the verifier scores ``[root] + tree``, the cache holds prefix + root + every tree node; the
+committed state is prefix + root + the accepted path. When transformers changes its cache
+classes, this file is the one to change.
+
+Checked on transformers 5.23: ``DynamicCache.crop(-n)`` drops n slots, ``crop(0)`` is a no-op
+(on 5.0 it emptied the cache) and a positive argument raises, so `crop` is called only with
+n > 0 slots to drop.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+
+def new_cache(model) -> DynamicCache:
+    return DynamicCache(config=model.config)
+
+
+def check_full_attention(cache: Cache) -> None:
+    """Tree compaction assumes every layer keeps every slot (no sliding window, no linear state)."""
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is not DynamicLayer:
+            raise ValueError(
+                f"specdec needs full-attention KV caches; layer {i} uses {type(layer).__name__}. "
+                "Sliding-window and linear-attention models are not supported yet."
+            )
+
+
+def length(cache: Cache) -> int:
+    return cache.get_seq_length()
+
+
+def drop_last(cache: Cache, n: int) -> None:
+    """Forget the last n slots (n >= 0)."""
+    if n > 0:
+        cache.crop(-n)
+
+
+def keep(cache: Cache, n_prefix: int, slots: list[int]) -> None:
+    """Keep slots [0, n_prefix) plus `slots` (ascending, each >= n_prefix); drop everything else."""
+    total = length(cache)
+    if slots == list(range(n_prefix, n_prefix + len(slots))):  # a chain's accepted path: just crop
+        drop_last(cache, total - n_prefix - len(slots))
+        return
+    index = torch.tensor(list(range(n_prefix)) + slots, dtype=torch.long)
+    for layer in cache.layers:
+        if layer.is_initialized:
+            index_dev = index.to(layer.keys.device)
+            layer.keys = layer.keys.index_select(-2, index_dev)
+            layer.values = layer.values.index_select(-2, index_dev)

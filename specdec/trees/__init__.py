@@ -1,0 +1,11 @@
+"""Token trees: the one data structure every drafter returns and the verifier consumes.
+
+Boundary: torch only. Nothing here knows about models, caches or tokenizers; drafters that
+grow trees from a model pass the model in as a callable (`expand`).
+"""
+
+from specdec.trees.dynamic import expand
+from specdec.trees.mask import VerifyInputs, tree_mask, verify_inputs
+from specdec.trees.tree import TokenTree
+
+__all__ = ["TokenTree", "VerifyInputs", "expand", "tree_mask", "verify_inputs"]

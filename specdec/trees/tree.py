@@ -1,0 +1,139 @@
+"""`TokenTree`: draft tokens hanging under a root (the last committed token, not stored).
+
+Nodes are in topological order: ``parents[i] < i``, and ``-1`` means "child of the root".
+A chain of k tokens is ``parents = [-1, 0, 1, ..., k-2]``: chains need no special case anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+
+# eq=False: tensors have no truth value; compare trees field by field where needed.
+@dataclass(frozen=True, eq=False)
+class TokenTree:
+    tokens: Tensor  # [n] int64
+    parents: Tensor  # [n] int64, parents[i] < i, -1 = child of the root
+    # q(. | path to the parent) for each node; None means a deterministic proposal (one-hot q).
+    draft_probs: Tensor | None = None  # [n, vocab]
+    # Free-form per-node label (which drafter proposed it); composition and the demo use it.
+    sources: tuple[str, ...] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        tokens = torch.as_tensor(self.tokens, dtype=torch.long).reshape(-1)
+        parents = torch.as_tensor(self.parents, dtype=torch.long).reshape(-1)
+        object.__setattr__(self, "tokens", tokens)
+        object.__setattr__(self, "parents", parents)
+        n = tokens.numel()
+        if parents.numel() != n:
+            raise ValueError(f"TokenTree: tokens has {n} entries but parents has {parents.numel()}")
+        if n and not bool((parents >= -1).all() and (parents < torch.arange(n)).all()):
+            raise ValueError(f"TokenTree: parents must satisfy -1 <= parents[i] < i, got {parents.tolist()}")
+        if self.draft_probs is not None and self.draft_probs.shape[0] != n:
+            raise ValueError(f"TokenTree: draft_probs has {self.draft_probs.shape[0]} rows for {n} nodes")
+        if self.sources is not None and len(self.sources) != n:
+            raise ValueError(f"TokenTree: sources has {len(self.sources)} labels for {n} nodes")
+
+    # ---- constructors -------------------------------------------------------------------
+    @classmethod
+    def chain(cls, tokens, draft_probs: Tensor | None = None, source: str | None = None) -> TokenTree:
+        tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+        n = tokens.numel()
+        sources = (source,) * n if source is not None else None
+        return cls(tokens, torch.arange(n) - 1, draft_probs, sources)
+
+    @classmethod
+    def empty(cls) -> TokenTree:
+        return cls.chain(torch.zeros(0, dtype=torch.long))
+
+    @classmethod
+    def from_sequences(cls, sequences, source: str | None = None) -> TokenTree:
+        """Merge token sequences (all continuing the root) into a trie; shared prefixes appear once."""
+        tokens: list[int] = []
+        parents: list[int] = []
+        index: dict[tuple[int, int], int] = {}  # (parent, token) -> node
+        for seq in sequences:
+            parent = -1
+            for tok in (int(t) for t in seq):
+                node = index.get((parent, tok))
+                if node is None:
+                    node = index[(parent, tok)] = len(tokens)
+                    tokens.append(tok)
+                    parents.append(parent)
+                parent = node
+        sources = (source,) * len(tokens) if source is not None else None
+        return cls(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long), None, sources)
+
+    # ---- structure ----------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.tokens.numel()
+
+    @cached_property
+    def _parent_list(self) -> list[int]:
+        return self.parents.tolist()
+
+    @property
+    def is_chain(self) -> bool:
+        return self._parent_list == list(range(-1, len(self) - 1))
+
+    @cached_property
+    def _depths(self) -> Tensor:
+        depths: list[int] = []
+        for p in self._parent_list:
+            depths.append(1 if p < 0 else depths[p] + 1)
+        return torch.tensor(depths, dtype=torch.long)
+
+    def depths(self) -> Tensor:
+        """[n]: 1 for children of the root."""
+        return self._depths
+
+    @cached_property
+    def _ancestor_mask(self) -> Tensor:
+        n = len(self)
+        mask = torch.eye(n, dtype=torch.bool)
+        for i, p in enumerate(self._parent_list):
+            if p >= 0:
+                mask[i] |= mask[p]
+        return mask
+
+    def ancestor_mask(self) -> Tensor:
+        """[n, n] bool: mask[i, j] is True when j is i or an ancestor of i."""
+        return self._ancestor_mask
+
+    def children(self, i: int) -> list[int]:
+        """Children of node i in index order (i = -1 is the root)."""
+        return [c for c, p in enumerate(self._parent_list) if p == i]
+
+    def path_to(self, i: int) -> list[int]:
+        """Nodes from the root's child down to i (empty for the root, i = -1)."""
+        path = []
+        while i >= 0:
+            path.append(i)
+            i = self._parent_list[i]
+        return path[::-1]
+
+    def subtree(self, keep) -> TokenTree:
+        """The tree restricted to `keep` (must contain every kept node's ancestors), re-indexed."""
+        keep = sorted(set(int(k) for k in keep))
+        new_index = {old: new for new, old in enumerate(keep)}
+        try:
+            parents = [new_index[p] if p >= 0 else -1 for p in (self._parent_list[k] for k in keep)]
+        except KeyError as err:
+            raise ValueError(f"TokenTree.subtree: keep is missing ancestor {err.args[0]}") from None
+        idx = torch.tensor(keep, dtype=torch.long)
+        return TokenTree(
+            self.tokens[idx],
+            torch.tensor(parents, dtype=torch.long),
+            None if self.draft_probs is None else self.draft_probs[idx],
+            None if self.sources is None else tuple(self.sources[k] for k in keep),
+        )
+
+    def truncate(self, max_depth: int) -> TokenTree:
+        """Drop nodes deeper than `max_depth` (the root has depth 0)."""
+        if not len(self) or int(self._depths.max()) <= max_depth:
+            return self
+        return self.subtree(torch.nonzero(self._depths <= max_depth).flatten().tolist())
