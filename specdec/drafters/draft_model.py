@@ -1,0 +1,90 @@
+"""A smaller causal LM sharing the target's vocabulary drafts a chain or a dynamic top-k tree.
+
+The draft model keeps its own KV cache. Before each proposal it reconciles that cache against
+the committed tokens by their common prefix (as HF's assisted generation does), so rejections
+need no protocol. Trees are grown with `specdec.trees.expand` (EAGLE-2 style); each growth step
+feeds the whole frontier through the draft model in one forward with a tree mask.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from specdec import kv
+from specdec.drafter import Context, Feedback
+from specdec.trees import TokenTree, expand, tree_mask
+
+
+def _vocab_size(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+class DraftModel:
+    needs_hidden_states = False
+
+    def __init__(self, model, *, num_tokens: int = 5, topk: int = 1, width: int | None = None, budget: int | None = None):
+        """`num_tokens`: draft depth. ``topk = 1`` drafts a greedy chain; ``topk > 1`` grows a tree
+        whose every level keeps the `width` (default `topk`) best nodes by cumulative draft
+        probability, cut to the `budget` best nodes overall."""
+        if num_tokens < 1 or topk < 1:
+            raise ValueError(f"DraftModel: num_tokens and topk must be >= 1, got {num_tokens}, {topk}")
+        self.model = model.eval()
+        self.num_tokens, self.topk = num_tokens, topk
+        self.width = 1 if topk == 1 else (width or topk)
+        self.budget = budget
+        self.cache = kv.new_cache(model)
+        self.cached = torch.zeros(0, dtype=torch.long)  # [c] the tokens whose keys/values are in self.cache
+
+    def begin(self, target) -> None:
+        if _vocab_size(target) != _vocab_size(self.model):
+            raise ValueError(
+                f"DraftModel: the draft model's vocabulary ({_vocab_size(self.model)} tokens) differs from the "
+                f"target's ({_vocab_size(target)}); pick a draft model with the target's tokenizer"
+            )
+        self.cache = kv.new_cache(self.model)
+        self.cached = torch.zeros(0, dtype=torch.long)
+
+    def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
+        device = self.model.device
+        out = self.model(
+            input_ids=ids[None].to(device),
+            position_ids=positions[None].to(device),
+            attention_mask=None if mask is None else mask.to(device),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return torch.log_softmax(out.logits[0].float(), dim=-1).cpu()  # [m, vocab]
+
+    @torch.no_grad()
+    def propose(self, ctx: Context) -> TokenTree:
+        ids = ctx.input_ids
+        depth = self.num_tokens if ctx.max_depth is None else min(self.num_tokens, ctx.max_depth)
+        # Reconcile: keep the cached prefix that still agrees with the committed tokens, and at
+        # least one token to feed so the root's distribution comes out of this forward.
+        same = (self.cached[: ids.numel()] == ids[: self.cached.numel()]).long()
+        common = min(int(same.cumprod(0).sum()), ids.numel() - 1)
+        kv.drop_last(self.cache, self.cached.numel() - common)
+        t = ids.numel()
+
+        def step(tree: TokenTree, frontier: list[int]) -> Tensor:
+            if frontier == [-1]:
+                logq = self._forward(ids[common:], torch.arange(common, t), None)[-1:]
+                kv.check_full_attention(self.cache)
+                return logq
+            rows = torch.tensor(frontier)
+            positions = t - 1 + tree.depths()[rows]
+            mask = tree_mask(tree, rows, frontier[0], t, self.model.dtype)
+            return self._forward(tree.tokens[rows], positions, mask)
+
+        tree = expand(step, depth=depth, topk=self.topk, width=self.width, budget=self.budget, source="draft-model")
+        fed = kv.length(self.cache) - t  # tree nodes now in the draft cache (all but the last level)
+        if self.width == 1:  # a chain: its fed nodes extend the sequence and may be reused next step
+            self.cached = torch.cat([ids, tree.tokens[:fed]])
+        else:
+            kv.drop_last(self.cache, fed)
+            self.cached = ids
+        return tree
+
+    def update(self, feedback: Feedback) -> None:
+        pass  # the cache is reconciled lazily in propose
