@@ -136,8 +136,8 @@ def generate(
     if max_new_tokens is None:
         gc = model.generation_config
         max_new_tokens = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - prompt.numel()
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1 (as in model.generate), got {max_new_tokens}")
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and prompt.numel() > limit:
         raise ValueError(
@@ -156,7 +156,7 @@ def generate(
     verifier = Verifier(model, keep_hidden_states=drafter is not None and drafter.needs_hidden_states)
     hidden = verifier.prefill(prompt)
     stats.prefill_s = time.perf_counter() - t0
-    ids, done = prompt, max_new_tokens == 0
+    ids, done = prompt, False
 
     while not done:
         remaining = max_new_tokens - (ids.numel() - prompt.numel())

@@ -1,0 +1,261 @@
+"""`specdec bench`: specdec's drafters against Hugging Face's own methods, in one process.
+
+Reads Spec-Bench's question format (``question_id``, ``category``, ``turns``); multi-turn
+questions run turn by turn through the model's chat template, each method continuing its own
+conversation. For every turn all methods run back to back (the order rotates per question, so
+no method always runs on a warmer or cooler machine) and every output is compared token by
+token with plain greedy ``model.generate``.
+
+Boundary: an edge module (like the CLI and the demo): it may import the core, the drafters and
+the model loader; nothing imports it but the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from specdec.decode import GenerationStats, generate
+
+HF_METHODS = ("baseline", "hf-prompt-lookup", "hf-assisted")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = field(default="smollm2-135m", metadata={"help": "target: embedded name, HF path/id or .gguf file"})
+    questions: str = field(default="../shared/data/spec_bench_dev.jsonl", metadata={"help": "Spec-Bench .jsonl file"})
+    methods: str = field(
+        default="baseline,hf-prompt-lookup,prompt-lookup",
+        metadata={"help": "comma list: baseline, hf-prompt-lookup, hf-assisted, plain, or any specdec drafter name"},
+    )
+    draft_model: str | None = field(default=None, metadata={"help": "draft model for hf-assisted and draft-model*"})
+    max_new_tokens: int = field(default=128, metadata={"help": "new tokens per turn"})
+    limit: int | None = field(default=None, metadata={"help": "first N questions only"})
+    categories: str | None = field(default=None, metadata={"help": "comma list of categories to keep"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
+    num_tokens: int = field(default=10, metadata={"help": "prompt-lookup draft length (HF's and specdec's)"})
+    assistant_tokens: int = field(default=5, metadata={"help": "draft length of HF assisted generation"})
+    out: str = field(default="bench-out", metadata={"help": "folder for report.md and results.json"})
+
+
+@dataclass
+class Record:
+    question_id: int
+    category: str
+    turn: int
+    method: str
+    new_tokens: int
+    seconds: float
+    forwards: int  # target forwards that produced tokens
+    exact: bool  # token-identical to the baseline's output for this turn
+    first_mismatch: int | None = None  # index of the first differing new token
+
+
+def read_questions(path: str, limit: int | None = None, categories: str | None = None) -> list[dict]:
+    keep = set(categories.split(",")) if categories else None
+    questions = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            q = json.loads(line)
+            if not {"question_id", "category", "turns"} <= q.keys():
+                raise ValueError(f"{path}:{n}: a Spec-Bench question needs question_id, category and turns")
+            if keep is None or q["category"] in keep:
+                questions.append(q)
+    if keep is not None and not questions:
+        raise ValueError(f"--categories {categories}: no question of {path} has these categories")
+    return questions[:limit] if limit else questions
+
+
+class _ForwardCounter:
+    """Counts forwards of the target through the public forward-hook API."""
+
+    def __init__(self, model):
+        self.model, self.count = model, 0
+
+    def __enter__(self):
+        self.handle = self.model.register_forward_hook(self._hook)
+        return self
+
+    def _hook(self, *_):
+        self.count += 1
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor], tuple[Tensor, int]]]:
+    """name -> run(prompt [1, t]) -> (output [1, t + new], target forwards that produced tokens)."""
+    from specdec.drafters import DRAFTERS
+
+    def hf(**kwargs):
+        def run(ids):
+            with _ForwardCounter(target) as counter:
+                out = target.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens, do_sample=False, **kwargs
+                )
+            return out, counter.count  # every HF forward, the prefill included, yields a token
+
+        return run
+
+    def spec(drafter):
+        def run(ids):
+            stats = GenerationStats()
+            out = generate(target, ids, drafter, max_new_tokens=cfg.max_new_tokens, stats=stats)
+            return out, stats.target_forwards  # the prefill yields no token in specdec
+
+        return run
+
+    methods = {}
+    for name in cfg.methods.split(","):
+        if name == "baseline":
+            methods[name] = hf()
+        elif name == "hf-prompt-lookup":
+            methods[name] = hf(prompt_lookup_num_tokens=cfg.num_tokens)
+        elif name == "hf-assisted":
+            if draft is None:
+                raise ValueError("--methods hf-assisted needs --draft-model NAME")
+            methods[name] = hf(
+                assistant_model=draft,
+                num_assistant_tokens=cfg.assistant_tokens,
+                num_assistant_tokens_schedule="constant",  # HF's defaults stop drafting early:
+                assistant_confidence_threshold=0.0,  # set so the peer is at its best
+            )
+        elif name == "plain":
+            methods[name] = spec(None)
+        elif name in DRAFTERS:
+            drafter = DRAFTERS[name](draft)
+            if name.startswith("prompt-lookup"):
+                drafter.num_tokens = cfg.num_tokens
+            methods[name] = spec(drafter)
+        else:
+            raise ValueError(f"--methods: unknown method {name!r}; choose from {', '.join((*HF_METHODS, 'plain', *DRAFTERS))}")
+    if "baseline" not in methods:
+        raise ValueError("--methods must include baseline: every output is checked against it")
+    return methods
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> Tensor:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
+
+
+def run_bench(cfg: BenchConfig, target, tokenizer, draft=None, progress: bool = True) -> list[Record]:
+    from tqdm.auto import tqdm
+
+    questions = read_questions(cfg.questions, cfg.limit, cfg.categories)
+    methods = make_methods(cfg, target, draft)
+    names = list(methods)
+    warm = encode_chat(tokenizer, [{"role": "user", "content": "Say hello."}])
+    for run in methods.values():  # first calls pay one-time costs (allocations, kernel selection)
+        run(warm)
+    records: list[Record] = []
+    for qi, q in enumerate(tqdm(questions, desc="questions", disable=not progress)):
+        order = names[qi % len(names) :] + names[: qi % len(names)]
+        history = {name: [] for name in names}
+        for turn, text in enumerate(q["turns"]):
+            outputs: dict[str, Tensor] = {}
+            for name in order:
+                history[name].append({"role": "user", "content": text})
+                ids = encode_chat(tokenizer, history[name])
+                t0 = time.perf_counter()
+                out, forwards = methods[name](ids)
+                seconds = time.perf_counter() - t0
+                outputs[name] = new = out[0, ids.shape[1] :]
+                history[name].append({"role": "assistant", "content": tokenizer.decode(new, skip_special_tokens=True)})
+                records.append(Record(q["question_id"], q["category"], turn, name, new.numel(), seconds, forwards, True))
+            ref = outputs["baseline"]
+            for rec in records[-len(names) :]:
+                new = outputs[rec.method]
+                n = min(new.numel(), ref.numel())
+                diff = torch.nonzero(new[:n] != ref[:n]).flatten()
+                if diff.numel() or new.numel() != ref.numel():
+                    rec.exact, rec.first_mismatch = False, int(diff[0]) if diff.numel() else n
+    return records
+
+
+def summarize(records: list[Record]) -> dict:
+    """Per method, overall and per category: tokens/s, speedup over baseline, tokens per forward, mismatches."""
+    groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
+    for r in records:
+        groups[(r.method, "overall")].append(r)
+        groups[(r.method, r.category)].append(r)
+    summary: dict = defaultdict(dict)
+    for (method, cat), rs in groups.items():
+        tokens, seconds = sum(r.new_tokens for r in rs), sum(r.seconds for r in rs)
+        summary[method][cat] = {
+            "tokens": tokens,
+            "seconds": seconds,
+            "tokens_per_s": tokens / seconds,
+            "tokens_per_forward": tokens / max(1, sum(r.forwards for r in rs)),
+            "mismatches": sum(not r.exact for r in rs),
+            "turns": len(rs),
+        }
+    for method, cats in summary.items():
+        for cat, row in cats.items():
+            row["speedup"] = row["tokens_per_s"] / summary["baseline"][cat]["tokens_per_s"]
+    return dict(summary)
+
+
+def report(summary: dict, cfg: BenchConfig, device: str) -> str:
+    methods = list(summary)
+    cats = sorted({c for m in summary.values() for c in m if c != "overall"})
+    turns = summary["baseline"]["overall"]["turns"]
+    lines = [
+        f"# specdec bench: {cfg.model}" + (f" (draft: {cfg.draft_model})" if cfg.draft_model else ""),
+        "",
+        f"{turns} turns, greedy, max {cfg.max_new_tokens} new tokens, {device}, "
+        f"{torch.get_num_threads()} threads. Mismatches count turns whose tokens differ from `model.generate`.",
+        "",
+        "| method | tokens/s | speedup | tokens per target forward | mismatches |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for m in methods:
+        o = summary[m]["overall"]
+        lines.append(
+            f"| {m} | {o['tokens_per_s']:.2f} | {o['speedup']:.2f}x | {o['tokens_per_forward']:.2f} | {o['mismatches']}/{o['turns']} |"
+        )
+    lines += ["", "Speedup (tokens per target forward) per category:", ""]
+    lines += ["| category | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+    for c in cats:
+        cells = [f"{summary[m][c]['speedup']:.2f}x ({summary[m][c]['tokens_per_forward']:.2f})" for m in methods]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def describe_device(model) -> str:
+    if model.device.type == "cuda":
+        return torch.cuda.get_device_name(model.device)
+    name = platform.processor() or platform.machine()
+    try:  # the CPU's marketing name is only in /proc on Linux
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {name}"
+
+
+def write_results(records: list[Record], cfg: BenchConfig, out_dir: str, device: str) -> str:
+    summary = summarize(records)
+    text = report(summary, cfg, device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"config": asdict(cfg), "device": device, "summary": summary, "records": [asdict(r) for r in records]}
+    _atomic_write(out / "results.json", json.dumps(payload, indent=1))
+    _atomic_write(out / "report.md", text)
+    return text
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,130 @@
+"""The `specdec` command: ``specdec generate`` and ``specdec bench``.
+
+Boundary: the edge where strings become objects (model names through `specdec.models`, drafter
+names through `specdec.drafters.DRAFTERS`). Arguments are derived from frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+
+from specdec.bench import BenchConfig
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    prompt: str = field(metadata={"help": "the user message (or raw text with --no-chat)", "positional": True})
+    model: str = field(default="smollm2-135m", metadata={"help": "target: embedded name, HF path/id or .gguf file"})
+    drafter: str = field(default="prompt-lookup", metadata={"help": "drafter name, or 'none' for plain decoding"})
+    draft_model: str | None = field(default=None, metadata={"help": "draft model for draft-model* drafters"})
+    max_new_tokens: int = field(default=256, metadata={"help": "most new tokens"})
+    no_chat: bool = field(default=False, metadata={"help": "feed the prompt as raw text, without the chat template"})
+    compare: bool = field(default=False, metadata={"help": "also run model.generate: report speedup, check identity"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One option per field: `--snake-case` names, types from the annotations, help from metadata."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if isinstance(kind, types.UnionType):  # `int | None` -> int
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, type=kind, help=help_text)
+        elif kind is bool:
+            parser.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=help_text)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=help_text + f" (default: {f.default})")
+
+
+def _setup(threads: int | None) -> None:
+    import torch
+    from transformers.utils import logging
+
+    if threads:
+        torch.set_num_threads(threads)
+    logging.set_verbosity_error()  # HF's per-call generation-flag warnings would drown the output
+
+
+def cmd_generate(cfg: GenerateConfig) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from specdec.decode import GenerationStats, generate
+    from specdec.drafters import DRAFTERS
+    from specdec.models import load_model
+
+    _setup(cfg.threads)
+    if cfg.drafter != "none" and cfg.drafter not in DRAFTERS:
+        raise SystemExit(f"--drafter: unknown drafter {cfg.drafter!r}; choose from none, {', '.join(DRAFTERS)}")
+    model, tokenizer = load_model(cfg.model)
+    draft = load_model(cfg.draft_model)[0] if cfg.draft_model else None
+    drafter = None if cfg.drafter == "none" else DRAFTERS[cfg.drafter](draft)
+    if cfg.no_chat:
+        ids = tokenizer(cfg.prompt, return_tensors="pt").input_ids
+    else:
+        from specdec.bench import encode_chat
+
+        ids = encode_chat(tokenizer, [{"role": "user", "content": cfg.prompt}])
+    stats = GenerationStats()
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    out = generate(model, ids, drafter, max_new_tokens=cfg.max_new_tokens, streamer=streamer, stats=stats)
+    speed = stats.new_tokens / stats.total_s
+    parts = [
+        f"{stats.new_tokens} tokens in {stats.total_s:.2f} s: {speed:.2f} tokens/s",
+        f"{stats.mean_accepted:.2f} tokens per target forward",
+        f"draft {stats.draft_s:.2f} s, verify {stats.verify_s:.2f} s, overhead {stats.overhead_s:.2f} s",
+    ]
+    if cfg.compare:
+        t0 = time.perf_counter()
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens, do_sample=False)
+        base = (ref.shape[1] - ids.shape[1]) / (time.perf_counter() - t0)
+        same = "identical" if torch.equal(ref, out) else "DIFFERENT"
+        parts.append(f"model.generate {base:.2f} tokens/s, speedup {speed / base:.2f}x, output {same}")
+    print("\n[specdec] " + "; ".join(parts), file=sys.stderr)
+    return 0
+
+
+def cmd_bench(cfg: BenchConfig) -> int:
+    from specdec.bench import describe_device, run_bench, write_results
+    from specdec.models import load_model
+
+    _setup(cfg.threads)
+    target, tokenizer = load_model(cfg.model)
+    draft = load_model(cfg.draft_model)[0] if cfg.draft_model else None
+    records = run_bench(cfg, target, tokenizer, draft)
+    print(write_results(records, cfg, cfg.out, describe_device(target)))
+    print(f"written: {cfg.out}/report.md, {cfg.out}/results.json", file=sys.stderr)
+    return 1 if any(not r.exact for r in records) else 0
+
+
+COMMANDS = {
+    "generate": (GenerateConfig, cmd_generate, "generate text with speculative decoding (streamed)"),
+    "bench": (BenchConfig, cmd_bench, "benchmark methods on Spec-Bench questions, interleaved, exactness checked"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="specdec", description="Exact speculative decoding for HF causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (cls, _, help_text) in COMMANDS.items():
+        add_dataclass_arguments(sub.add_parser(name, help=help_text, description=help_text), cls)
+    args = vars(parser.parse_args(argv))
+    cls, run, _ = COMMANDS[args.pop("command")]
+    try:
+        return run(cls(**args))
+    except (ValueError, RuntimeError) as err:  # bad inputs: one readable line, no traceback
+        print(f"specdec: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The drop-in surface: stopping exactly where model.generate stops, streaming, the HF hook,
+logits processors, stats, and clear errors for bad inputs."""
+
+import pytest
+import torch
+from conftest import random_prompt, reference, tiny_model
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StoppingCriteria, StoppingCriteriaList
+
+import specdec
+from specdec.drafters import DraftModel, PromptLookup
+
+
+def self_drafter(model, n=4):
+    return DraftModel(model, num_tokens=n)  # proposes exactly what the target will say
+
+
+def test_eos_stops_on_the_same_token():
+    model = tiny_model()
+    prompt = random_prompt(7, 6)
+    free = reference(model, prompt, 30)
+    for pos in (0, 3, 9, 17):  # make the token generated at `pos` the EOS
+        eos = int(free[0, prompt.shape[1] + pos])
+        ref = reference(model, prompt, 30, eos_token_id=eos)
+        out = specdec.generate(model, prompt, self_drafter(model), max_new_tokens=30, eos_token_id=eos)
+        assert torch.equal(out, ref)
+        first = free[0, prompt.shape[1] :].tolist().index(eos)  # the token may occur earlier too
+        assert out.shape[1] == prompt.shape[1] + first + 1
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 13])
+def test_max_new_tokens_exact(n):
+    model = tiny_model()
+    prompt = random_prompt(1, 5)
+    with pytest.raises(ValueError, match="max_new_tokens"):  # model.generate refuses 0 too
+        specdec.generate(model, prompt, None, max_new_tokens=0)
+    out = specdec.generate(model, prompt, self_drafter(model), max_new_tokens=n, eos_token_id=[])
+    assert torch.equal(out, reference(model, prompt, n))
+
+
+class StopAfterSequence(StoppingCriteria):
+    """Stops once `seq` appears at the end (what StopStringCriteria does on token ids)."""
+
+    def __init__(self, seq):
+        self.seq = torch.tensor(seq)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        tail = input_ids[0, -len(self.seq) :]
+        return torch.tensor([tail.numel() == len(self.seq) and bool((tail == self.seq).all())])
+
+
+def test_stopping_criteria_stop_on_the_same_token():
+    model = tiny_model()
+    prompt = random_prompt(4, 6)
+    free = reference(model, prompt, 30)
+    t = prompt.shape[1]
+    criteria = StoppingCriteriaList([StopAfterSequence(free[0, t + 10 : t + 12].tolist())])
+    ref = reference(model, prompt, 30, stopping_criteria=criteria)
+    out = specdec.generate(model, prompt, self_drafter(model, 6), max_new_tokens=30, eos_token_id=[], stopping_criteria=criteria)
+    assert torch.equal(out, ref) and out.shape[1] < free.shape[1]
+
+
+def test_logits_processors_match_generate():
+    model = tiny_model()
+    prompt = random_prompt(2, 6)
+    procs = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.8)])
+    ref = reference(model, prompt, 25, repetition_penalty=1.8)
+    for drafter in (PromptLookup(), DraftModel(tiny_model(seed=3), topk=2, num_tokens=3), self_drafter(model)):
+        out = specdec.generate(model, prompt, drafter, max_new_tokens=25, eos_token_id=[], logits_processor=procs)
+        assert torch.equal(out, ref)
+
+
+class RecordingStreamer:
+    """Follows transformers' BaseStreamer protocol (put/end) like TextStreamer does."""
+
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_receives_prompt_then_every_token_once():
+    model = tiny_model()
+    prompt = random_prompt(5, 6)
+    streamer = RecordingStreamer()
+    out = specdec.generate(model, prompt, self_drafter(model), max_new_tokens=20, eos_token_id=[], streamer=streamer)
+    assert streamer.chunks[0] == prompt[0].tolist() and streamer.ended
+    assert sum(streamer.chunks[1:], []) == out[0, prompt.shape[1] :].tolist()
+    assert len(streamer.chunks) - 1 < 20  # several tokens per chunk: speculation happened
+
+
+def test_text_streamer_works():
+    from transformers import TextIteratorStreamer
+
+    class Tok:  # the slice of a tokenizer that TextIteratorStreamer uses
+        def decode(self, ids, **kwargs):
+            return "".join(chr(97 + i % 26) for i in ids)
+
+    model = tiny_model()
+    prompt = random_prompt(5, 6)
+    streamer = TextIteratorStreamer(Tok(), skip_prompt=True)
+    out = specdec.generate(model, prompt, self_drafter(model), max_new_tokens=12, eos_token_id=[], streamer=streamer)
+    assert "".join(streamer) == Tok().decode(out[0, prompt.shape[1] :].tolist())
+
+
+def test_hf_custom_generate_hook():
+    model = tiny_model()
+    prompt = random_prompt(6, 8)
+    ref = reference(model, prompt, 20)
+    stats = specdec.GenerationStats()
+    out = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        custom_generate=specdec.hf_generate,
+        drafter=self_drafter(model),
+        specdec_stats=stats,
+        max_new_tokens=20,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=model.config.vocab_size - 1,
+    )
+    assert torch.equal(out, ref)
+    assert stats.mean_accepted > 1
+
+
+def test_stats_and_on_step():
+    model = tiny_model()
+    prompt = random_prompt(3, 6)
+    steps = []
+    stats = specdec.GenerationStats()
+    specdec.generate(model, prompt, self_drafter(model, 3), max_new_tokens=16, eos_token_id=[], stats=stats, on_step=steps.append)
+    assert steps == stats.steps and stats.new_tokens == 16
+    assert [len(s.new_tokens) for s in steps] == [4, 4, 4, 4]
+    assert stats.mean_accepted == 4.0
+    assert stats.total_s >= stats.verify_s > 0 and stats.draft_s > 0
+
+
+def test_no_drafter_is_plain_decoding():
+    model = tiny_model("qwen")
+    prompt = random_prompt(9, 4)
+    stats = specdec.GenerationStats()
+    out = specdec.generate(model, prompt, None, max_new_tokens=10, eos_token_id=[], stats=stats)
+    assert torch.equal(out, reference(model, prompt, 10)) and stats.mean_accepted == 1.0
+
+
+def test_one_token_prompt():
+    model = tiny_model()
+    prompt = torch.tensor([[17]])
+    assert torch.equal(specdec.generate(model, prompt, PromptLookup(), max_new_tokens=8, eos_token_id=[]), reference(model, prompt, 8))
+
+
+# ---- bad inputs ---------------------------------------------------------------------------
+
+
+def test_empty_prompt():
+    with pytest.raises(ValueError, match="empty"):
+        specdec.generate(tiny_model(), torch.zeros(1, 0, dtype=torch.long), PromptLookup(), max_new_tokens=4)
+
+
+def test_batch_size_two():
+    with pytest.raises(ValueError, match="batch size 2"):
+        specdec.generate(tiny_model(), torch.zeros(2, 5, dtype=torch.long), PromptLookup(), max_new_tokens=4)
+
+
+def test_float_input_ids():
+    with pytest.raises(TypeError, match="input_ids"):
+        specdec.generate(tiny_model(), torch.zeros(1, 5), PromptLookup(), max_new_tokens=4)
+
+
+def test_prompt_longer_than_context():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        specdec.generate(model, torch.zeros(1, 300, dtype=torch.long), PromptLookup(), max_new_tokens=4)
+
+
+def test_vocab_mismatch():
+    model, draft = tiny_model(), tiny_model(vocab=64)
+    with pytest.raises(ValueError, match="vocabulary"):
+        specdec.generate(model, random_prompt(0, 5), DraftModel(draft), max_new_tokens=4)
+
+
+def test_bad_drafter_settings():
+    with pytest.raises(ValueError, match="min_ngram"):
+        PromptLookup(min_ngram=3, max_ngram=2)
+    with pytest.raises(ValueError, match="num_tokens"):
+        DraftModel(tiny_model(), num_tokens=0)
+
+
+def test_hf_hook_refuses_sampling():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="greedy"):
+        model.generate(random_prompt(0, 5), custom_generate=specdec.hf_generate, drafter=PromptLookup(), do_sample=True, max_new_tokens=3)
