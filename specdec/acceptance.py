@@ -36,13 +36,10 @@ class Greedy:
     def __call__(self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None) -> Decision:
         best = logits.argmax(-1).tolist()  # [n + 1]
         tokens = tree.tokens.tolist()
-        children: dict[int, list[int]] = {}
-        for node, parent in enumerate(tree.parents.tolist()):
-            children.setdefault(parent, []).append(node)
         path, node = [], -1
         while True:
             want = best[node + 1]
-            node = next((c for c in children.get(node, ()) if tokens[c] == want), None)
+            node = next((c for c in tree.children(node) if tokens[c] == want), None)
             if node is None:
                 return Decision(path, want)
             path.append(node)

@@ -12,6 +12,7 @@ the model loader; nothing imports it but the CLI.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
@@ -97,9 +98,27 @@ class _ForwardCounter:
         self.handle.remove()
 
 
+def check_methods(cfg: BenchConfig) -> list[str]:
+    """Validate --methods before any model is loaded."""
+    from specdec.drafters import DRAFTERS
+
+    names = cfg.methods.split(",")
+    known = (*HF_METHODS, "plain", *DRAFTERS)
+    for name in names:
+        if name not in known:
+            raise ValueError(f"--methods: unknown method {name!r}; choose from {', '.join(known)}")
+        if (name == "hf-assisted" or name.startswith("draft-model")) and not cfg.draft_model:
+            raise ValueError(f"--methods {name} needs --draft-model NAME (e.g. qwen2.5-coder-0.5b)")
+    if "baseline" not in names:
+        raise ValueError("--methods must include baseline: every output is checked against it")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--methods lists a method twice: {cfg.methods}")
+    return names
+
+
 def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor], tuple[Tensor, int]]]:
     """name -> run(prompt [1, t]) -> (output [1, t + new], target forwards that produced tokens)."""
-    from specdec.drafters import DRAFTERS
+    from specdec.drafters import DRAFTERS, PromptLookup
 
     def hf(**kwargs):
         def run(ids):
@@ -120,14 +139,12 @@ def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor]
         return run
 
     methods = {}
-    for name in cfg.methods.split(","):
+    for name in check_methods(cfg):
         if name == "baseline":
             methods[name] = hf()
         elif name == "hf-prompt-lookup":
             methods[name] = hf(prompt_lookup_num_tokens=cfg.num_tokens)
         elif name == "hf-assisted":
-            if draft is None:
-                raise ValueError("--methods hf-assisted needs --draft-model NAME")
             methods[name] = hf(
                 assistant_model=draft,
                 num_assistant_tokens=cfg.assistant_tokens,
@@ -136,15 +153,11 @@ def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor]
             )
         elif name == "plain":
             methods[name] = spec(None)
-        elif name in DRAFTERS:
-            drafter = DRAFTERS[name](draft)
-            if name.startswith("prompt-lookup"):
-                drafter.num_tokens = cfg.num_tokens
-            methods[name] = spec(drafter)
         else:
-            raise ValueError(f"--methods: unknown method {name!r}; choose from {', '.join((*HF_METHODS, 'plain', *DRAFTERS))}")
-    if "baseline" not in methods:
-        raise ValueError("--methods must include baseline: every output is checked against it")
+            drafter = DRAFTERS[name](draft)
+            if isinstance(drafter, PromptLookup):  # the same draft length as HF's prompt lookup
+                drafter = dataclasses.replace(drafter, num_tokens=cfg.num_tokens)
+            methods[name] = spec(drafter)
     return methods
 
 

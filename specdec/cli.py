@@ -94,9 +94,11 @@ def cmd_generate(cfg: GenerateConfig) -> int:
 
 
 def cmd_bench(cfg: BenchConfig) -> int:
-    from specdec.bench import describe_device, run_bench, write_results
+    from specdec.bench import check_methods, describe_device, read_questions, run_bench, write_results
     from specdec.models import load_model
 
+    check_methods(cfg)  # fail on bad arguments before loading models
+    read_questions(cfg.questions, cfg.limit, cfg.categories, cfg.per_category)
     _setup(cfg.threads)
     target, tokenizer = load_model(cfg.model)
     draft = load_model(cfg.draft_model)[0] if cfg.draft_model else None
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     cls, run, _ = COMMANDS[args.pop("command")]
     try:
         return run(cls(**args))
-    except (ValueError, RuntimeError) as err:  # bad inputs: one readable line, no traceback
+    except (ValueError, RuntimeError, OSError, ImportError) as err:  # bad inputs: one readable line
         print(f"specdec: error: {err}", file=sys.stderr)
         return 2
 

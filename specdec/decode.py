@@ -97,6 +97,33 @@ def _eos_set(model, eos_token_id) -> set[int]:
     return {int(e) for e in ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)}
 
 
+# Generation-config fields that make model.generate change greedy logits. Through the HF hook they
+# arrive as `logits_processor`; a direct call with them set would silently differ, so it refuses.
+_PROCESSOR_FIELDS = {
+    "repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "min_new_tokens": (None, 0),
+    "min_length": (None, 0),
+    "bad_words_ids": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "sequence_bias": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+}
+
+
+def _check_generation_config(model) -> None:
+    gc = model.generation_config
+    set_fields = [f"{k}={getattr(gc, k)!r}" for k, off in _PROCESSOR_FIELDS.items() if getattr(gc, k, None) not in off]
+    if set_fields:
+        raise ValueError(
+            f"model.generation_config sets {', '.join(set_fields)}, which model.generate applies to the logits; "
+            "pass the matching transformers processors as logits_processor=..., or call "
+            "model.generate(ids, custom_generate=specdec.hf_generate, drafter=...) which builds them"
+        )
+
+
 def _processed(logits: Tensor, ids: Tensor, tree: TokenTree, logits_processor) -> Tensor:
     """Apply HF logits processors to every row with that row's own context (prefix + path)."""
     if not logits_processor:
@@ -104,7 +131,7 @@ def _processed(logits: Tensor, ids: Tensor, tree: TokenTree, logits_processor) -
     rows = []
     for row in range(len(tree) + 1):
         path = tree.tokens[tree.path_to(row - 1)]
-        context = torch.cat([ids, path])[None]  # [1, t + depth]: what model.generate would have seen
+        context = torch.cat([ids, path]).to(logits.device)[None]  # [1, t + depth]: what model.generate saw
         rows.append(logits_processor(context, logits[row][None])[0])
     return torch.stack(rows)
 
@@ -136,8 +163,18 @@ def generate(
     if max_new_tokens is None:
         gc = model.generation_config
         max_new_tokens = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - prompt.numel()
+        if max_new_tokens < 1:
+            raise ValueError(
+                f"the prompt ({prompt.numel()} tokens) already reaches generation_config.max_length "
+                f"({gc.max_length}); pass max_new_tokens=..."
+            )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1 (as in model.generate), got {max_new_tokens}")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if int(prompt.max()) >= vocab or int(prompt.min()) < 0:
+        raise ValueError(f"input_ids holds token ids outside the model's vocabulary [0, {vocab})")
+    if logits_processor is None:
+        _check_generation_config(model)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and prompt.numel() > limit:
         raise ValueError(
@@ -167,6 +204,8 @@ def generate(
             tree = TokenTree.empty()
         else:
             tree = drafter.propose(Context(ids, hidden, remaining - 1)).truncate(remaining - 1)
+            if len(tree) and (int(tree.tokens.max()) >= vocab or int(tree.tokens.min()) < 0):
+                raise ValueError(f"{type(drafter).__name__} proposed token ids outside the target's vocabulary [0, {vocab})")
         t1 = time.perf_counter()
         # 2. Verify: one target forward over [root] + tree.
         scores = verifier.score(int(ids[-1]), tree)
@@ -183,7 +222,7 @@ def generate(
                 done = True
             elif stopping_criteria is not None:
                 row = 0 if j == 0 else path[j - 1] + 1  # the logits row that predicted this token
-                seq = torch.cat([ids, torch.tensor(emitted)])[None]
+                seq = torch.cat([ids, torch.tensor(emitted)]).to(logits.device)[None]
                 done = bool(stopping_criteria(seq, logits[row][None]).all())
             if done:
                 break

@@ -16,7 +16,10 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 
 def new_cache(model) -> DynamicCache:
-    return DynamicCache(config=model.config)
+    """An empty cache whose layer types come from the config, so support is checked up front."""
+    cache = DynamicCache(config=model.config)
+    check_full_attention(cache)
+    return cache
 
 
 def check_full_attention(cache: Cache) -> None:

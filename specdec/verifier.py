@@ -41,7 +41,6 @@ class Verifier:
                 logits_to_keep=1,  # the prefix logits are never used; skip the big lm_head matmul
                 output_hidden_states=self.keep_hidden_states,
             )
-            kv.check_full_attention(self.cache)
             if self.keep_hidden_states:
                 hidden = out.hidden_states[-1][0]
         self.prefix_len = input_ids.numel() - 1

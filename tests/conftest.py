@@ -26,13 +26,13 @@ def _build(arch: str, seed: int, attn: str, layers: int, vocab: int):
         eos_token_id=None,
         bos_token_id=None,
         pad_token_id=None,
+        attn_implementation=attn,
     )
     torch.manual_seed(seed)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
     else:
         model = Qwen2ForCausalLM(Qwen2Config(**common))
-    model.config._attn_implementation = attn
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = vocab - 1
     return model.eval().double()

@@ -193,3 +193,53 @@ def test_hf_hook_refuses_sampling():
     model = tiny_model()
     with pytest.raises(ValueError, match="greedy"):
         model.generate(random_prompt(0, 5), custom_generate=specdec.hf_generate, drafter=PromptLookup(), do_sample=True, max_new_tokens=3)
+
+
+def test_hf_hook_stops_on_eos_and_refuses_what_it_cannot_do():
+    model = tiny_model()
+    prompt = random_prompt(6, 8)
+    free = reference(model, prompt, 20)
+    eos = int(free[0, prompt.shape[1] + 5])
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False, pad_token_id=model.config.vocab_size - 1)
+    ref = model.generate(prompt, eos_token_id=eos, **kwargs)
+    out = model.generate(prompt, custom_generate=specdec.hf_generate, drafter=self_drafter(model), eos_token_id=eos, **kwargs)
+    assert torch.equal(out, ref) and out.shape[1] < free.shape[1]
+    with pytest.raises(ValueError, match="num_beams"):
+        model.generate(prompt, custom_generate=specdec.hf_generate, drafter=PromptLookup(), num_beams=2, max_new_tokens=3)
+
+
+def test_generation_config_processors_are_not_silently_dropped():
+    import copy
+
+    model = copy.deepcopy(tiny_model())
+    model.generation_config.repetition_penalty = 1.3
+    prompt = random_prompt(2, 6)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        specdec.generate(model, prompt, PromptLookup(), max_new_tokens=5)
+    ref = reference(model, prompt, 12)  # model.generate applies the config's penalty
+    out = model.generate(prompt, custom_generate=specdec.hf_generate, drafter=PromptLookup(), attention_mask=torch.ones_like(prompt),
+                         max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=model.config.vocab_size - 1)
+    assert torch.equal(out, ref)
+
+
+def test_out_of_vocabulary_ids():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="vocabulary"):
+        specdec.generate(model, torch.tensor([[1, 2, 500]]), None, max_new_tokens=3)
+
+    class Broken:
+        needs_hidden_states = False
+
+        def begin(self, target):
+            pass
+
+        def propose(self, ctx):
+            from specdec.trees import TokenTree
+
+            return TokenTree.chain(torch.tensor([10_000]))
+
+        def update(self, feedback):
+            pass
+
+    with pytest.raises(ValueError, match="Broken proposed"):
+        specdec.generate(model, random_prompt(0, 4), Broken(), max_new_tokens=3)

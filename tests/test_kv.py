@@ -71,8 +71,12 @@ def test_crop_semantics_on_installed_transformers():
     assert kv.length(cache) == 7
     kv.drop_last(cache, 0)
     assert kv.length(cache) == 7
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
     kv.keep(cache, 2, [3, 5])
     assert kv.length(cache) == 4
+    for (keys, values), layer in zip(before, cache.layers):
+        assert torch.equal(layer.keys, keys[..., [0, 1, 3, 5], :])
+        assert torch.equal(layer.values, values[..., [0, 1, 3, 5], :])
 
 
 def test_sliding_window_cache_is_refused():
@@ -83,6 +87,5 @@ def test_sliding_window_cache_is_refused():
         num_key_value_heads=2, sliding_window=4,
     )
     model = MistralForCausalLM(config).eval()
-    verifier = Verifier(model)
     with pytest.raises(ValueError, match="full-attention"):
-        verifier.prefill(torch.arange(8))
+        Verifier(model)

@@ -22,6 +22,7 @@ def layer_of(module: str) -> str:
 def specdec_imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
+        assert not (isinstance(node, ast.ImportFrom) and node.level), f"{path.name}: use absolute imports"
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "specdec"}
         elif isinstance(node, ast.ImportFrom) and node.module == "specdec":  # from specdec import kv
@@ -70,3 +71,12 @@ def test_core_never_names_a_drafter():
         text = path.read_text()
         for name in ("PromptLookup", "DraftModel", "isinstance(drafter"):
             assert name not in text, f"{path.name} mentions {name}"
+
+
+def test_only_kv_touches_cache_internals():
+    """When transformers changes its cache classes, specdec/kv.py is the one file to change."""
+    for path in ROOT.rglob("*.py"):
+        if path.name != "kv.py":
+            text = path.read_text()
+            for needle in (".layers", "DynamicLayer", "DynamicCache("):
+                assert needle not in text, f"{path.relative_to(ROOT.parent)} uses {needle}: go through specdec.kv"

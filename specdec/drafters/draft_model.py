@@ -61,6 +61,8 @@ class DraftModel:
     def propose(self, ctx: Context) -> TokenTree:
         ids = ctx.input_ids
         depth = self.num_tokens if ctx.max_depth is None else min(self.num_tokens, ctx.max_depth)
+        if depth < 1:
+            return TokenTree.empty()
         # Reconcile: keep the cached prefix that still agrees with the committed tokens, and at
         # least one token to feed so the root's distribution comes out of this forward.
         same = (self.cached[: ids.numel()] == ids[: self.cached.numel()]).long()
@@ -71,20 +73,19 @@ class DraftModel:
         def step(tree: TokenTree, frontier: list[int]) -> Tensor:
             if frontier == [-1]:
                 logq = self._forward(ids[common:], torch.arange(common, t), None, last_only=True)
-                kv.check_full_attention(self.cache)
                 return logq
             rows = torch.tensor(frontier)
             positions = t - 1 + tree.depths()[rows]
             mask = tree_mask(tree, rows, frontier[0], t, self.model.dtype)
             return self._forward(tree.tokens[rows], positions, mask)
 
-        tree = expand(step, depth=depth, topk=self.topk, width=self.width, budget=self.budget, source="draft-model")
+        tree = expand(step, depth=depth, topk=self.topk, width=self.width, budget=self.budget)
         fed = kv.length(self.cache) - t  # tree nodes now in the draft cache (all but the last level)
-        if self.width == 1:  # a chain: its fed nodes extend the sequence and may be reused next step
-            self.cached = torch.cat([ids, tree.tokens[:fed]])
-        else:
-            kv.drop_last(self.cache, fed)
-            self.cached = ids
+        # A chain's fed nodes extend the sequence and may be reused next step (those the budget
+        # kept); a tree's fed nodes are not one sequence, so they go.
+        reuse = min(fed, len(tree)) if self.width == 1 else 0
+        kv.drop_last(self.cache, fed - reuse)
+        self.cached = torch.cat([ids, tree.tokens[:reuse]])
         return tree
 
     def update(self, feedback: Feedback) -> None:

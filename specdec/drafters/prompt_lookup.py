@@ -50,6 +50,7 @@ class PromptLookup:
 
     needs_hidden_states = False
     _DECAY = 0.95
+    _PRIOR = (1.0, 2.0)  # [accepted, trials]: a = 0.5, weak
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_ngram <= self.max_ngram:
@@ -79,8 +80,16 @@ class PromptLookup:
         return found
 
     def acceptance(self, n: int) -> float:
-        accepted, trials = self.stats.get(n, (1.0, 2.0))  # prior: a = 0.5, weak
+        accepted, trials = self.stats.get(n, self._PRIOR)
         return accepted / trials
+
+    def _length(self, n: int, max_len: int) -> int:
+        length = best_length(self.acceptance(n), max_len, self.token_cost)
+        if length == 0:  # not worth drafting now; drift back to the prior so it is re-probed later
+            accepted, trials = self.stats.get(n, self._PRIOR)
+            d = self._DECAY
+            self.stats[n] = [accepted * d + self._PRIOR[0] * (1 - d), trials * d + self._PRIOR[1] * (1 - d)]
+        return length
 
     def propose(self, ctx: Context) -> TokenTree:
         self._last = None
@@ -89,11 +98,11 @@ class PromptLookup:
             return TokenTree.empty()
         matches = self.continuations(ctx.input_ids.numpy(), max_len)
         if self.token_cost > 0:
-            matches = [(n, c[: best_length(self.acceptance(n), len(c), self.token_cost)]) for n, c in matches]
+            matches = [(n, c[: self._length(n, len(c))]) for n, c in matches]
         matches = [(n, c) for n, c in matches if c.size]
         if not matches:
             return TokenTree.empty()
-        tree = TokenTree.from_sequences([c for _, c in matches], source="prompt-lookup")
+        tree = TokenTree.from_sequences([c for _, c in matches])
         self._last = (matches[0][0], matches[0][1].size)
         budget = self.budget or self.num_tokens * self.num_matches
         # Nodes enter the trie sequence by sequence, so any first-k nodes keep their ancestors.
@@ -105,5 +114,5 @@ class PromptLookup:
         n, drafted = self._last
         accepted = len(feedback.accepted_nodes)
         trials = accepted + (1 if accepted < drafted else 0)  # the first rejection is a failed trial
-        old = self.stats.get(n, [1.0, 2.0])
+        old = self.stats.get(n, self._PRIOR)
         self.stats[n] = [old[0] * self._DECAY + accepted, old[1] * self._DECAY + trials]

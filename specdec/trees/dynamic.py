@@ -27,7 +27,6 @@ def expand(
     width: int | None = None,
     budget: int | None = None,
     keep_probs: bool = False,
-    source: str | None = None,
 ) -> TokenTree:
     """Grow `depth` levels: each frontier node offers its top-`topk` tokens, the best `width` of all
     offers by cumulative log-probability become the next frontier; finally keep the `budget` best
@@ -61,7 +60,6 @@ def expand(
         torch.tensor(tokens, dtype=torch.long),
         torch.tensor(parents, dtype=torch.long),
         torch.stack(probs) if keep_probs and probs else None,
-        (source,) * len(tokens) if source is not None else None,
     )
     if budget is not None and budget < len(tree):
         order = sorted(range(len(tokens)), key=lambda i: (-scores[i], i))

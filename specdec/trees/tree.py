@@ -6,7 +6,7 @@ A chain of k tokens is ``parents = [-1, 0, 1, ..., k-2]``: chains need no specia
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -20,8 +20,6 @@ class TokenTree:
     parents: Tensor  # [n] int64, parents[i] < i, -1 = child of the root
     # q(. | path to the parent) for each node; None means a deterministic proposal (one-hot q).
     draft_probs: Tensor | None = None  # [n, vocab]
-    # Free-form per-node label (which drafter proposed it); composition and the demo use it.
-    sources: tuple[str, ...] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         tokens = torch.as_tensor(self.tokens, dtype=torch.long).reshape(-1)
@@ -35,23 +33,19 @@ class TokenTree:
             raise ValueError(f"TokenTree: parents must satisfy -1 <= parents[i] < i, got {parents.tolist()}")
         if self.draft_probs is not None and self.draft_probs.shape[0] != n:
             raise ValueError(f"TokenTree: draft_probs has {self.draft_probs.shape[0]} rows for {n} nodes")
-        if self.sources is not None and len(self.sources) != n:
-            raise ValueError(f"TokenTree: sources has {len(self.sources)} labels for {n} nodes")
 
     # ---- constructors -------------------------------------------------------------------
     @classmethod
-    def chain(cls, tokens, draft_probs: Tensor | None = None, source: str | None = None) -> TokenTree:
+    def chain(cls, tokens, draft_probs: Tensor | None = None) -> TokenTree:
         tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
-        n = tokens.numel()
-        sources = (source,) * n if source is not None else None
-        return cls(tokens, torch.arange(n) - 1, draft_probs, sources)
+        return cls(tokens, torch.arange(tokens.numel()) - 1, draft_probs)
 
     @classmethod
     def empty(cls) -> TokenTree:
         return cls.chain(torch.zeros(0, dtype=torch.long))
 
     @classmethod
-    def from_sequences(cls, sequences, source: str | None = None) -> TokenTree:
+    def from_sequences(cls, sequences) -> TokenTree:
         """Merge token sequences (all continuing the root) into a trie; shared prefixes appear once."""
         tokens: list[int] = []
         parents: list[int] = []
@@ -65,8 +59,7 @@ class TokenTree:
                     tokens.append(tok)
                     parents.append(parent)
                 parent = node
-        sources = (source,) * len(tokens) if source is not None else None
-        return cls(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long), None, sources)
+        return cls(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
 
     # ---- structure ----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -104,9 +97,16 @@ class TokenTree:
         """[n, n] bool: mask[i, j] is True when j is i or an ancestor of i."""
         return self._ancestor_mask
 
+    @cached_property
+    def _children(self) -> dict[int, list[int]]:
+        children: dict[int, list[int]] = {}
+        for c, p in enumerate(self._parent_list):
+            children.setdefault(p, []).append(c)
+        return children
+
     def children(self, i: int) -> list[int]:
         """Children of node i in index order (i = -1 is the root)."""
-        return [c for c, p in enumerate(self._parent_list) if p == i]
+        return list(self._children.get(i, ()))
 
     def path_to(self, i: int) -> list[int]:
         """Nodes from the root's child down to i (empty for the root, i = -1)."""
@@ -129,7 +129,6 @@ class TokenTree:
             self.tokens[idx],
             torch.tensor(parents, dtype=torch.long),
             None if self.draft_probs is None else self.draft_probs[idx],
-            None if self.sources is None else tuple(self.sources[k] for k in keep),
         )
 
     def truncate(self, max_depth: int) -> TokenTree:

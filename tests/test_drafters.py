@@ -1,0 +1,95 @@
+"""Drafter behaviour beyond exactness: verification hides a poor drafter, so check drafts directly."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_prompt, tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import DynamicCache
+
+import specdec
+from specdec.drafter import Context, Feedback
+from specdec.drafters import DraftModel, PromptLookup
+from specdec.drafters.prompt_lookup import best_length
+from specdec.trees import TokenTree
+
+
+def test_continuations_most_recent_and_longest_first():
+    ids = np.array([1, 2, 3, 9, 1, 2, 4, 7, 2, 5, 1, 2])
+    found = PromptLookup(max_ngram=2, num_matches=5).continuations(ids, 3)
+    assert [(n, c.tolist()) for n, c in found] == [(2, [4, 7, 2]), (2, [3, 9, 1]), (1, [5, 1, 2])]
+    # the suffix itself is never a match, and duplicates appear once
+    assert PromptLookup(max_ngram=1, num_matches=9).continuations(np.array([4, 4, 4]), 2)[0][1].tolist() == [4]
+
+
+def test_prompt_lookup_tree_is_a_trie_of_matches():
+    drafter = PromptLookup(max_ngram=2, num_matches=3, num_tokens=3, token_cost=0)
+    tree = drafter.propose(Context(torch.tensor([1, 2, 3, 9, 1, 2, 3, 8, 2, 5, 1, 2])))
+    paths = {tuple(tree.tokens[tree.path_to(i)].tolist()) for i in range(len(tree)) if not tree.children(i)}
+    assert paths == {(3, 8, 2), (3, 9, 1), (5, 1, 2)}  # the two "3 ..." matches share their first node
+    assert len(tree) == 8
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(0, 1), st.integers(1, 12), st.floats(0, 1))
+def test_best_length(a, max_len, cost):
+    length = best_length(a, max_len, cost)
+    assert 0 <= length <= max_len
+    if cost == 0 and a > 1e-3:
+        assert length == max_len  # free tokens: draft all
+    if a == 0 and cost > 0:
+        assert length == 0  # hopeless drafts: skip
+    assert best_length(min(1.0, a + 0.2), max_len, cost) >= length  # better odds never draft less
+
+
+def test_prompt_lookup_adapts_length_to_acceptance():
+    drafter = PromptLookup(max_ngram=1, num_tokens=8, token_cost=0.2)
+    ctx = Context(torch.tensor([5, 6, 7, 8, 9, 10, 11, 12, 13, 5]))
+    first = len(drafter.propose(ctx))
+    for _ in range(20):  # the target never agrees
+        tree = drafter.propose(ctx)
+        drafter.update(Feedback(tree, [], torch.tensor([0])))
+    assert first > 0 and len(drafter.propose(ctx)) < first
+    assert any(len(drafter.propose(ctx)) for _ in range(100))  # skipped n-grams are re-probed later
+    for _ in range(40):  # the target agrees with everything
+        tree = drafter.propose(ctx)
+        drafter.update(Feedback(tree, list(range(len(tree))), torch.zeros(len(tree) + 1)))
+    assert len(drafter.propose(ctx)) == 8
+
+
+def assert_cache_holds(drafter, model):
+    """The draft model's private cache equals a fresh one over the tokens it claims to hold."""
+    fresh = DynamicCache(config=model.config)
+    model(input_ids=drafter.cached[None], past_key_values=fresh, use_cache=True)
+    for mine, ref in zip(drafter.cache.layers, fresh.layers):
+        torch.testing.assert_close(mine.keys, ref.keys, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(num_tokens=5, budget=3), dict(topk=3, num_tokens=3, budget=6)])
+def test_draft_cache_stays_reconciled_after_rejections(kwargs):
+    target, small = tiny_model(), tiny_model(seed=2, layers=1)
+    drafter = DraftModel(small, **kwargs)
+    steps = []
+    specdec.generate(target, random_prompt(4, 9), drafter, max_new_tokens=30, eos_token_id=[], on_step=steps.append)
+    assert any(len(s.accepted_nodes) < len(s.tree) for s in steps)  # there were rejections
+    assert all(len(s.tree) <= kwargs.get("budget", 99) for s in steps)
+    assert_cache_holds(drafter, small)
+
+
+def test_self_drafted_tree_contains_the_greedy_path():
+    model = tiny_model()
+    stats = specdec.GenerationStats()
+    drafter = DraftModel(model, topk=2, width=8, num_tokens=3)  # every top-2 branch to depth 3
+    specdec.generate(model, random_prompt(8, 6), drafter, max_new_tokens=24, eos_token_id=[], stats=stats)
+    assert stats.mean_accepted == 4.0
+
+
+def test_draft_model_respects_max_depth():
+    model = tiny_model()
+    drafter = DraftModel(model, num_tokens=5)
+    drafter.begin(model)
+    assert len(drafter.propose(Context(random_prompt(0, 5)[0], max_depth=0))) == 0
+    tree = drafter.propose(Context(random_prompt(0, 5)[0], max_depth=2))
+    assert isinstance(tree, TokenTree) and len(tree) == 2
+    assert_cache_holds(drafter, model)
