@@ -10,7 +10,7 @@ setup-qwen:
 	SPECDEC_QWEN=1 bash scripts/setup.sh
 
 run: setup
-	specdec generate --model smollm2-135m --drafter prompt-lookup --compare --threads 2 "$(PROMPT)"
+	python3 -m specdec generate --model smollm2-135m --drafter prompt-lookup --compare --threads 2 "$(PROMPT)"
 
 test: setup
 	python3 -m pytest -q
@@ -19,5 +19,5 @@ test-fast:
 	python3 -m pytest -q -m "not slow"
 
 bench: setup
-	specdec bench --model smollm2-135m --threads 2 --per-category 2 \
+	python3 -m specdec bench --model smollm2-135m --threads 2 --per-category 2 \
 	  --methods baseline,hf-prompt-lookup,prompt-lookup,prompt-lookup-tree
