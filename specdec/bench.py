@@ -45,6 +45,9 @@ class BenchConfig:
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
     num_tokens: int = field(default=10, metadata={"help": "prompt-lookup draft length (HF's and specdec's)"})
     assistant_tokens: int = field(default=5, metadata={"help": "draft length of HF assisted generation"})
+    assistant_confidence: float = field(
+        default=0.0, metadata={"help": "HF assisted: stop drafting below this draft confidence (HF's default 0.4)"}
+    )
     out: str = field(default="bench-out", metadata={"help": "folder for report.md and results.json"})
 
 
@@ -145,12 +148,12 @@ def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor]
         elif name == "hf-prompt-lookup":
             methods[name] = hf(prompt_lookup_num_tokens=cfg.num_tokens)
         elif name == "hf-assisted":
-            methods[name] = hf(
-                assistant_model=draft,
-                num_assistant_tokens=cfg.assistant_tokens,
-                num_assistant_tokens_schedule="constant",  # HF's defaults stop drafting early:
-                assistant_confidence_threshold=0.0,  # set so the peer is at its best
-            )
+            # transformers reads these from the assistant's own generation config (generate() kwargs
+            # are ignored, checked on 5.23); its defaults are 20 tokens with a 0.4 confidence cut-off.
+            draft.generation_config.num_assistant_tokens = cfg.assistant_tokens
+            draft.generation_config.num_assistant_tokens_schedule = "constant"
+            draft.generation_config.assistant_confidence_threshold = cfg.assistant_confidence
+            methods[name] = hf(assistant_model=draft)
         elif name == "plain":
             methods[name] = spec(None)
         else:
@@ -166,7 +169,8 @@ def encode_chat(tokenizer, messages: list[dict]) -> Tensor:
     return torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
 
 
-def run_bench(cfg: BenchConfig, target, tokenizer, draft=None, progress: bool = True) -> list[Record]:
+def run_bench(cfg: BenchConfig, target, tokenizer, draft=None, progress: bool = True, on_question=None) -> list[Record]:
+    """All records; `on_question(records so far)` after each question (for incremental reports)."""
     from tqdm.auto import tqdm
 
     questions = read_questions(cfg.questions, cfg.limit, cfg.categories, cfg.per_category)
@@ -197,6 +201,8 @@ def run_bench(cfg: BenchConfig, target, tokenizer, draft=None, progress: bool = 
                 diff = torch.nonzero(new[:n] != ref[:n]).flatten()
                 if diff.numel() or new.numel() != ref.numel():
                     rec.exact, rec.first_mismatch = False, int(diff[0]) if diff.numel() else n
+        if on_question is not None:
+            on_question(records)
     return records
 
 

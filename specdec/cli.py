@@ -102,8 +102,10 @@ def cmd_bench(cfg: BenchConfig) -> int:
     _setup(cfg.threads)
     target, tokenizer = load_model(cfg.model)
     draft = load_model(cfg.draft_model)[0] if cfg.draft_model else None
-    records = run_bench(cfg, target, tokenizer, draft)
-    print(write_results(records, cfg, cfg.out, describe_device(target)))
+    device = describe_device(target)
+    # Rewritten after every question, so an interrupted run still leaves a valid partial report.
+    records = run_bench(cfg, target, tokenizer, draft, on_question=lambda rs: write_results(rs, cfg, cfg.out, device))
+    print(write_results(records, cfg, cfg.out, device))
     print(f"written: {cfg.out}/report.md, {cfg.out}/results.json", file=sys.stderr)
     return 1 if any(not r.exact for r in records) else 0
 
