@@ -1,5 +1,6 @@
 # The README's two commands: `make run` and `make test` (each sets up first).
-PROMPT ?= Summarize the plot of Romeo and Juliet in three sentences, then list the main characters.
+# A text-editing prompt: the answer copies much of the prompt, which is where prompt lookup shines.
+PROMPT ?= Fix the typos in this text and return it in full: 'The quick brwon fox jumpd over the lazzy dog. The dog was sleepping in the sun, and the fox ran quikly into the forrest where it lived with its famly.'
 
 .PHONY: setup setup-qwen run test test-fast bench
 
