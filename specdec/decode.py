@@ -87,6 +87,12 @@ def _as_prompt(input_ids: Tensor) -> Tensor:
     return input_ids.long().cpu()
 
 
+def _check_in_vocab(tokens: Tensor, vocab: int, who: str) -> None:
+    """Out-of-range ids would fail deep inside the embedding (a device assert on CUDA)."""
+    if tokens.numel() and (int(tokens.max()) >= vocab or int(tokens.min()) < 0):
+        raise ValueError(f"{who} token ids outside the model's vocabulary [0, {vocab})")
+
+
 def _eos_set(model, eos_token_id) -> set[int]:
     if eos_token_id is None:
         eos_token_id = getattr(model.generation_config, "eos_token_id", None)
@@ -171,8 +177,7 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1 (as in model.generate), got {max_new_tokens}")
     vocab = model.get_output_embeddings().weight.shape[0]
-    if int(prompt.max()) >= vocab or int(prompt.min()) < 0:
-        raise ValueError(f"input_ids holds token ids outside the model's vocabulary [0, {vocab})")
+    _check_in_vocab(prompt, vocab, "input_ids holds")
     if logits_processor is None:
         _check_generation_config(model)
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -204,8 +209,7 @@ def generate(
             tree = TokenTree.empty()
         else:
             tree = drafter.propose(Context(ids, hidden, remaining - 1)).truncate(remaining - 1)
-            if len(tree) and (int(tree.tokens.max()) >= vocab or int(tree.tokens.min()) < 0):
-                raise ValueError(f"{type(drafter).__name__} proposed token ids outside the target's vocabulary [0, {vocab})")
+            _check_in_vocab(tree.tokens, vocab, f"{type(drafter).__name__} proposed")
         t1 = time.perf_counter()
         # 2. Verify: one target forward over [root] + tree.
         scores = verifier.score(int(ids[-1]), tree)
@@ -226,10 +230,11 @@ def generate(
                 done = bool(stopping_criteria(seq, logits[row][None]).all())
             if done:
                 break
-        ids = torch.cat([ids, torch.tensor(emitted, dtype=torch.long)])
+        emitted_t = torch.tensor(emitted, dtype=torch.long)
+        ids = torch.cat([ids, emitted_t])
         done = done or ids.numel() - prompt.numel() >= max_new_tokens
         if streamer is not None:
-            streamer.put(torch.tensor(emitted))
+            streamer.put(emitted_t)
         if not done:
             # 4. Commit: the cache keeps prefix + root + accepted path.
             verifier.commit(path)
