@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from specdec.decode import GenerationStats, generate
+from specdec.decode import GenerationStats, generate, resolve_packed_from
 
 HF_METHODS = ("baseline", "hf-prompt-lookup", "hf-assisted")
 
@@ -35,7 +35,10 @@ class BenchConfig:
     questions: str = field(default="../shared/data/spec_bench_dev.jsonl", metadata={"help": "Spec-Bench .jsonl file"})
     methods: str = field(
         default="baseline,hf-prompt-lookup,prompt-lookup",
-        metadata={"help": "comma list: baseline, hf-prompt-lookup, hf-assisted, plain, or any specdec drafter name"},
+        metadata={
+            "help": "comma list: baseline, hf-prompt-lookup, hf-assisted, plain, or any specdec drafter name; "
+            "a specdec method with the suffix :stock runs every target forward without packed linears"
+        },
     )
     draft_model: str | None = field(default=None, metadata={"help": "draft model for hf-assisted and draft-model*"})
     max_new_tokens: int = field(default=128, metadata={"help": "new tokens per turn"})
@@ -108,8 +111,11 @@ def check_methods(cfg: BenchConfig) -> list[str]:
     names = cfg.methods.split(",")
     known = (*HF_METHODS, "plain", *DRAFTERS)
     for name in names:
-        if name not in known:
+        base, _, variant = name.partition(":")
+        if base not in known:
             raise ValueError(f"--methods: unknown method {name!r}; choose from {', '.join(known)}")
+        if variant not in ("", "stock") or (variant and base in HF_METHODS):
+            raise ValueError(f"--methods: {name!r}: the only variant is ':stock', for specdec methods")
         if (name == "hf-assisted" or name.startswith("draft-model")) and not cfg.draft_model:
             raise ValueError(f"--methods {name} needs --draft-model NAME (e.g. qwen2.5-coder-0.5b)")
     if "baseline" not in names:
@@ -133,16 +139,22 @@ def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor]
 
         return run
 
-    def spec(drafter):
+    packed_from = resolve_packed_from(target, "auto")
+
+    def spec(drafter, stock: bool):
         def run(ids):
             stats = GenerationStats()
-            out = generate(target, ids, drafter, max_new_tokens=cfg.max_new_tokens, stats=stats)
+            out = generate(
+                target, ids, drafter, max_new_tokens=cfg.max_new_tokens, stats=stats,
+                packed_from=None if stock else packed_from,
+            )
             return out, stats.target_forwards  # the prefill yields no token in specdec
 
         return run
 
     methods = {}
     for name in check_methods(cfg):
+        base, _, variant = name.partition(":")
         if name == "baseline":
             methods[name] = hf()
         elif name == "hf-prompt-lookup":
@@ -154,13 +166,13 @@ def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor]
             draft.generation_config.num_assistant_tokens_schedule = "constant"
             draft.generation_config.assistant_confidence_threshold = cfg.assistant_confidence
             methods[name] = hf(assistant_model=draft)
-        elif name == "plain":
-            methods[name] = spec(None)
+        elif base == "plain":
+            methods[name] = spec(None, variant == "stock")
         else:
-            drafter = DRAFTERS[name](draft)
+            drafter = DRAFTERS[base](draft)
             if isinstance(drafter, PromptLookup):  # the same draft length as HF's prompt lookup
                 drafter = dataclasses.replace(drafter, num_tokens=cfg.num_tokens)
-            methods[name] = spec(drafter)
+            methods[name] = spec(drafter, variant == "stock")
     return methods
 
 

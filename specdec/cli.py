@@ -1,4 +1,4 @@
-"""The `specdec` command: ``specdec generate`` and ``specdec bench``.
+"""The `specdec` command: ``specdec generate``, ``specdec bench`` and ``specdec profile``.
 
 Boundary: the edge where strings become objects (model names through `specdec.models`, drafter
 names through `specdec.drafters.DRAFTERS`). Arguments are derived from frozen dataclasses.
@@ -26,6 +26,15 @@ class GenerateConfig:
     max_new_tokens: int = field(default=256, metadata={"help": "most new tokens"})
     no_chat: bool = field(default=False, metadata={"help": "feed the prompt as raw text, without the chat template"})
     compare: bool = field(default=False, metadata={"help": "also run model.generate: report speedup, check identity"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    model: str = field(default="smollm2-135m", metadata={"help": "target: embedded name, HF path/id or .gguf file"})
+    ks: str = field(default="1,2,3,4,6,8,12,16,24,32,48,64", metadata={"help": "comma list of token counts k"})
+    context: int = field(default=300, metadata={"help": "cached tokens before the k new ones"})
+    repeats: int = field(default=5, metadata={"help": "timed forwards per k (the median is kept)"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
 
 
@@ -67,6 +76,7 @@ def cmd_generate(cfg: GenerateConfig) -> int:
         raise SystemExit(f"--drafter: unknown drafter {cfg.drafter!r}; choose from none, {', '.join(DRAFTERS)}")
     model, tokenizer = load_model(cfg.model)
     draft = load_model(cfg.draft_model)[0] if cfg.draft_model else None
+    ensure_profile(model)
     drafter = None if cfg.drafter == "none" else DRAFTERS[cfg.drafter](draft)
     if cfg.no_chat:
         ids = tokenizer(cfg.prompt, return_tensors="pt").input_ids
@@ -93,6 +103,47 @@ def cmd_generate(cfg: GenerateConfig) -> int:
     return 0
 
 
+def ensure_profile(model, **kwargs):
+    """The stored verify cost curve for this model and machine, measured now if missing."""
+    from specdec import profile
+    from specdec.models import cache_dir
+
+    prof = profile.stored(model, cache_dir())
+    if prof is None:
+        key = profile.model_key(model)
+        print(f"specdec: measuring the verify cost curve of {key} (one-time for this machine)...", file=sys.stderr)
+        prof = profile.profile(model, key, **kwargs)
+        profile.save(prof, profile.profile_path(cache_dir(), key))
+    return prof
+
+
+def cmd_profile(cfg: ProfileConfig) -> int:
+    from specdec import profile
+    from specdec.models import cache_dir, load_model
+
+    try:
+        ks = tuple(sorted({int(k) for k in cfg.ks.split(",")}))
+    except ValueError:
+        raise ValueError(f"--ks: expected a comma list of integers, got {cfg.ks!r}") from None
+    _setup(cfg.threads)
+    model, _ = load_model(cfg.model)
+    key = profile.model_key(model)
+    prof = profile.profile(model, key, ks=ks, context=cfg.context, repeats=cfg.repeats)
+    path = profile.profile_path(cache_dir(), key)
+    profile.save(prof, path)
+    curves = [prof.stock] + ([prof.packed] if prof.packed is not None else [])
+    print(profile.table(curves))
+    print(
+        f"\nmachine: {prof.stock.machine}; context {cfg.context} tokens; median of {cfg.repeats}. "
+        f"stock = the model's own forward; packed = oneDNN-prepacked linears (specdec.packing).\n"
+        f"specdec uses packed linears for forwards over k >= {prof.packed_from} tokens"
+        if prof.packed_from is not None
+        else "\nspecdec keeps the stock forward for every k on this machine"
+    )
+    print(f"written: {path}", file=sys.stderr)
+    return 0
+
+
 def cmd_bench(cfg: BenchConfig) -> int:
     from specdec.bench import check_methods, describe_device, read_questions, run_bench, write_results
     from specdec.models import load_model
@@ -102,7 +153,11 @@ def cmd_bench(cfg: BenchConfig) -> int:
     _setup(cfg.threads)
     target, tokenizer = load_model(cfg.model)
     draft = load_model(cfg.draft_model)[0] if cfg.draft_model else None
-    device = describe_device(target)
+    prof = ensure_profile(target)
+    device = describe_device(target) + (
+        f"; specdec verifies k >= {prof.packed_from} tokens with packed linears"
+        if prof.packed_from is not None else "; specdec verifies with the stock forward"
+    )
     # Rewritten after every question, so an interrupted run still leaves a valid partial report.
     records = run_bench(cfg, target, tokenizer, draft, on_question=lambda rs: write_results(rs, cfg, cfg.out, device))
     print(write_results(records, cfg, cfg.out, device))
@@ -113,6 +168,7 @@ def cmd_bench(cfg: BenchConfig) -> int:
 COMMANDS = {
     "generate": (GenerateConfig, cmd_generate, "generate text with speculative decoding (streamed)"),
     "bench": (BenchConfig, cmd_bench, "benchmark methods on Spec-Bench questions, interleaved, exactness checked"),
+    "profile": (ProfileConfig, cmd_profile, "measure and store the target's verify cost curve (k = 1..64 new tokens)"),
 }
 
 

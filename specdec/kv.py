@@ -11,8 +11,23 @@ n > 0 slots to drop.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class: type) -> str:
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model, cache: Cache) -> dict:
+    """The forward's cache argument: transformers 5.24 renamed ``past_key_values`` to ``cache``
+    (the old name warns and goes away in 5.40); earlier 5.x releases only know the old one."""
+    return {_cache_argument(type(model)): cache}
 
 
 def new_cache(model) -> DynamicCache:

@@ -1,7 +1,9 @@
 """The verifier: runs the stock target model over ``[root] + tree`` in ONE forward.
 
 Only public model arguments are used: a 4D additive float mask, ``position_ids`` and
-``past_key_values``. Cache compaction is delegated to `specdec.kv`.
+``past_key_values``. Cache compaction is delegated to `specdec.kv`. Forwards over at least
+`packed_from` tokens run with `specdec.packing`'s oneDNN-prepacked linears (faster on CPU for
+small k; the crossover comes from `specdec.profile`); shorter ones run the model as it is.
 Invariant between steps: the cache holds every committed token except the last one (the root).
 """
 
@@ -9,10 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import contextlib
+
 import torch
 from torch import Tensor
 
 from specdec import kv
+from specdec.packing import packed_linears
 from specdec.trees import TokenTree, verify_inputs
 
 
@@ -23,24 +28,33 @@ class Scores:
 
 
 class Verifier:
-    def __init__(self, model, *, keep_hidden_states: bool = False):
+    def __init__(self, model, *, keep_hidden_states: bool = False, packed_from: int | None = None):
         self.model = model
         self.keep_hidden_states = keep_hidden_states
         self.cache = kv.new_cache(model)
         self.prefix_len = 0  # cached tokens before the root
+        self.packs = packed_linears(model) if packed_from is not None else None
+        self.packed_from = packed_from
+
+    def _route(self, k: int):
+        """The packed-linear context for a forward over k new tokens, where that is the faster one."""
+        if self.packs is not None and k >= self.packed_from:
+            return self.packs
+        return contextlib.nullcontext()
 
     def prefill(self, input_ids: Tensor) -> Tensor | None:
         """Cache ``input_ids[:-1]`` ([t] tokens); the last token becomes the first root.
         Returns their hidden states ([t - 1, hidden]) when requested."""
         hidden = None
         if input_ids.numel() > 1:
-            out = self.model(
-                input_ids=input_ids[None, :-1].to(self.model.device),
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=1,  # the prefix logits are never used; skip the big lm_head matmul
-                output_hidden_states=self.keep_hidden_states,
-            )
+            with self._route(input_ids.numel() - 1):
+                out = self.model(
+                    input_ids=input_ids[None, :-1].to(self.model.device),
+                    **kv.cache_kwargs(self.model, self.cache),
+                    use_cache=True,
+                    logits_to_keep=1,  # the prefix logits are never used; skip the big lm_head matmul
+                    output_hidden_states=self.keep_hidden_states,
+                )
             if self.keep_hidden_states:
                 hidden = out.hidden_states[-1][0]
         self.prefix_len = input_ids.numel() - 1
@@ -49,14 +63,15 @@ class Verifier:
     def score(self, root: int, tree: TokenTree) -> Scores:
         inputs = verify_inputs(root, tree, self.prefix_len, self.model.dtype)
         device = self.model.device
-        out = self.model(
-            input_ids=inputs.input_ids.to(device),
-            position_ids=inputs.position_ids.to(device),
-            attention_mask=None if inputs.attention_mask is None else inputs.attention_mask.to(device),
-            past_key_values=self.cache,
-            use_cache=True,
-            output_hidden_states=self.keep_hidden_states,
-        )
+        with self._route(len(tree) + 1):
+            out = self.model(
+                input_ids=inputs.input_ids.to(device),
+                position_ids=inputs.position_ids.to(device),
+                attention_mask=None if inputs.attention_mask is None else inputs.attention_mask.to(device),
+                **kv.cache_kwargs(self.model, self.cache),
+                use_cache=True,
+                output_hidden_states=self.keep_hidden_states,
+            )
         hidden = out.hidden_states[-1][0] if self.keep_hidden_states else None
         return Scores(out.logits[0], hidden)
 

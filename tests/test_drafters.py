@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 
 import specdec
+from specdec import kv
 from specdec.drafter import Context, Feedback
 from specdec.drafters import DraftModel, PromptLookup
 from specdec.drafters.prompt_lookup import best_length
@@ -61,7 +62,7 @@ def test_prompt_lookup_adapts_length_to_acceptance():
 def assert_cache_holds(drafter, model):
     """The draft model's private cache equals a fresh one over the tokens it claims to hold."""
     fresh = DynamicCache(config=model.config)
-    model(input_ids=drafter.cached[None], past_key_values=fresh, use_cache=True)
+    model(input_ids=drafter.cached[None], **kv.cache_kwargs(model, fresh), use_cache=True)
     for mine, ref in zip(drafter.cache.layers, fresh.layers):
         torch.testing.assert_close(mine.keys, ref.keys, rtol=1e-9, atol=1e-9)
 

@@ -12,7 +12,7 @@ from specdec.verifier import Verifier
 
 def fresh_cache(model, tokens):
     cache = DynamicCache(config=model.config)
-    model(input_ids=tokens[None], past_key_values=cache, use_cache=True)
+    model(input_ids=tokens[None], **kv.cache_kwargs(model, cache), use_cache=True)
     return cache
 
 

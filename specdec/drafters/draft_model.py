@@ -51,7 +51,7 @@ class DraftModel:
             input_ids=ids[None].to(device),
             position_ids=positions[None].to(device),
             attention_mask=None if mask is None else mask.to(device),
-            past_key_values=self.cache,
+            **kv.cache_kwargs(self.model, self.cache),
             use_cache=True,
             logits_to_keep=1 if last_only else 0,  # the lm_head is a large share of a small model's weights
         )

@@ -1,0 +1,185 @@
+"""The verify cost curve: how long one target forward over k new tokens takes on this machine.
+
+Speculation pays off only when verifying a k-token tree costs little more than decoding one token,
+so this curve decides tree budgets and draft lengths. `measure` times the forward the verifier
+really runs (k tokens after a realistic KV cache, median of repeats), with and without
+`specdec.packing`; curves are stored as JSON under the cache directory, one per model and machine.
+
+Boundary: core level; knows the model's public forward, `specdec.kv` and `specdec.packing`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from specdec import kv
+from specdec.packing import packed_linears
+from specdec.trees import TokenTree, verify_inputs
+
+DEFAULT_KS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+@dataclass(frozen=True)
+class CostCurve:
+    """Seconds for one target forward over k new tokens (k in `ks`) after `context` cached tokens."""
+
+    model: str
+    method: str  # "packed" (oneDNN-prepacked linears) or "stock" (the model's own forward)
+    ks: tuple[int, ...]
+    seconds: tuple[float, ...]
+    context: int
+    threads: int
+    machine: str
+
+    def cost(self, k: int) -> float:
+        """Forward time for k tokens, linearly interpolated (clamped to the measured range)."""
+        if k <= self.ks[0]:
+            return self.seconds[0]
+        for (k0, s0), (k1, s1) in zip(zip(self.ks, self.seconds), zip(self.ks[1:], self.seconds[1:])):
+            if k <= k1:
+                return s0 + (s1 - s0) * (k - k0) / (k1 - k0)
+        return self.seconds[-1] * k / self.ks[-1]
+
+    def relative(self, k: int) -> float:
+        return self.cost(k) / self.cost(1)
+
+
+def machine_id() -> str:
+    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} torch {torch.__version__}"
+
+
+@torch.no_grad()
+def measure(
+    model,
+    name: str,
+    *,
+    ks=DEFAULT_KS,
+    context: int = 300,
+    repeats: int = 5,
+    packed: bool = True,
+    seed: int = 0,
+) -> CostCurve:
+    """Median time of a k-token verify forward (a chain: the tree mask costs the same) after
+    `context` cached tokens; the cache is cropped back after each forward so every k sees the same."""
+    if context < 1 or repeats < 1 or not ks or min(ks) < 1:
+        raise ValueError("context, repeats and every k must be >= 1")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(vocab, (context,), generator=gen)
+    packs = packed_linears(model) if packed else None
+    route = packs if packs is not None and packs.enabled else contextlib.nullcontext()
+    cache = kv.new_cache(model)
+    seconds = []
+    with route:
+        model(input_ids=prompt[None].to(model.device), **kv.cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+        for k in ks:
+            tree = TokenTree.chain(torch.randint(vocab, (k - 1,), generator=gen).tolist())
+            inputs = verify_inputs(int(prompt[-1]), tree, context, model.dtype)
+            times = []
+            for _ in range(repeats + 1):  # the first run warms up allocations for this shape
+                t0 = time.perf_counter()
+                model(
+                    input_ids=inputs.input_ids.to(model.device),
+                    position_ids=inputs.position_ids.to(model.device),
+                    **kv.cache_kwargs(model, cache),
+                    use_cache=True,
+                )
+                times.append(time.perf_counter() - t0)
+                kv.drop_last(cache, k)
+            seconds.append(statistics.median(times[1:]))
+    method = "packed" if packs is not None and packs.enabled else "stock"
+    return CostCurve(name, method, tuple(ks), tuple(seconds), context, torch.get_num_threads(), machine_id())
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Both curves for one model on one machine, and the forward plan they imply."""
+
+    stock: CostCurve
+    packed: CostCurve | None  # None where packing is unavailable (no oneDNN, float64, GPU)
+
+    @property
+    def packed_from(self) -> int | None:
+        """Smallest measured k from which the packed forward is at least as fast for every larger k."""
+        if self.packed is None or self.packed.method != "packed":
+            return None
+        best = None
+        for k, s_stock, s_packed in reversed(list(zip(self.stock.ks, self.stock.seconds, self.packed.seconds))):
+            if s_packed > s_stock:
+                break
+            best = k
+        return best
+
+
+def profile(model, name: str, **kwargs) -> Profile:
+    stock = measure(model, name, packed=False, **kwargs)
+    packed = measure(model, name, packed=True, **kwargs)
+    return Profile(stock, packed if packed.method == "packed" else None)
+
+
+def model_key(model) -> str:
+    """Profiles are keyed by the directory or hub id the model was loaded from."""
+    source = str(getattr(model, "name_or_path", "") or model.config.name_or_path or "")
+    return Path(source).name or source
+
+
+def profile_path(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / "profiles" / (key.replace("/", "--") + ".json")
+
+
+def save(prof: Profile, path: Path) -> None:
+    """Written to a temp file and renamed: a reader never sees half a profile."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"stock": asdict(prof.stock), "packed": None if prof.packed is None else asdict(prof.packed)}, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _curve(data: dict) -> CostCurve:
+    return CostCurve(**{**data, "ks": tuple(data["ks"]), "seconds": tuple(data["seconds"])})
+
+
+def load(path: Path) -> Profile:
+    data = json.loads(Path(path).read_text())
+    return Profile(_curve(data["stock"]), None if data["packed"] is None else _curve(data["packed"]))
+
+
+def stored(model, cache_dir: Path) -> Profile | None:
+    """This model's stored profile if it was measured on this machine with this thread count."""
+    key = model_key(model)
+    path = profile_path(cache_dir, key) if key else None
+    if path is None or not path.exists():
+        return None
+    try:
+        prof = load(path)
+    except (ValueError, KeyError, TypeError):
+        return None  # unreadable: treated as absent, `specdec profile` rewrites it
+    return prof if prof.stock.machine == machine_id() else None
+
+
+def table(curves: list[CostCurve]) -> str:
+    """Markdown: one row per curve, k = 1 in ms, every k relative to the same model's stock k = 1
+    (so the packed row shows both its own shape and how it compares)."""
+    ks = curves[0].ks
+    ref = {c.model: c.seconds[0] for c in curves if c.method == "stock"}
+    lines = [
+        "| model | method | k=1 | " + " | ".join(f"k={k}" for k in ks) + " |",
+        "|---|---|---|" + "---|" * len(ks),
+    ]
+    for c in curves:
+        base = ref.get(c.model, c.seconds[0])
+        rel = " | ".join(f"{s / base:.2f}x" for s in c.seconds)
+        lines.append(f"| {c.model} | {c.method} | {c.seconds[0] * 1e3:.0f} ms | {rel} |")
+    return "\n".join(lines)

@@ -1,0 +1,157 @@
+"""The packed-linear fast path and the verify cost profile, on tiny in-process models."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import specdec
+from specdec import profile
+from specdec.drafters import PromptLookup
+from specdec.packing import PackedLinears, available, packed_linears
+from conftest import random_prompt, reference, tiny_model
+
+pytestmark = pytest.mark.skipif(not available(), reason="this torch build has no oneDNN linear packing")
+
+
+def fp32_model(seed: int = 0, arch: str = "llama"):
+    return copy.deepcopy(tiny_model(arch, seed=seed)).float()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_packed_forward_matches_stock_and_leaves_the_model_alone():
+    model = fp32_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    attrs = set(vars(model))
+    packs = PackedLinears(model)
+    assert packs.enabled
+    ids = random_prompt(1, 12)
+    with packs:
+        out = logits(model, ids)
+        routed = [packs.lookup(m.weight) is not None for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    torch.testing.assert_close(out, logits(model, ids), rtol=1e-5, atol=1e-5)
+    assert all(routed)
+    assert set(vars(model)) == attrs and not model._forward_hooks and not model._forward_pre_hooks
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_packed_route_is_used_and_ends_with_the_block():
+    model = fp32_model()
+    packs = PackedLinears(model)
+    ids = random_prompt(2, 5)
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    class Spy(torch.overrides.TorchFunctionMode):  # counts oneDNN calls made under the route
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is real:
+                calls.append(1)
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        with packs:
+            logits(model, ids)
+        n_inside = len(calls)
+        logits(model, ids)
+    n_linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert n_inside == n_linears
+    assert len(calls) == n_inside  # nothing routed once the block ended
+
+
+def test_in_place_weight_change_repacks():
+    model = fp32_model(seed=3)
+    packs = PackedLinears(model)
+    ids = random_prompt(3, 6)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)
+    with packs:
+        out = logits(model, ids)
+    torch.testing.assert_close(out, logits(model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_grad_and_float64_fall_through():
+    model = fp32_model()
+    packs = PackedLinears(model)
+    ids = random_prompt(4, 6)
+    with packs:
+        loss = model(input_ids=ids).logits.sum()  # autograd on: the stock linear runs
+    loss.backward()
+    assert model.lm_head.weight.grad is not None
+    assert not PackedLinears(tiny_model()).enabled  # float64 weights: nothing to pack, a no-op
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_generate_with_packed_verify_matches_model_generate(arch):
+    model = fp32_model(seed=5, arch=arch)
+    prompt = random_prompt(5, 24)
+    ref = reference(model, prompt, 20)
+    drafter = PromptLookup(min_ngram=1)
+    stats = specdec.GenerationStats()
+    out = specdec.generate(model, prompt, drafter, max_new_tokens=20, packed_from=1, stats=stats)
+    assert torch.equal(out, ref)
+    assert packed_linears(model).enabled
+
+
+def test_packed_from_is_validated():
+    model = fp32_model()
+    with pytest.raises(ValueError, match="packed_from"):
+        specdec.generate(model, random_prompt(0, 4), max_new_tokens=2, packed_from=0)
+    with pytest.raises(ValueError, match="packed_from"):
+        specdec.generate(model, random_prompt(0, 4), max_new_tokens=2, packed_from="fast")
+
+
+def test_measure_restores_the_cache_and_profile_round_trips(tmp_path):
+    model = fp32_model()
+    prof = profile.profile(model, "tiny", ks=(1, 2, 4), context=8, repeats=1)
+    assert prof.stock.method == "stock" and prof.packed.method == "packed"
+    assert prof.stock.ks == (1, 2, 4) and all(s > 0 for s in prof.stock.seconds + prof.packed.seconds)
+    path = profile.profile_path(tmp_path, "some/model")
+    profile.save(prof, path)
+    assert profile.load(path) == prof
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def curve(method, seconds, ks=(1, 2, 4, 8)):
+    return profile.CostCurve("m", method, ks, tuple(seconds), 300, 2, profile.machine_id())
+
+
+def test_packed_from_is_the_crossover_that_holds_for_every_larger_k():
+    stock = curve("stock", [1.0, 1.1, 2.0, 3.0])
+    assert profile.Profile(stock, curve("packed", [1.1, 1.2, 1.3, 1.5])).packed_from == 4
+    assert profile.Profile(stock, curve("packed", [0.9, 1.0, 1.3, 1.5])).packed_from == 1
+    assert profile.Profile(stock, curve("packed", [1.1, 1.0, 1.3, 3.5])).packed_from is None
+    assert profile.Profile(stock, None).packed_from is None
+
+
+def test_cost_interpolates_and_extrapolates():
+    c = curve("stock", [1.0, 2.0, 2.0, 4.0])
+    assert c.cost(3) == 2.0 and c.cost(6) == 3.0 and c.cost(16) == 8.0 and c.relative(2) == 2.0
+
+
+def test_stored_profile_is_per_machine(tmp_path):
+    model = fp32_model()
+    prof = profile.Profile(curve("stock", [1.0, 1.1, 2.0, 3.0]), curve("packed", [1.1, 1.2, 1.3, 1.5]))
+    assert profile.stored(model, tmp_path) is None
+    model = copy.deepcopy(model)
+    model.name_or_path = str(tmp_path / "tiny-model")  # what from_pretrained records
+    profile.save(prof, profile.profile_path(tmp_path, profile.model_key(model)))
+    assert profile.stored(model, tmp_path) == prof
+    from specdec.decode import resolve_packed_from
+
+    other = dataclasses.replace(prof.stock, machine="another machine")
+    profile.save(profile.Profile(other, prof.packed), profile.profile_path(tmp_path, "tiny-model"))
+    assert profile.stored(model, tmp_path) is None
+    assert resolve_packed_from(model, 6) == 6 and resolve_packed_from(model, None) is None
+
+
+def test_measure_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        profile.measure(fp32_model(), "tiny", ks=(0, 1))
