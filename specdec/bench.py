@@ -7,14 +7,16 @@ no method always runs on a warmer or cooler machine) and every output is compare
 token with plain greedy ``model.generate``.
 
 Boundary: an edge module (like the CLI and the demo): it may import the core, the drafters and
-the model loader; nothing imports it but the CLI.
+the model loader; nothing imports it but the CLI and the demo (for `encode_chat`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -65,6 +67,8 @@ class Record:
     forwards: int  # target forwards that produced tokens
     exact: bool  # token-identical to the baseline's output for this turn
     first_mismatch: int | None = None  # index of the first differing new token
+    step_tokens: list[int] | None = None  # specdec: tokens committed by each target forward
+    split_s: dict | None = None  # specdec: seconds spent in prefill / draft / verify / overhead
 
 
 def read_questions(
@@ -125,8 +129,9 @@ def check_methods(cfg: BenchConfig) -> list[str]:
     return names
 
 
-def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor], tuple[Tensor, int]]]:
-    """name -> run(prompt [1, t]) -> (output [1, t + new], target forwards that produced tokens)."""
+def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor], tuple[Tensor, int, GenerationStats | None]]]:
+    """name -> run(prompt [1, t]) -> (output [1, t + new], target forwards that produced tokens,
+    specdec's per-step stats or None for transformers' methods)."""
     from specdec.drafters import DRAFTERS, PromptLookup
 
     def hf(**kwargs):
@@ -135,7 +140,7 @@ def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor]
                 out = target.generate(
                     ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens, do_sample=False, **kwargs
                 )
-            return out, counter.count  # every HF forward, the prefill included, yields a token
+            return out, counter.count, None  # every HF forward, the prefill included, yields a token
 
         return run
 
@@ -148,7 +153,7 @@ def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor]
                 target, ids, drafter, max_new_tokens=cfg.max_new_tokens, stats=stats,
                 packed_from=None if stock else packed_from,
             )
-            return out, stats.target_forwards  # the prefill yields no token in specdec
+            return out, stats.target_forwards, stats  # the prefill yields no token in specdec
 
         return run
 
@@ -201,11 +206,15 @@ def run_bench(cfg: BenchConfig, target, tokenizer, draft=None, progress: bool = 
                 history[name].append({"role": "user", "content": text})
                 ids = encode_chat(tokenizer, history[name])
                 t0 = time.perf_counter()
-                out, forwards = methods[name](ids)
+                out, forwards, stats = methods[name](ids)
                 seconds = time.perf_counter() - t0
                 outputs[name] = new = out[0, ids.shape[1] :]
                 history[name].append({"role": "assistant", "content": tokenizer.decode(new, skip_special_tokens=True)})
-                records.append(Record(q["question_id"], q["category"], turn, name, new.numel(), seconds, forwards, True))
+                rec = Record(q["question_id"], q["category"], turn, name, new.numel(), seconds, forwards, True)
+                if stats is not None:
+                    rec.step_tokens = [len(step.new_tokens) for step in stats.steps]
+                    rec.split_s = {"prefill": stats.prefill_s, "draft": stats.draft_s, "verify": stats.verify_s, "overhead": stats.overhead_s}
+                records.append(rec)
             ref = outputs["baseline"]
             for rec in records[-len(names) :]:
                 new = outputs[rec.method]
@@ -235,6 +244,8 @@ def summarize(records: list[Record]) -> dict:
             "mismatches": sum(not r.exact for r in rs),
             "turns": len(rs),
         }
+        if all(r.split_s is not None for r in rs):  # specdec methods: where the time went
+            summary[method][cat]["split_s"] = {k: sum(r.split_s[k] for r in rs) for k in rs[0].split_s}
     for method, cats in summary.items():
         for cat, row in cats.items():
             row["speedup"] = row["tokens_per_s"] / summary["baseline"][cat]["tokens_per_s"]
@@ -264,7 +275,63 @@ def report(summary: dict, cfg: BenchConfig, device: str) -> str:
     for c in cats:
         cells = [f"{summary[m][c]['speedup']:.2f}x ({summary[m][c]['tokens_per_forward']:.2f})" for m in methods]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    split = [m for m in methods if "split_s" in summary[m]["overall"]]
+    if split:
+        lines += ["", "Where specdec's time goes (share of each method's total):", ""]
+        lines += ["| method | prefill | draft | verify | overhead |", "|---|---:|---:|---:|---:|"]
+        for m in split:
+            parts = summary[m]["overall"]["split_s"]
+            total = sum(parts.values()) or 1.0
+            lines.append(f"| {m} | " + " | ".join(f"{100 * parts[k] / total:.0f}%" for k in ("prefill", "draft", "verify", "overhead")) + " |")
+    lines += ["", "![speedup per category](speedup.png)", "", "![tokens per target forward](accepted.png)"]
     return "\n".join(lines) + "\n"
+
+
+def write_plots(records: list[Record], summary: dict, out: Path) -> None:
+    """speedup.png (per category and method) and accepted.png (histogram of tokens per target
+    forward for specdec methods); written to temp files and renamed like the rest."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in summary if m != "baseline"]
+    cats = sorted({c for m in summary.values() for c in m if c != "overall"}) + ["overall"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cats) * max(1, len(methods)) / 2), 3.6))
+    width = 0.8 / max(1, len(methods))
+    for i, m in enumerate(methods):
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(cats))]
+        ax.bar(xs, [summary[m][c]["speedup"] for c in cats], width, label=m)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(cats)), cats, rotation=20, ha="right")
+    ax.set_ylabel("speedup over model.generate")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    _atomic_figure(fig, out / "speedup.png")
+
+    spec = {m: [n for r in records if r.method == m and r.step_tokens for n in r.step_tokens] for m in methods}
+    spec = {m: v for m, v in spec.items() if v}
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    if spec:
+        top = max(max(v) for v in spec.values())
+        bins = [b + 0.5 for b in range(top + 1)]
+        for m, values in spec.items():
+            ax.hist(values, bins=bins, histtype="step", linewidth=1.5, density=True, label=m)
+        ax.legend(fontsize=7)
+    ax.set_xlabel("tokens committed per target forward")
+    ax.set_ylabel("share of steps")
+    fig.tight_layout()
+    _atomic_figure(fig, out / "accepted.png")
+
+
+def _atomic_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def describe_device(model) -> str:
@@ -286,6 +353,7 @@ def write_results(records: list[Record], cfg: BenchConfig, out_dir: str, device:
     out.mkdir(parents=True, exist_ok=True)
     payload = {"config": asdict(cfg), "device": device, "summary": summary, "records": [asdict(r) for r in records]}
     _atomic_write(out / "results.json", json.dumps(payload, indent=1))
+    write_plots(records, summary, out)
     _atomic_write(out / "report.md", text)
     return text
 

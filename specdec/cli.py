@@ -1,4 +1,4 @@
-"""The `specdec` command: ``specdec generate``, ``specdec bench`` and ``specdec profile``.
+"""The `specdec` command: ``specdec generate``, ``bench``, ``profile`` and ``demo``.
 
 Boundary: the edge where strings become objects (model names through `specdec.models`, drafter
 names through `specdec.drafters.DRAFTERS`). Arguments are derived from frozen dataclasses.
@@ -35,6 +35,14 @@ class ProfileConfig:
     ks: str = field(default="1,2,3,4,6,8,12,16,24,32,48,64", metadata={"help": "comma list of token counts k"})
     context: int = field(default=300, metadata={"help": "cached tokens before the k new ones"})
     repeats: int = field(default=5, metadata={"help": "timed forwards per k (the median is kept)"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    model: str = field(default="smollm2-135m", metadata={"help": "the model selected when the page opens"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to serve on (0.0.0.0 for every interface)"})
+    port: int = field(default=7860, metadata={"help": "port to serve on"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
 
 
@@ -165,10 +173,29 @@ def cmd_bench(cfg: BenchConfig) -> int:
     return 1 if any(not r.exact for r in records) else 0
 
 
+def cmd_demo(cfg: DemoConfig) -> int:
+    from specdec.demo import build_demo
+    from specdec.models import load_model
+
+    _setup(cfg.threads)
+
+    def load(name: str):
+        model, tokenizer = load_model(name)  # converts a GGUF the first time
+        ensure_profile(model)
+        return model, tokenizer
+
+    # preload: the first visitor should not wait for loading or warm-up
+    demo = build_demo(load_model=load, default_model=cfg.model, preload=True)
+    print(f"specdec demo: http://{cfg.host}:{cfg.port}", file=sys.stderr)
+    demo.launch(server_name=cfg.host, server_port=cfg.port)
+    return 0
+
+
 COMMANDS = {
     "generate": (GenerateConfig, cmd_generate, "generate text with speculative decoding (streamed)"),
     "bench": (BenchConfig, cmd_bench, "benchmark methods on Spec-Bench questions, interleaved, exactness checked"),
     "profile": (ProfileConfig, cmd_profile, "measure and store the target's verify cost curve (k = 1..64 new tokens)"),
+    "demo": (DemoConfig, cmd_demo, "serve the side-by-side demo page (plain model.generate vs specdec)"),
 }
 
 

@@ -175,7 +175,7 @@ def table(curves: list[CostCurve]) -> str:
     ks = curves[0].ks
     ref = {c.model: c.seconds[0] for c in curves if c.method == "stock"}
     lines = [
-        "| model | method | k=1 | " + " | ".join(f"k={k}" for k in ks) + " |",
+        "| model | method | time at k=1 | " + " | ".join(f"k={k}" for k in ks) + " |",
         "|---|---|---|" + "---|" * len(ks),
     ]
     for c in curves:

@@ -1,0 +1,202 @@
+"""The gradio page: one chat box, plain ``model.generate`` and specdec side by side.
+
+Each answer is produced twice, one run after the other so each has the whole machine, then both
+are replayed side by side on a real clock at the pace they ran (`specdec.demo.compare`). The
+specdec pane highlights tokens that were drafted and accepted; plain text came from the target.
+
+Boundary: edge code. Strings from the page become objects here (model names through
+`specdec.models`, drafter names through `specdec.drafters.DRAFTERS`); errors become a message in
+the page, never a stack trace. `build_demo()` returns the Blocks; only the CLI launches it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+from specdec.demo.compare import Trace, accepted_per_step, bar_svg, frame, live_stats, render, trace_plain, trace_spec
+
+DEFAULT_PROMPT = (
+    "Fix the typos in this text and return it in full: 'The quick brwon fox jumpd over the lazzy dog. "
+    "The dog was sleepping in the sun, and the fox ran quikly into the forrest where it lived with its famly.'"
+)
+# Drafters that need a second, smaller model get it from here (same tokenizer as the target).
+DRAFT_MODEL_FOR = {"qwen2.5-coder-1.5b": "qwen2.5-coder-0.5b"}
+REPLAY_FPS = 20
+HONESTY = (
+    "Both answers are computed one after the other, each with the whole machine to itself, then "
+    "replayed side by side at the pace each really ran. Highlighted text was proposed by the drafter "
+    "and accepted by the target; the rest is the target's own tokens. Greedy decoding: the two texts "
+    "must be identical."
+)
+
+
+class DemoError(ValueError):
+    """A problem to show in the page (bad choice, model not installed, ...)."""
+
+
+def _stats_markdown(plain: Trace, spec: Trace, t: float) -> str:
+    s = live_stats(plain, spec, t)
+    speedup = f"**{s.speedup:.2f}x**" if s.speedup is not None else "…"
+    same = ""
+    if s.speedup is not None:
+        same = " · outputs identical" if plain.tokens == spec.tokens else " · **outputs differ**"
+    return (
+        f"model.generate: **{s.plain_tokens_per_s:.1f}** tokens/s · specdec: **{s.spec_tokens_per_s:.1f}** "
+        f"tokens/s · speedup {speedup} · mean accepted tokens per target forward: **{s.mean_accepted:.2f}**{same}"
+    )
+
+
+def warm_up(model) -> None:
+    """One short run of each path, so that the first answer is not charged for one-time costs
+    (lazy kernel set-up, packing the weights for tree forwards) and the comparison stays fair."""
+    from specdec.drafters import DRAFTERS
+
+    ids = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2]])  # valid ids in any vocabulary; repeats give drafts
+    trace_plain(model, ids, 4)
+    trace_spec(model, ids, DRAFTERS["prompt-lookup"](None), 8)
+
+
+class Session:
+    """Loaded models and drafters, shared by every request of one app."""
+
+    def __init__(self, load_model: Callable):
+        self._load = load_model
+        self._models: dict[str, tuple] = {}
+
+    def model(self, name: str):
+        if name not in self._models:
+            try:
+                loaded = self._load(name)
+            except (OSError, ValueError, ImportError) as err:  # ModelNotInstalledError is an OSError
+                raise DemoError(f"Could not load model {name!r}: {err}") from err
+            warm_up(loaded[0])
+            self._models[name] = loaded
+        return self._models[name]
+
+    def drafter(self, name: str, target: str, budget: int):
+        from specdec.drafters import DRAFTERS
+
+        if name not in DRAFTERS:
+            raise DemoError(f"Unknown drafter {name!r}; choose one of {', '.join(DRAFTERS)}")
+        draft = None
+        if name.startswith("draft-model"):
+            if target not in DRAFT_MODEL_FOR:
+                raise DemoError(
+                    f"The {name} drafter needs a smaller model with the same tokenizer; "
+                    f"choose the target {', '.join(DRAFT_MODEL_FOR)} or another drafter."
+                )
+            draft = self.model(DRAFT_MODEL_FOR[target])[0]
+        drafter = DRAFTERS[name](draft)
+        if budget and hasattr(drafter, "budget"):  # a tree budget of 0 keeps the drafter's default
+            if dataclasses.is_dataclass(drafter):
+                drafter = dataclasses.replace(drafter, budget=int(budget))
+            else:
+                drafter.budget = int(budget)  # our own drafter object, built just above
+        return drafter
+
+
+def respond(session: Session, message: str, history: list[dict], model_name: str, drafter_name: str,
+            max_new_tokens: int, budget: int, realtime: bool = True) -> Iterator[tuple]:
+    """Yields (chat, history, plain_html, spec_html, stats_md, plot_html, status_md) frames."""
+    from specdec.bench import encode_chat
+
+    history = list(history or [])
+    message = (message or "").strip()
+
+    def status_only(chat: list[dict], text: str) -> tuple:
+        return (chat, history, "", "", "", "", text)
+
+    if not message:
+        yield status_only(history, "Type a message first.")
+        return
+    try:
+        model, tokenizer = session.model(model_name)
+        drafter = session.drafter(drafter_name, model_name, budget)
+        turn = history + [{"role": "user", "content": message}]
+        ids = encode_chat(tokenizer, turn)
+        yield status_only(turn, "Running `model.generate` (alone on the machine)…")
+        plain = trace_plain(model, ids, int(max_new_tokens))
+        yield status_only(turn, "Running specdec (alone on the machine)…")
+        spec = trace_spec(model, ids, drafter, int(max_new_tokens))
+    except DemoError as err:
+        yield status_only(history, f"**Error:** {html.escape(str(err))}")
+        return
+    except Exception as err:  # noqa: BLE001 - the page must keep serving and say what went wrong
+        yield status_only(history, f"**Error:** {type(err).__name__}: {html.escape(str(err))}")
+        return
+
+    answer = tokenizer.decode(plain.tokens, skip_special_tokens=True)
+    end = max(plain.seconds, spec.seconds)
+    start = time.perf_counter()
+    while True:
+        t = time.perf_counter() - start if realtime else end
+        done = t >= end
+        t = min(t, end)
+        shown = frame(spec, t)
+        steps = accepted_per_step(Trace(tuple(shown), spec.seconds, 0))
+        chat = turn + [{"role": "assistant", "content": answer}] if done else turn
+        yield (
+            chat,
+            chat if done else history,
+            render(frame(plain, t), tokenizer, colour=False),
+            render(shown, tokenizer, colour=True),
+            _stats_markdown(plain, spec, t),
+            bar_svg(steps),
+            "Done." if done else "Replaying both runs at their measured pace…",
+        )
+        if done:
+            return
+        time.sleep(1 / REPLAY_FPS)
+
+
+def build_demo(*, load_model: Callable | None = None, default_model: str = "smollm2-135m", preload: bool = False):
+    """The gradio Blocks (not launched). `load_model(name) -> (model, tokenizer)` defaults to
+    `specdec.models.load_model`; `preload` loads and warms up `default_model` now."""
+    import gradio as gr
+
+    from specdec.drafters import DRAFTERS
+    from specdec.models import EMBEDDED
+    from specdec.models import load_model as default_loader
+
+    session = Session(load_model or default_loader)
+    if preload:
+        session.model(default_model)
+    with gr.Blocks(title="specdec: plain vs speculative decoding") as demo:
+        gr.Markdown("# specdec — plain `model.generate` vs speculative decoding, side by side\n" + HONESTY)
+        with gr.Row():
+            model_name = gr.Dropdown(list(EMBEDDED), value=default_model, label="model", elem_id="model")
+            drafter_name = gr.Dropdown(list(DRAFTERS), value="prompt-lookup", label="drafter", elem_id="drafter")
+            max_new = gr.Slider(8, 512, value=128, step=8, label="max new tokens", elem_id="max-new-tokens")
+            budget = gr.Slider(0, 64, value=0, step=1, label="tree budget (0 = drafter default)", elem_id="budget")
+        chat = gr.Chatbot(label="conversation", height=220, elem_id="chat")
+        history = gr.State([])
+        with gr.Row():
+            prompt = gr.Textbox(value=DEFAULT_PROMPT, label="message", lines=3, scale=5, elem_id="prompt")
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+            clear = gr.Button("New chat", scale=1, elem_id="clear")
+        status = gr.Markdown("", elem_id="status")
+        stats = gr.Markdown("", elem_id="stats")
+        with gr.Row():
+            with gr.Column():
+                gr.Markdown("### model.generate")
+                plain_pane = gr.HTML(elem_id="plain-pane")
+            with gr.Column():
+                gr.Markdown("### specdec")
+                spec_pane = gr.HTML(elem_id="spec-pane")
+                plot = gr.HTML(elem_id="accepted-plot")
+
+        def run(message, hist, model_value, drafter_value, max_value, budget_value):
+            yield from respond(session, message, hist, model_value, drafter_value, max_value, budget_value)
+
+        send.click(
+            run,
+            inputs=[prompt, history, model_name, drafter_name, max_new, budget],
+            outputs=[chat, history, plain_pane, spec_pane, stats, plot, status],
+        )
+        clear.click(lambda: ([], [], "", "", "", "", ""), outputs=[chat, history, plain_pane, spec_pane, stats, plot, status])
+    return demo
