@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import tempfile
 import time
 from collections import defaultdict
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor
 
 from specdec.decode import GenerationStats, generate, resolve_packed_from
+from specdec.profile import cpu_name
 
 HF_METHODS = ("baseline", "hf-prompt-lookup", "hf-assisted")
 
@@ -53,7 +53,21 @@ class BenchConfig:
     assistant_confidence: float = field(
         default=0.0, metadata={"help": "HF assisted: stop drafting below this draft confidence (HF's default 0.4)"}
     )
+    packed_from: str = field(
+        default="auto",
+        metadata={"help": "specdec forwards over k >= N tokens use packed linears: 'auto' (the stored profile), "
+                  "'none', or N (to check packed exactness on a model whose profile keeps the stock path)"},
+    )
     out: str = field(default="bench-out", metadata={"help": "folder for report.md and results.json"})
+
+
+def parse_packed_from(value: str) -> int | None | str:
+    if value in ("auto", "none"):
+        return None if value == "none" else value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--packed-from: expected 'auto', 'none' or a token count, got {value!r}") from None
 
 
 @dataclass
@@ -132,7 +146,7 @@ def check_methods(cfg: BenchConfig) -> list[str]:
 def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor], tuple[Tensor, int, GenerationStats | None]]]:
     """name -> run(prompt [1, t]) -> (output [1, t + new], target forwards that produced tokens,
     specdec's per-step stats or None for transformers' methods)."""
-    from specdec.drafters import DRAFTERS, PromptLookup
+    from specdec.drafters import DRAFTERS, DraftModel, PromptLookup
 
     def hf(**kwargs):
         def run(ids):
@@ -144,7 +158,7 @@ def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor]
 
         return run
 
-    packed_from = resolve_packed_from(target, "auto")
+    packed_from = resolve_packed_from(target, parse_packed_from(cfg.packed_from))
 
     def spec(drafter, stock: bool):
         def run(ids):
@@ -177,6 +191,8 @@ def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor]
             drafter = DRAFTERS[base](draft)
             if isinstance(drafter, PromptLookup):  # the same draft length as HF's prompt lookup
                 drafter = dataclasses.replace(drafter, num_tokens=cfg.num_tokens)
+            if isinstance(drafter, DraftModel) and variant == "stock":
+                drafter.packed_from = None  # ":stock" means every forward, the draft model's too
             methods[name] = spec(drafter, variant == "stock")
     return methods
 
@@ -337,13 +353,7 @@ def _atomic_figure(fig, path: Path) -> None:
 def describe_device(model) -> str:
     if model.device.type == "cuda":
         return torch.cuda.get_device_name(model.device)
-    name = platform.processor() or platform.machine()
-    try:  # the CPU's marketing name is only in /proc on Linux
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU {name}"
+    return f"CPU {cpu_name()}"
 
 
 def write_results(records: list[Record], cfg: BenchConfig, out_dir: str, device: str) -> str:

@@ -84,7 +84,7 @@ def cmd_generate(cfg: GenerateConfig) -> int:
         raise SystemExit(f"--drafter: unknown drafter {cfg.drafter!r}; choose from none, {', '.join(DRAFTERS)}")
     model, tokenizer = load_model(cfg.model)
     draft = load_model(cfg.draft_model)[0] if cfg.draft_model else None
-    ensure_profile(model)
+    ensure_profiles(model, draft)
     drafter = None if cfg.drafter == "none" else DRAFTERS[cfg.drafter](draft)
     if cfg.no_chat:
         ids = tokenizer(cfg.prompt, return_tensors="pt").input_ids
@@ -125,6 +125,13 @@ def ensure_profile(model, **kwargs):
     return prof
 
 
+def ensure_profiles(target, draft=None) -> None:
+    """Curves for the target and the draft model (whose own forwards follow its curve too)."""
+    for model in (target, draft):
+        if model is not None:
+            ensure_profile(model)
+
+
 def cmd_profile(cfg: ProfileConfig) -> int:
     from specdec import profile
     from specdec.models import cache_dir, load_model
@@ -141,19 +148,17 @@ def cmd_profile(cfg: ProfileConfig) -> int:
     profile.save(prof, path)
     curves = [prof.stock] + ([prof.packed] if prof.packed is not None else [])
     print(profile.table(curves))
-    print(
-        f"\nmachine: {prof.stock.machine}; context {cfg.context} tokens; median of {cfg.repeats}. "
-        f"stock = the model's own forward; packed = oneDNN-prepacked linears (specdec.packing).\n"
-        f"specdec uses packed linears for forwards over k >= {prof.packed_from} tokens"
-        if prof.packed_from is not None
-        else "\nspecdec keeps the stock forward for every k on this machine"
-    )
+    print(f"\nmachine: {prof.stock.machine}; context {cfg.context} tokens; median of {cfg.repeats}. "
+          "stock = the model's own forward; packed = oneDNN-prepacked linears (specdec.packing).")
+    print(f"specdec uses packed linears for forwards over k >= {prof.packed_from} tokens"
+          if prof.packed_from is not None else "specdec keeps the stock forward for every k on this machine")
     print(f"written: {path}", file=sys.stderr)
     return 0
 
 
 def cmd_bench(cfg: BenchConfig) -> int:
-    from specdec.bench import check_methods, describe_device, read_questions, run_bench, write_results
+    from specdec.bench import check_methods, describe_device, parse_packed_from, read_questions, run_bench, write_results
+    from specdec.decode import resolve_packed_from
     from specdec.models import load_model
 
     check_methods(cfg)  # fail on bad arguments before loading models
@@ -161,10 +166,11 @@ def cmd_bench(cfg: BenchConfig) -> int:
     _setup(cfg.threads)
     target, tokenizer = load_model(cfg.model)
     draft = load_model(cfg.draft_model)[0] if cfg.draft_model else None
-    prof = ensure_profile(target)
+    ensure_profiles(target, draft)
+    packed_from = resolve_packed_from(target, parse_packed_from(cfg.packed_from))
     device = describe_device(target) + (
-        f"; specdec verifies k >= {prof.packed_from} tokens with packed linears"
-        if prof.packed_from is not None else "; specdec verifies with the stock forward"
+        f"; specdec runs forwards over k >= {packed_from} tokens with packed linears"
+        if packed_from is not None else "; specdec verifies with the stock forward"
     )
     # Rewritten after every question, so an interrupted run still leaves a valid partial report.
     records = run_bench(cfg, target, tokenizer, draft, on_question=lambda rs: write_results(rs, cfg, cfg.out, device))

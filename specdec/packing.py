@@ -24,6 +24,8 @@ for frozen CPU linears); `available()` says whether this torch build has them.
 
 from __future__ import annotations
 
+import contextlib
+
 import weakref
 
 import torch
@@ -107,3 +109,18 @@ def packed_linears(model: nn.Module) -> PackedLinears:
     if packs is None:
         packs = _BY_MODEL[model] = PackedLinears(model)
     return packs
+
+
+class PackedRoute:
+    """Picks the context for a forward over k new tokens: the model's packed linears when
+    ``k >= packed_from`` (the crossover measured by `specdec.profile`), else the stock forward.
+    ``packed_from=None`` never packs (and builds nothing)."""
+
+    def __init__(self, model: nn.Module, packed_from: int | None):
+        self.packed_from = packed_from
+        self._packs = packed_linears(model) if packed_from is not None else None
+
+    def __call__(self, k: int) -> contextlib.AbstractContextManager:
+        if self._packs is not None and k >= self.packed_from:
+            return self._packs
+        return contextlib.nullcontext()

@@ -54,8 +54,17 @@ class CostCurve:
         return self.cost(k) / self.cost(1)
 
 
+def cpu_name() -> str:
+    """The CPU model (e.g. "AMD EPYC 9B14"): curves differ between CPUs of one architecture."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def machine_id() -> str:
-    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} torch {torch.__version__}"
+    return f"{cpu_name()} x{torch.get_num_threads()} torch {torch.__version__}"
 
 
 @torch.no_grad()

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import contextlib
-
 import torch
 from torch import Tensor
 
 from specdec import kv
-from specdec.packing import packed_linears
+from specdec.packing import PackedRoute
 from specdec.trees import TokenTree, verify_inputs
 
 
@@ -33,14 +31,7 @@ class Verifier:
         self.keep_hidden_states = keep_hidden_states
         self.cache = kv.new_cache(model)
         self.prefix_len = 0  # cached tokens before the root
-        self.packs = packed_linears(model) if packed_from is not None else None
-        self.packed_from = packed_from
-
-    def _route(self, k: int):
-        """The packed-linear context for a forward over k new tokens, where that is the faster one."""
-        if self.packs is not None and k >= self.packed_from:
-            return self.packs
-        return contextlib.nullcontext()
+        self._route = PackedRoute(model, packed_from)
 
     def prefill(self, input_ids: Tensor) -> Tensor | None:
         """Cache ``input_ids[:-1]`` ([t] tokens); the last token becomes the first root.

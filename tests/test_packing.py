@@ -10,8 +10,8 @@ import torch
 
 import specdec
 from specdec import profile
-from specdec.drafters import PromptLookup
-from specdec.packing import PackedLinears, available, packed_linears
+from specdec.drafters import DraftModel, PromptLookup
+from specdec.packing import PackedLinears, PackedRoute, available, packed_linears
 from conftest import random_prompt, reference, tiny_model
 
 pytestmark = pytest.mark.skipif(not available(), reason="this torch build has no oneDNN linear packing")
@@ -100,6 +100,24 @@ def test_generate_with_packed_verify_matches_model_generate(arch):
     assert packed_linears(model).enabled
 
 
+def test_packed_route_picks_by_token_count():
+    model = fp32_model()
+    route = PackedRoute(model, 4)
+    assert route(4) is packed_linears(model) and route(16) is packed_linears(model)
+    assert not isinstance(route(3), PackedLinears) and not isinstance(PackedRoute(model, None)(64), PackedLinears)
+
+
+def test_draft_model_forwards_can_run_packed_and_stay_exact():
+    target, draft = fp32_model(seed=6), fp32_model(seed=7)
+    prompt = random_prompt(6, 20)
+    ref = reference(target, prompt, 16)
+    for packed_from in (1, None):
+        drafter = DraftModel(draft, num_tokens=3, packed_from=packed_from)
+        out = specdec.generate(target, prompt, drafter, max_new_tokens=16, packed_from=None)
+        assert torch.equal(out, ref)
+        assert isinstance(drafter._route(1), PackedLinears) == (packed_from == 1)
+
+
 def test_packed_from_is_validated():
     model = fp32_model()
     with pytest.raises(ValueError, match="packed_from"):
@@ -155,3 +173,11 @@ def test_stored_profile_is_per_machine(tmp_path):
 def test_measure_rejects_bad_arguments():
     with pytest.raises(ValueError):
         profile.measure(fp32_model(), "tiny", ks=(0, 1))
+
+
+def test_bench_packed_from_option():
+    from specdec.bench import parse_packed_from
+
+    assert parse_packed_from("auto") == "auto" and parse_packed_from("none") is None and parse_packed_from("4") == 4
+    with pytest.raises(ValueError, match="--packed-from"):
+        parse_packed_from("fast")

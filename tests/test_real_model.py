@@ -59,7 +59,9 @@ def test_bench_end_to_end(smollm, tmp_path):
     records = run_bench(cfg, model, tokenizer, progress=False)
     assert len(records) == 3 * 4 and all(r.exact for r in records)
     text = write_results(records, cfg, str(tmp_path / "out"), "test CPU")
-    assert "| prompt-lookup |" in text and "| writing |" in text
+    assert "| prompt-lookup |" in text and "| writing |" in text and "Where specdec's time goes" in text
+    for plot in ("speedup.png", "accepted.png"):  # embedded in the report, real PNG files
+        assert f"]({plot})" in text and (tmp_path / "out" / plot).read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["summary"]["baseline"]["overall"]["speedup"] == 1.0
 

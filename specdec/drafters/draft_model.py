@@ -12,7 +12,9 @@ import torch
 from torch import Tensor
 
 from specdec import kv
+from specdec.decode import resolve_packed_from
 from specdec.drafter import Context, Feedback
+from specdec.packing import PackedRoute
 from specdec.trees import TokenTree, expand, tree_mask
 
 
@@ -23,16 +25,23 @@ def _vocab_size(model) -> int:
 class DraftModel:
     needs_hidden_states = False
 
-    def __init__(self, model, *, num_tokens: int = 5, topk: int = 1, width: int | None = None, budget: int | None = None):
+    def __init__(
+        self, model, *, num_tokens: int = 5, topk: int = 1, width: int | None = None, budget: int | None = None,
+        packed_from: int | None | str = "auto",
+    ):
         """`num_tokens`: draft depth. ``topk = 1`` drafts a greedy chain; ``topk > 1`` grows a tree
         whose every level keeps the `width` (default `topk`) best nodes by cumulative draft
-        probability, cut to the `budget` best nodes overall."""
+        probability, cut to the `budget` best nodes overall. `packed_from`: the draft model's own
+        forwards over k >= this many tokens use packed linears, as the verifier's do ("auto": the
+        draft model's stored cost curve, see `specdec profile`; None: never)."""
         if num_tokens < 1 or topk < 1:
             raise ValueError(f"DraftModel: num_tokens and topk must be >= 1, got {num_tokens}, {topk}")
         self.model = model.eval()
         self.num_tokens, self.topk = num_tokens, topk
         self.width = 1 if topk == 1 else (width or topk)
         self.budget = budget
+        self.packed_from = packed_from
+        self._route = PackedRoute(model, None)
         self.cache = kv.new_cache(model)
         self.cached = torch.zeros(0, dtype=torch.long)  # [c] the tokens whose keys/values are in self.cache
 
@@ -42,19 +51,21 @@ class DraftModel:
                 f"DraftModel: the draft model's vocabulary ({_vocab_size(self.model)} tokens) differs from the "
                 f"target's ({_vocab_size(target)}); pick a draft model with the target's tokenizer"
             )
+        self._route = PackedRoute(self.model, resolve_packed_from(self.model, self.packed_from))
         self.cache = kv.new_cache(self.model)
         self.cached = torch.zeros(0, dtype=torch.long)
 
     def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor | None, last_only: bool = False) -> Tensor:
         device = self.model.device
-        out = self.model(
-            input_ids=ids[None].to(device),
-            position_ids=positions[None].to(device),
-            attention_mask=None if mask is None else mask.to(device),
-            **kv.cache_kwargs(self.model, self.cache),
-            use_cache=True,
-            logits_to_keep=1 if last_only else 0,  # the lm_head is a large share of a small model's weights
-        )
+        with self._route(ids.numel()):
+            out = self.model(
+                input_ids=ids[None].to(device),
+                position_ids=positions[None].to(device),
+                attention_mask=None if mask is None else mask.to(device),
+                **kv.cache_kwargs(self.model, self.cache),
+                use_cache=True,
+                logits_to_keep=1 if last_only else 0,  # the lm_head is a large share of a small model's weights
+            )
         return torch.log_softmax(out.logits[0].float(), dim=-1).cpu()  # [m, vocab]
 
     @torch.no_grad()
