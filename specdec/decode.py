@@ -11,6 +11,7 @@ imports a concrete drafter and never asks which drafter it holds.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -149,6 +150,16 @@ def _processed(logits: Tensor, ids: Tensor, tree: TokenTree, logits_processor) -
 DEFAULT_PACKED_FROM = 4
 
 
+def verify_cost(model, packed_from: int | None) -> Callable[[int], float] | None:
+    """`Context.verify_cost` from this model's stored curve on this machine (None if unmeasured)."""
+    prof = profile.stored(model, cache_dir())
+    if prof is None:
+        return None
+    seconds = prof.forward_cost(packed_from)
+    one = seconds(1)
+    return lambda n: seconds(n + 1) / one
+
+
 def resolve_packed_from(model, packed_from: int | None | str) -> int | None:
     if packed_from == "auto":
         prof = profile.stored(model, cache_dir())
@@ -215,10 +226,10 @@ def generate(
     t0 = time.perf_counter()
     if drafter is not None:
         drafter.begin(model)
+    packed_from = resolve_packed_from(model, packed_from)
+    cost = verify_cost(model, packed_from) if drafter is not None else None
     verifier = Verifier(
-        model,
-        keep_hidden_states=drafter is not None and drafter.needs_hidden_states,
-        packed_from=resolve_packed_from(model, packed_from),
+        model, keep_hidden_states=drafter is not None and drafter.needs_hidden_states, packed_from=packed_from
     )
     hidden = verifier.prefill(prompt)
     stats.prefill_s = time.perf_counter() - t0
@@ -232,7 +243,7 @@ def generate(
         if drafter is None or remaining == 1:
             tree = TokenTree.empty()
         else:
-            tree = drafter.propose(Context(ids, hidden, remaining - 1)).truncate(remaining - 1)
+            tree = drafter.propose(Context(ids, hidden, remaining - 1, cost)).truncate(remaining - 1)
             _check_in_vocab(tree.tokens, vocab, f"{type(drafter).__name__} proposed")
         t1 = time.perf_counter()
         # 2. Verify: one target forward over [root] + tree.

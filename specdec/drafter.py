@@ -10,6 +10,7 @@ cache, an n-gram index) is an optimisation the drafter reconciles itself against
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -25,6 +26,10 @@ class Context:
     # accepted path), only for drafters with needs_hidden_states.
     hidden_states: Tensor | None = None  # [m, hidden]
     max_depth: int | None = None  # deeper nodes cannot be used (remaining token budget)
+    # Time of the target forward that verifies n draft nodes (n + 1 tokens with the root),
+    # relative to a forward over the root alone, from the stored `specdec profile` curve on this
+    # machine; non-decreasing in n. None where no curve was measured. Drafters size trees with it.
+    verify_cost: Callable[[int], float] | None = None
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,16 @@ Boundary: core level; knows the model's public forward, `specdec.kv` and `specde
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import json
 import os
 import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -128,6 +131,25 @@ class Profile:
                 break
             best = k
         return best
+
+    def forward_cost(self, packed_from: int | None) -> Callable[[int], float]:
+        """Seconds of a forward over k new tokens on the path the verifier takes (packed for
+        k >= `packed_from`), non-decreasing in k: a running maximum over the measured points. A
+        forward over more tokens is never really cheaper; dips are timing noise or kernel quirks
+        that a drafter should not plan on."""
+        ks = sorted(set(self.stock.ks) | {1})
+
+        def routed(k: int) -> float:
+            packed = self.packed is not None and packed_from is not None and k >= packed_from
+            return (self.packed if packed else self.stock).cost(k)
+
+        envelope = list(itertools.accumulate((routed(k) for k in ks), max))
+
+        def cost(k: int) -> float:
+            i = bisect.bisect_right(ks, k) - 1  # the last measured k' <= k
+            return max(envelope[max(i, 0)], routed(k))
+
+        return cost
 
 
 def profile(model, name: str, **kwargs) -> Profile:

@@ -34,14 +34,24 @@ def test_prompt_lookup_tree_is_a_trie_of_matches():
 
 @settings(max_examples=40, deadline=None)
 @given(st.floats(0, 1), st.integers(1, 12), st.floats(0, 1))
-def test_best_length(a, max_len, cost):
+def test_best_length(a, max_len, per_token):
+    cost = lambda length: 1.0 + per_token * length  # noqa: E731
     length = best_length(a, max_len, cost)
     assert 0 <= length <= max_len
-    if cost == 0 and a > 1e-3:
+    if per_token == 0 and a > 1e-3:
         assert length == max_len  # free tokens: draft all
-    if a == 0 and cost > 0:
+    if a == 0 and per_token > 0:
         assert length == 0  # hopeless drafts: skip
     assert best_length(min(1.0, a + 0.2), max_len, cost) >= length  # better odds never draft less
+
+
+def test_prompt_lookup_drafts_by_the_measured_curve():
+    ctx = dict(input_ids=torch.tensor([5, 6, 7, 8, 9, 10, 11, 12, 13, 5]))
+    flat = Context(**ctx, verify_cost=lambda n: 1.0)  # verifying is free: copy all 8
+    steep = Context(**ctx, verify_cost=lambda n: 1.0 + 2.0 * n)  # each draft token triples the cost
+    assert len(PromptLookup(max_ngram=1, num_tokens=8).propose(flat)) == 8
+    assert len(PromptLookup(max_ngram=1, num_tokens=8).propose(steep)) == 0
+    assert len(PromptLookup(max_ngram=1, num_tokens=8, token_cost=0).propose(steep)) == 8  # a number overrides
 
 
 def test_prompt_lookup_adapts_length_to_acceptance():

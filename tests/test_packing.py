@@ -141,6 +141,36 @@ def curve(method, seconds, ks=(1, 2, 4, 8)):
     return profile.CostCurve("m", method, ks, tuple(seconds), 300, 2, profile.machine_id())
 
 
+def test_forward_cost_follows_the_route_and_never_decreases():
+    prof = profile.Profile(curve("stock", [1.0, 1.1, 2.0, 3.0]), curve("packed", [1.1, 0.8, 1.3, 1.5]))
+    cost = prof.forward_cost(packed_from=2)
+    assert [cost(k) for k in (1, 2, 4, 8)] == [1.0, 1.0, 1.3, 1.5]  # the packed dip at k=2 is not trusted
+    assert cost(3) == pytest.approx(1.05) and cost(16) == pytest.approx(3.0)  # interpolated, extrapolated
+    stock_only = prof.forward_cost(packed_from=None)
+    assert [stock_only(k) for k in (1, 2, 4, 8)] == [1.0, 1.1, 2.0, 3.0]
+    ks = range(1, 40)
+    assert all(cost(a) <= cost(b) for a, b in zip(ks, ks[1:]))
+
+
+def test_generate_hands_drafters_the_stored_curve(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    model = copy.deepcopy(fp32_model())
+    model.name_or_path = str(tmp_path / "tiny-model")
+    prof = profile.Profile(curve("stock", [1.0, 1.5, 2.0, 3.0]), None)
+    profile.save(prof, profile.profile_path(tmp_path, "tiny-model"))
+    seen = []
+
+    class Spy(PromptLookup):
+        def propose(self, ctx):
+            seen.append(ctx.verify_cost)
+            return super().propose(ctx)
+
+    prompt = random_prompt(8, 16)
+    out = specdec.generate(model, prompt, Spy(min_ngram=1), max_new_tokens=6)
+    assert torch.equal(out, reference(model, prompt, 6))
+    assert seen and seen[0](0) == 1.0 and seen[0](3) == pytest.approx(2.0)  # 3 drafts + root = 4 tokens
+
+
 def test_packed_from_is_the_crossover_that_holds_for_every_larger_k():
     stock = curve("stock", [1.0, 1.1, 2.0, 3.0])
     assert profile.Profile(stock, curve("packed", [1.1, 1.2, 1.3, 1.5])).packed_from == 4

@@ -4,16 +4,20 @@ Training-free and model-free. The search runs over prompt + generated text (nump
 step). With ``num_matches > 1`` the continuations of several distinct matches merge into one
 trie-shaped tree, so the verifier checks all of them in the same forward.
 
-Draft length is chosen per step, not fixed: every extra draft token makes the target's forward
-dearer (on a CPU a forward over 8 new tokens costs 2-3x one token), and a match on a short
-n-gram is often wrong. For each n-gram size the drafter keeps a running estimate `a` of the
-chance that a copied token is accepted given the previous one was, and drafts the length L that
-maximises expected tokens per unit of verify cost, ``(1 + a + ... + a^L) / (1 + token_cost * L)``.
-With ``token_cost = 0`` it always drafts `num_tokens`, like HF's ``prompt_lookup_num_tokens``.
+Draft length is chosen per step, not fixed: an extra draft token can make the target's forward
+dearer (with stock fp32 linears on a 2-core CPU a forward over 8 new tokens costs 2-3x one
+token), and a match on a short n-gram is often wrong. For each n-gram size the drafter keeps a
+running estimate `a` of the chance that a copied token is accepted given the previous one was,
+and drafts the length L that maximises expected tokens per unit of verify time,
+``(1 + a + ... + a^L) / cost(L)``. cost(L) is the measured cost curve of this target on this
+machine (`Context.verify_cost`, from `specdec profile`), so where verifying 16 tokens costs what
+one does the drafter copies long; without a curve it is ``1 + token_cost * L``. With
+``token_cost = 0`` it always drafts `num_tokens`, like HF's ``prompt_lookup_num_tokens``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,12 +27,13 @@ from specdec.drafter import Context, Feedback
 from specdec.trees import TokenTree
 
 
-def best_length(a: float, max_len: int, token_cost: float) -> int:
-    """argmax over L in [0, max_len] of E[tokens | L] / cost(L), with geometric acceptance `a`."""
+def best_length(a: float, max_len: int, cost: Callable[[int], float]) -> int:
+    """argmax over L in [0, max_len] of E[tokens | L] / cost(L), with geometric acceptance `a`
+    and cost(0) = 1 (a forward over the root alone)."""
     best, best_value, expected = 0, 1.0, 1.0
     for length in range(1, max_len + 1):
         expected += a**length
-        value = expected / (1.0 + token_cost * length)
+        value = expected / cost(length)
         if value > best_value:
             best, best_value = length, value
     return best
@@ -41,14 +46,16 @@ class PromptLookup:
     min_ngram: int = 1
     num_matches: int = 1  # 1 = a chain; more = a tree of distinct continuations
     budget: int | None = None  # most tree nodes; None = num_tokens * num_matches
-    # Extra verify cost of one more draft token, relative to a one-token forward. Measured on the
-    # 2-core CPU here: ~0.07 for SmolLM2-135M, ~0.3 for Qwen2.5-1.5B (a few tokens); ~0 on a GPU.
-    # 0 disables the adaptive length.
-    token_cost: float = 0.2
+    # Extra verify cost of one more draft token, relative to a one-token forward. None: the
+    # measured curve (Context.verify_cost), else 0.2 (stock linears on the 2-core CPU here: ~0.07
+    # for SmolLM2-135M, ~0.3 for Qwen2.5-1.5B). A number overrides the curve; 0 disables the
+    # adaptive length.
+    token_cost: float | None = None
     # Per n-gram size: [accepted copies, trials], decayed so the estimate follows the text.
     stats: dict[int, list[float]] = field(default_factory=dict, repr=False)
 
     needs_hidden_states = False
+    DEFAULT_TOKEN_COST = 0.2
     _DECAY = 0.95
     _PRIOR = (1.0, 2.0)  # [accepted, trials]: a = 0.5, weak
 
@@ -83,13 +90,19 @@ class PromptLookup:
         accepted, trials = self.stats.get(n, self._PRIOR)
         return accepted / trials
 
-    def _length(self, n: int, max_len: int) -> int:
-        length = best_length(self.acceptance(n), max_len, self.token_cost)
+    def _length(self, n: int, max_len: int, cost: Callable[[int], float]) -> int:
+        length = best_length(self.acceptance(n), max_len, cost)
         if length == 0:  # not worth drafting now; drift back to the prior so it is re-probed later
             accepted, trials = self.stats.get(n, self._PRIOR)
             d = self._DECAY
             self.stats[n] = [accepted * d + self._PRIOR[0] * (1 - d), trials * d + self._PRIOR[1] * (1 - d)]
         return length
+
+    def _cost(self, ctx: Context) -> Callable[[int], float]:
+        if self.token_cost is None and ctx.verify_cost is not None:
+            return ctx.verify_cost
+        per_token = self.DEFAULT_TOKEN_COST if self.token_cost is None else self.token_cost
+        return lambda length: 1.0 + per_token * length
 
     def propose(self, ctx: Context) -> TokenTree:
         self._last = None
@@ -97,8 +110,9 @@ class PromptLookup:
         if max_len < 1:
             return TokenTree.empty()
         matches = self.continuations(ctx.input_ids.numpy(), max_len)
-        if self.token_cost > 0:
-            matches = [(n, c[: self._length(n, len(c))]) for n, c in matches]
+        if self.token_cost != 0:
+            cost = self._cost(ctx)
+            matches = [(n, c[: self._length(n, len(c), cost)]) for n, c in matches]
         matches = [(n, c) for n, c in matches if c.size]
         if not matches:
             return TokenTree.empty()
