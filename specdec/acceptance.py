@@ -3,9 +3,10 @@
 Notation (Leviathan et al., 2023): p = target distribution, q = draft distribution.
 A rule returns the accepted root-to-node path and the next token, which is the target's own
 choice after that path (the "bonus" token when the path is a leaf, the correction otherwise).
-`Greedy` reproduces greedy decoding exactly. The protocol takes a generator so that lossless
-sampling rules (rejection sampling over each node's children against ``tree.draft_probs``) fit
-the same call.
+`Greedy` reproduces greedy decoding exactly. `Speculative` samples: its output has exactly the
+distribution of sampling from p token by token (rejection sampling over each node's children
+against ``tree.draft_probs``), where p comes from logits that already went through the logits
+processors (temperature, top-k/top-p, penalties), as in ``model.generate(do_sample=True)``.
 """
 
 from __future__ import annotations
@@ -46,3 +47,85 @@ class Greedy:
 
     def __repr__(self) -> str:
         return "Greedy()"
+
+
+class Speculative:
+    """Lossless speculative sampling over a tree (Leviathan et al. for a chain; the recursive
+    rejection of SpecInfer / EAGLE-2 for siblings).
+
+    At a node with target distribution p, try its children in order: child x is accepted with
+    probability min(1, p(x) / q(x)); on rejection p <- norm(max(0, p - q)) and the next sibling
+    is tried against that residual. When no child is accepted the next token is sampled from
+    the residual. With ``tree.draft_probs`` None the drafts are deterministic (prompt lookup,
+    top-k trees) and q is one-hot at x: accept with p(x), else remove x from p. With draft_probs,
+    each node's siblings must be independent samples from that node's q.
+    """
+
+    def __init__(self, seed: int | None = None):
+        # None: torch's global generator, so torch.manual_seed(...) reproduces a run as with HF.
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+
+    def __call__(self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None) -> Decision:
+        gen = generator if generator is not None else self.generator
+        probs = torch.softmax(logits.double(), dim=-1)  # [n + 1, vocab]; float64 keeps tiny residuals honest
+        tokens = tree.tokens.tolist()
+        path, node = [], -1
+        while True:
+            p = probs[node + 1]
+            for child in tree.children(node):
+                x = tokens[child]
+                q = None if tree.draft_probs is None else tree.draft_probs[child].double()
+                if q is not None and q[x] <= 0:
+                    raise ValueError(f"Speculative: draft_probs gives probability 0 to drafted token {x} (node {child})")
+                accept = p[x] if q is None else torch.clamp(p[x] / q[x], max=1.0)
+                if float(torch.rand((), generator=gen, dtype=torch.float64)) < float(accept):
+                    path.append(child)
+                    node = child
+                    break
+                residual = p.clone() if q is None else torch.clamp(p - q, min=0.0)
+                if q is None:
+                    residual[x] = 0.0
+                total = residual.sum()
+                # A zero residual means x had all of p's mass (accept probability 1): unreachable
+                # except through rounding, where keeping p is the closest correct choice.
+                p = residual / total if total > 0 else p
+            else:
+                return Decision(path, int(torch.multinomial(p, 1, generator=gen)))
+
+    def __repr__(self) -> str:
+        return "Speculative()"
+
+
+class Typical:
+    """Medusa's typical acceptance. **Lossy**: the output does not follow the target's sampling
+    distribution; it trades that for longer accepted paths at high temperature.
+
+    A draft x under a node with target distribution p is plausible when
+    ``p(x) > min(epsilon, delta * exp(-H(p)))`` (H the entropy: a flat p accepts more). The walk
+    takes, at each node, the plausible child with the highest p, and the next token is sampled
+    from p at the last node. With a one-token p (greedy, top_k=1) this is greedy decoding.
+    """
+
+    def __init__(self, epsilon: float = 0.09, delta: float = 0.3, seed: int | None = None):
+        if not (0 < epsilon <= 1 and delta > 0):
+            raise ValueError(f"Typical: need 0 < epsilon <= 1 and delta > 0, got {epsilon}, {delta}")
+        self.epsilon, self.delta = epsilon, delta
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+
+    def __call__(self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None) -> Decision:
+        gen = generator if generator is not None else self.generator
+        probs = torch.softmax(logits.double(), dim=-1)  # [n + 1, vocab]
+        entropy = -(probs * torch.log(probs.clamp_min(1e-300))).sum(-1)  # [n + 1]
+        threshold = torch.clamp(self.delta * torch.exp(-entropy), max=self.epsilon)  # [n + 1]
+        tokens = tree.tokens.tolist()
+        path, node = [], -1
+        while True:
+            p, bar = probs[node + 1], float(threshold[node + 1])
+            plausible = [c for c in tree.children(node) if float(p[tokens[c]]) > bar]
+            if not plausible:
+                return Decision(path, int(torch.multinomial(p, 1, generator=gen)))
+            node = max(plausible, key=lambda c: float(p[tokens[c]]))
+            path.append(node)
+
+    def __repr__(self) -> str:
+        return f"Typical(epsilon={self.epsilon}, delta={self.delta})"

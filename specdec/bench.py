@@ -26,7 +26,9 @@ import torch
 from torch import Tensor
 
 from specdec.decode import GenerationStats, generate, resolve_packed_from
+from specdec.guard import Guard
 from specdec.profile import cpu_name
+from specdec.sampling import temperature_kwargs
 
 HF_METHODS = ("baseline", "hf-prompt-lookup", "hf-assisted")
 
@@ -52,6 +54,15 @@ class BenchConfig:
     assistant_tokens: int = field(default=5, metadata={"help": "draft length of HF assisted generation"})
     assistant_confidence: float = field(
         default=0.0, metadata={"help": "HF assisted: stop drafting below this draft confidence (HF's default 0.4)"}
+    )
+    temperature: float = field(
+        default=0.0,
+        metadata={"help": "0 = greedy, every output checked token by token against model.generate; > 0 = every "
+                  "method samples (transformers' defaults otherwise, top_k 50): outputs are independent draws, not compared"},
+    )
+    guard: bool = field(
+        default=False,
+        metadata={"help": "specdec methods run with the no-slowdown guard (one specdec.Guard per method, kept across turns)"},
     )
     packed_from: str = field(
         default="auto",
@@ -127,6 +138,7 @@ def check_methods(cfg: BenchConfig) -> list[str]:
     from specdec.drafters import DRAFTERS
 
     names = cfg.methods.split(",")
+    temperature_kwargs(cfg.temperature)  # refuses a negative temperature before anything loads
     known = (*HF_METHODS, "plain", *DRAFTERS)
     for name in names:
         base, _, variant = name.partition(":")
@@ -152,7 +164,8 @@ def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor]
         def run(ids):
             with _ForwardCounter(target) as counter:
                 out = target.generate(
-                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens, do_sample=False, **kwargs
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
+                    **temperature_kwargs(cfg.temperature), **kwargs,
                 )
             return out, counter.count, None  # every HF forward, the prefill included, yields a token
 
@@ -161,11 +174,13 @@ def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor]
     packed_from = resolve_packed_from(target, parse_packed_from(cfg.packed_from))
 
     def spec(drafter, stock: bool):
+        guard = Guard() if cfg.guard else None  # one per method: its measurements carry across turns
+
         def run(ids):
             stats = GenerationStats()
             out = generate(
                 target, ids, drafter, max_new_tokens=cfg.max_new_tokens, stats=stats,
-                packed_from=None if stock else packed_from,
+                packed_from=None if stock else packed_from, guard=guard, **temperature_kwargs(cfg.temperature),
             )
             return out, stats.target_forwards, stats  # the prefill yields no token in specdec
 
@@ -232,7 +247,7 @@ def run_bench(cfg: BenchConfig, target, tokenizer, draft=None, progress: bool = 
                     rec.split_s = {"prefill": stats.prefill_s, "draft": stats.draft_s, "verify": stats.verify_s, "overhead": stats.overhead_s}
                 records.append(rec)
             ref = outputs["baseline"]
-            for rec in records[-len(names) :]:
+            for rec in records[-len(names) :] if cfg.temperature == 0 else []:  # sampled: independent draws
                 new = outputs[rec.method]
                 n = min(new.numel(), ref.numel())
                 diff = torch.nonzero(new[:n] != ref[:n]).flatten()
@@ -272,11 +287,17 @@ def report(summary: dict, cfg: BenchConfig, device: str) -> str:
     methods = list(summary)
     cats = sorted({c for m in summary.values() for c in m if c != "overall"})
     turns = summary["baseline"]["overall"]["turns"]
+    decoding = "greedy" if cfg.temperature == 0 else f"sampled at temperature {cfg.temperature}"
+    decoding += ", specdec with the no-slowdown guard" if cfg.guard else ""
+    checked = (
+        "Mismatches count turns whose tokens differ from `model.generate`." if cfg.temperature == 0
+        else "Sampled outputs are independent draws and are not compared (mismatches column: not checked)."
+    )
     lines = [
         f"# specdec bench: {cfg.model}" + (f" (draft: {cfg.draft_model})" if cfg.draft_model else ""),
         "",
-        f"{turns} turns, greedy, max {cfg.max_new_tokens} new tokens, {device}, "
-        f"{torch.get_num_threads()} threads. Mismatches count turns whose tokens differ from `model.generate`.",
+        f"{turns} turns, {decoding}, max {cfg.max_new_tokens} new tokens, {device}, "
+        f"{torch.get_num_threads()} threads. {checked}",
         "",
         "| method | tokens/s | speedup | tokens per target forward | mismatches |",
         "|---|---:|---:|---:|---:|",
@@ -284,7 +305,8 @@ def report(summary: dict, cfg: BenchConfig, device: str) -> str:
     for m in methods:
         o = summary[m]["overall"]
         lines.append(
-            f"| {m} | {o['tokens_per_s']:.2f} | {o['speedup']:.2f}x | {o['tokens_per_forward']:.2f} | {o['mismatches']}/{o['turns']} |"
+            f"| {m} | {o['tokens_per_s']:.2f} | {o['speedup']:.2f}x | {o['tokens_per_forward']:.2f} | "
+            + (f"{o['mismatches']}/{o['turns']} |" if cfg.temperature == 0 else "not checked |")
         )
     lines += ["", "Speedup (tokens per target forward) per category:", ""]
     lines += ["| category | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]

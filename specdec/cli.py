@@ -26,6 +26,8 @@ class GenerateConfig:
     max_new_tokens: int = field(default=256, metadata={"help": "most new tokens"})
     no_chat: bool = field(default=False, metadata={"help": "feed the prompt as raw text, without the chat template"})
     compare: bool = field(default=False, metadata={"help": "also run model.generate: report speedup, check identity"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy; above 0 samples (lossless), as model.generate would"})
+    seed: int | None = field(default=None, metadata={"help": "seed for sampling (reproducible runs)"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
 
 
@@ -78,6 +80,7 @@ def cmd_generate(cfg: GenerateConfig) -> int:
     from specdec.decode import GenerationStats, generate
     from specdec.drafters import DRAFTERS
     from specdec.models import load_model
+    from specdec.sampling import temperature_kwargs
 
     _setup(cfg.threads)
     if cfg.drafter != "none" and cfg.drafter not in DRAFTERS:
@@ -94,7 +97,10 @@ def cmd_generate(cfg: GenerateConfig) -> int:
         ids = encode_chat(tokenizer, [{"role": "user", "content": cfg.prompt}])
     stats = GenerationStats()
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    out = generate(model, ids, drafter, max_new_tokens=cfg.max_new_tokens, streamer=streamer, stats=stats)
+    sampling = temperature_kwargs(cfg.temperature)
+    if cfg.seed is not None and cfg.temperature > 0:
+        sampling["seed"] = cfg.seed
+    out = generate(model, ids, drafter, max_new_tokens=cfg.max_new_tokens, streamer=streamer, stats=stats, **sampling)
     speed = stats.new_tokens / stats.total_s
     parts = [
         f"{stats.new_tokens} tokens in {stats.total_s:.2f} s: {speed:.2f} tokens/s",
@@ -103,9 +109,11 @@ def cmd_generate(cfg: GenerateConfig) -> int:
     ]
     if cfg.compare:
         t0 = time.perf_counter()
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens, do_sample=False)
+        ref = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens, **temperature_kwargs(cfg.temperature)
+        )
         base = (ref.shape[1] - ids.shape[1]) / (time.perf_counter() - t0)
-        same = "identical" if torch.equal(ref, out) else "DIFFERENT"
+        same = ("identical" if torch.equal(ref, out) else "DIFFERENT") if cfg.temperature == 0 else "an independent sample"
         parts.append(f"model.generate {base:.2f} tokens/s, speedup {speed / base:.2f}x, output {same}")
     print("\n[specdec] " + "; ".join(parts), file=sys.stderr)
     return 0
@@ -120,7 +128,7 @@ def ensure_profile(model, **kwargs):
     if prof is None:
         key = profile.model_key(model)
         print(f"specdec: measuring the verify cost curve of {key} (one-time for this machine)...", file=sys.stderr)
-        prof = profile.profile(model, key, **kwargs)
+        prof = profile.profile(model, key, progress=True, **kwargs)
         profile.save(prof, profile.profile_path(cache_dir(), key))
     return prof
 
@@ -143,7 +151,7 @@ def cmd_profile(cfg: ProfileConfig) -> int:
     _setup(cfg.threads)
     model, _ = load_model(cfg.model)
     key = profile.model_key(model)
-    prof = profile.profile(model, key, ks=ks, context=cfg.context, repeats=cfg.repeats)
+    prof = profile.profile(model, key, ks=ks, context=cfg.context, repeats=cfg.repeats, progress=True)
     path = profile.profile_path(cache_dir(), key)
     profile.save(prof, path)
     curves = [prof.stock] + ([prof.packed] if prof.packed is not None else [])

@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from transformers import LogitsProcessorList
 
 from specdec import profile
-from specdec.acceptance import AcceptanceRule, Greedy
+from specdec.acceptance import AcceptanceRule, Greedy, Speculative
 from specdec.drafter import Context, Drafter, Feedback
+from specdec.guard import Guard
 from specdec.models import cache_dir
+from specdec.sampling import sampling_processors
 from specdec.trees import TokenTree
 from specdec.verifier import Verifier
 
@@ -184,8 +187,25 @@ def generate(
     stats: GenerationStats | None = None,
     on_step=None,
     packed_from: int | None | str = "auto",
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    seed: int | None = None,
+    guard: Guard | None = None,
 ) -> Tensor:
-    """Greedy-exact speculative decoding. Returns ``[1, prompt + new]`` like ``model.generate``.
+    """Speculative decoding with the output of ``model.generate``. Returns ``[1, prompt + new]``.
+
+    Greedy (the default): token for token what ``model.generate(do_sample=False)`` returns.
+    ``do_sample=True`` (None: ``model.generation_config.do_sample``) samples with `temperature`,
+    `top_k`, `top_p`, `min_p` as ``model.generate`` does (`specdec.sampling`), through the
+    lossless `Speculative` rule: the distribution of the output is exactly that of sampling from
+    the target token by token. `seed` makes a sampled run reproducible (None: torch's global RNG,
+    so ``torch.manual_seed`` works as with HF). `rule` overrides the acceptance rule (e.g.
+    `specdec.Typical`, which is lossy). `guard` (a `specdec.Guard`) pauses drafting while
+    speculation measures slower than plain decoding; pass the same object again to keep its
+    measurements across calls.
 
     `max_new_tokens` and `eos_token_id` default to the model's generation config, as in HF
     (pass ``eos_token_id=[]`` to never stop on EOS). `stopping_criteria` / `logits_processor` are
@@ -211,6 +231,14 @@ def generate(
     _check_in_vocab(prompt, vocab, "input_ids holds")
     if logits_processor is None:
         _check_generation_config(model)
+    if do_sample is None:
+        do_sample = bool(model.generation_config.do_sample)
+    if do_sample:
+        warpers = sampling_processors(model, temperature, top_k, top_p, min_p)
+        logits_processor = LogitsProcessorList([*(logits_processor or []), *warpers])  # HF's order
+        rule = rule or Speculative(seed)
+    elif any(v is not None for v in (temperature, top_k, top_p, min_p, seed)):
+        raise ValueError("temperature, top_k, top_p, min_p and seed apply only with do_sample=True (as in model.generate)")
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and prompt.numel() > limit:
         raise ValueError(
@@ -240,7 +268,7 @@ def generate(
         t0 = time.perf_counter()
         # 1. Propose: a tree under the root (the last committed token). Nodes deeper than
         #    remaining - 1 could only yield tokens past max_new_tokens.
-        if drafter is None or remaining == 1:
+        if drafter is None or remaining == 1 or (guard is not None and not guard.speculate()):
             tree = TokenTree.empty()
         else:
             tree = drafter.propose(Context(ids, hidden, remaining - 1, cost)).truncate(remaining - 1)
@@ -280,6 +308,8 @@ def generate(
                 drafter.update(Feedback(tree, path, torch.tensor(new)))
         step = StepInfo(tree, path, emitted, t1 - t0, t2 - t1, time.perf_counter() - t2)
         stats.steps.append(step)
+        if guard is not None and drafter is not None:
+            guard.record(len(tree) > 0, len(emitted), step.draft_s + step.verify_s + step.overhead_s)
         if on_step is not None:
             on_step(step)
 
@@ -307,10 +337,9 @@ def hf_generate(
     (max length, EOS, stop strings) and hands them here. It does not pass `streamer` on to custom
     decoding loops (checked on 5.23), so streaming goes through `specdec_streamer=`.
     """
-    if generation_config is not None and generation_config.do_sample:
-        raise ValueError("specdec.hf_generate supports greedy decoding only: pass do_sample=False")
     if generation_config is not None and generation_config.num_beams not in (None, 1):
         raise ValueError("specdec.hf_generate does not do beam search: pass num_beams=1")
+    sampling = bool(generation_config.do_sample) if generation_config is not None else False
     mask = model_kwargs.get("attention_mask")
     if mask is not None and not bool(mask.all()):
         raise ValueError("specdec.hf_generate got a padded attention_mask; pass the unpadded prompt (batch size 1)")
@@ -323,6 +352,8 @@ def hf_generate(
         eos_token_id=[],  # transformers already put its EOS criterion into stopping_criteria
         streamer=specdec_streamer if specdec_streamer is not None else streamer,
         stopping_criteria=stopping_criteria,
-        logits_processor=logits_processor,
+        logits_processor=logits_processor,  # with do_sample, transformers already put the warpers in
         stats=specdec_stats,
+        do_sample=False,
+        rule=Speculative() if sampling else None,
     )

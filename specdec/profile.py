@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from specdec import kv
 from specdec.packing import packed_linears
@@ -80,6 +81,7 @@ def measure(
     repeats: int = 5,
     packed: bool = True,
     seed: int = 0,
+    progress: bool = False,
 ) -> CostCurve:
     """Median time of a k-token verify forward (a chain: the tree mask costs the same) after
     `context` cached tokens; the cache is cropped back after each forward so every k sees the same."""
@@ -89,12 +91,13 @@ def measure(
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(vocab, (context,), generator=gen)
     packs = packed_linears(model) if packed else None
-    route = packs if packs is not None and packs.enabled else contextlib.nullcontext()
+    method = "packed" if packs is not None and packs.enabled else "stock"
+    route = packs if method == "packed" else contextlib.nullcontext()
     cache = kv.new_cache(model)
     seconds = []
     with route:
         model(input_ids=prompt[None].to(model.device), **kv.cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
-        for k in ks:
+        for k in tqdm(ks, desc=f"{name}, {method} forward, k", disable=not progress):
             tree = TokenTree.chain(torch.randint(vocab, (k - 1,), generator=gen).tolist())
             inputs = verify_inputs(int(prompt[-1]), tree, context, model.dtype)
             times = []
@@ -109,7 +112,6 @@ def measure(
                 times.append(time.perf_counter() - t0)
                 kv.drop_last(cache, k)
             seconds.append(statistics.median(times[1:]))
-    method = "packed" if packs is not None and packs.enabled else "stock"
     return CostCurve(name, method, tuple(ks), tuple(seconds), context, torch.get_num_threads(), machine_id())
 
 

@@ -189,10 +189,35 @@ def test_bad_drafter_settings():
         DraftModel(tiny_model(), num_tokens=0)
 
 
-def test_hf_hook_refuses_sampling():
+def test_sampling_with_top_k_1_is_greedy_through_both_entry_points():
+    """top_k=1 leaves one token per row: sampling must then reproduce greedy decoding exactly,
+    which shows the warpers reach every tree node and the sampling rule is used."""
     model = tiny_model()
-    with pytest.raises(ValueError, match="greedy"):
-        model.generate(random_prompt(0, 5), custom_generate=specdec.hf_generate, drafter=PromptLookup(), do_sample=True, max_new_tokens=3)
+    prompt = random_prompt(0, 16)
+    ref = reference(model, prompt, 12)
+    hook = model.generate(
+        prompt, custom_generate=specdec.hf_generate, drafter=PromptLookup(min_ngram=1), do_sample=True, top_k=1,
+        max_new_tokens=12, eos_token_id=None, pad_token_id=model.config.vocab_size - 1,
+    )
+    direct = specdec.generate(model, prompt, PromptLookup(min_ngram=1), max_new_tokens=12, do_sample=True, top_k=1, temperature=0.5)
+    assert torch.equal(hook, ref) and torch.equal(direct, ref)
+
+
+def test_sampling_arguments_are_checked():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="do_sample=True"):
+        specdec.generate(model, random_prompt(0, 5), max_new_tokens=2, temperature=0.7)
+    with pytest.raises(ValueError, match="temperature"):
+        specdec.generate(model, random_prompt(0, 5), max_new_tokens=2, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        specdec.generate(model, random_prompt(0, 5), max_new_tokens=2, do_sample=True, top_p=1.5)
+
+
+def test_same_seed_same_sample():
+    model = tiny_model()
+    prompt = random_prompt(2, 16)
+    runs = [specdec.generate(model, prompt, PromptLookup(min_ngram=1), max_new_tokens=16, do_sample=True, seed=s) for s in (7, 7, 8)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
 
 def test_hf_hook_stops_on_eos_and_refuses_what_it_cannot_do():

@@ -125,6 +125,14 @@ def test_respond_streams_identical_panes_and_stats():
     assert "speedup" in stats and "outputs identical" in stats and "<svg" in plot
 
 
+def test_respond_samples_at_a_temperature():
+    frames = list(respond(tiny_session(), "copy copy", [], "smollm2-135m", "prompt-lookup", 12, 0, temperature=0.8, realtime=False))
+    chat, history, plain_html, spec_html, stats, plot, status = frames[-1]
+    assert status == "Done." and "sampled: same distribution" in stats and "pane-text" in spec_html
+    bad = list(respond(tiny_session(), "hi", [], "smollm2-135m", "prompt-lookup", 4, 0, temperature=-1, realtime=False))
+    assert "temperature" in bad[-1][-1]
+
+
 @pytest.mark.parametrize(
     "session, drafter, expected",
     [

@@ -66,10 +66,22 @@ def test_bench_end_to_end(smollm, tmp_path):
     assert saved["summary"]["baseline"]["overall"]["speedup"] == 1.0
 
 
+def test_bench_sampled(smollm, tmp_path):
+    model, tokenizer = smollm
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "category": "writing", "turns": ["Name three colours."]}))
+    cfg = BenchConfig(questions=str(questions), methods="baseline,hf-prompt-lookup,prompt-lookup", max_new_tokens=12, temperature=0.7)
+    records = run_bench(cfg, model, tokenizer, progress=False)
+    text = write_results(records, cfg, str(tmp_path / "out"), "test CPU")
+    assert "sampled at temperature 0.7" in text and "| prompt-lookup |" in text and "not checked" in text
+
+
 def test_cli_generate_and_errors(capsys):
     assert main(["generate", "--max-new-tokens", "6", "--compare", "Say hi."]) == 0
     err = capsys.readouterr().err
     assert "tokens/s" in err and "identical" in err
+    assert main(["generate", "--max-new-tokens", "6", "--temperature", "0.8", "--seed", "1", "--compare", "Say hi."]) == 0
+    assert "independent sample" in capsys.readouterr().err
     assert main(["generate", "--model", "no-such-model", "hi"]) == 2
     assert "no-such-model" in capsys.readouterr().err
     assert main(["generate", "--drafter", "draft-model", "hi"]) == 2  # needs --draft-model

@@ -109,9 +109,9 @@ def _fake_step(vocab=7):
 @SETTINGS
 @given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 4), st.integers(1, 12))
 def test_expand_keeps_best_nodes_closed_under_ancestors(depth, topk, width, budget):
-    tree = expand(_fake_step(), depth=depth, topk=topk, width=width, budget=budget, keep_probs=True)
+    tree = expand(_fake_step(), depth=depth, topk=topk, width=width, budget=budget)
     assert len(tree) <= budget and int(tree.depths().max()) <= depth
-    assert tree.draft_probs.shape == (len(tree), 7)
+    assert tree.draft_probs is None  # deterministic top-k drafts: one-hot for lossless sampling
     for i in range(len(tree)):  # siblings are distinct tokens
         sibs = [tree.tokens[c].item() for c in tree.children(int(tree.parents[i]))]
         assert len(sibs) == len(set(sibs))
@@ -131,3 +131,15 @@ def test_tree_mask_for_partial_feeding():
     mask = tree_mask(tree, torch.tensor([2, 3]), cached_nodes=2, prefix_len=3, dtype=torch.float64)
     allowed = (mask[0, 0] == 0).int().tolist()
     assert allowed == [[1, 1, 1, 1, 0, 1, 0], [1, 1, 1, 0, 1, 0, 1]]
+
+
+def test_expand_stops_below_min_confidence():
+    confident = torch.log(torch.tensor([0.9, 0.05, 0.05]))
+    unsure = torch.log(torch.tensor([0.4, 0.3, 0.3]))
+
+    def step(tree, frontier):  # depths 1 and 2 are confident, depth 3 is not
+        return torch.stack([confident if len(tree) < 2 else unsure for _ in frontier])
+
+    assert len(expand(step, depth=5, topk=1, min_confidence=0.5)) == 2
+    assert len(expand(step, depth=5, topk=1)) == 5
+    assert len(expand(lambda tree, frontier: torch.stack([unsure]), depth=5, topk=1, min_confidence=0.5)) == 0

@@ -30,8 +30,9 @@ REPLAY_FPS = 20
 HONESTY = (
     "Both answers are computed one after the other, each with the whole machine to itself, then "
     "replayed side by side at the pace each really ran. Highlighted text was proposed by the drafter "
-    "and accepted by the target; the rest is the target's own tokens. Greedy decoding: the two texts "
-    "must be identical."
+    "and accepted by the target; the rest is the target's own tokens. At temperature 0 (greedy) the two "
+    "texts must be identical; above it both sides sample from the same distribution (specdec's "
+    "speculative sampling is lossless), so the texts are different draws."
 )
 
 
@@ -39,11 +40,13 @@ class DemoError(ValueError):
     """A problem to show in the page (bad choice, model not installed, ...)."""
 
 
-def _stats_markdown(plain: Trace, spec: Trace, t: float) -> str:
+def _stats_markdown(plain: Trace, spec: Trace, t: float, sampled: bool) -> str:
     s = live_stats(plain, spec, t)
     speedup = f"**{s.speedup:.2f}x**" if s.speedup is not None else "…"
     same = ""
-    if s.speedup is not None:
+    if s.speedup is not None and sampled:
+        same = " · sampled: same distribution, independent draws"
+    elif s.speedup is not None:
         same = " · outputs identical" if plain.tokens == spec.tokens else " · **outputs differ**"
     return (
         f"model.generate: **{s.plain_tokens_per_s:.1f}** tokens/s · specdec: **{s.spec_tokens_per_s:.1f}** "
@@ -101,7 +104,7 @@ class Session:
 
 
 def respond(session: Session, message: str, history: list[dict], model_name: str, drafter_name: str,
-            max_new_tokens: int, budget: int, realtime: bool = True) -> Iterator[tuple]:
+            max_new_tokens: int, budget: int, temperature: float = 0.0, realtime: bool = True) -> Iterator[tuple]:
     """Yields (chat, history, plain_html, spec_html, stats_md, plot_html, status_md) frames."""
     from specdec.bench import encode_chat
 
@@ -120,9 +123,10 @@ def respond(session: Session, message: str, history: list[dict], model_name: str
         turn = history + [{"role": "user", "content": message}]
         ids = encode_chat(tokenizer, turn)
         yield status_only(turn, "Running `model.generate` (alone on the machine)…")
-        plain = trace_plain(model, ids, int(max_new_tokens))
+        temperature = float(temperature or 0.0)
+        plain = trace_plain(model, ids, int(max_new_tokens), temperature)
         yield status_only(turn, "Running specdec (alone on the machine)…")
-        spec = trace_spec(model, ids, drafter, int(max_new_tokens))
+        spec = trace_spec(model, ids, drafter, int(max_new_tokens), temperature)
     except DemoError as err:
         yield status_only(history, f"**Error:** {html.escape(str(err))}")
         return
@@ -130,7 +134,7 @@ def respond(session: Session, message: str, history: list[dict], model_name: str
         yield status_only(history, f"**Error:** {type(err).__name__}: {html.escape(str(err))}")
         return
 
-    answer = tokenizer.decode(plain.tokens, skip_special_tokens=True)
+    answer = tokenizer.decode(spec.tokens, skip_special_tokens=True)  # the conversation continues from specdec's
     end = max(plain.seconds, spec.seconds)
     start = time.perf_counter()
     while True:
@@ -145,7 +149,7 @@ def respond(session: Session, message: str, history: list[dict], model_name: str
             chat if done else history,
             render(frame(plain, t), tokenizer, colour=False),
             render(shown, tokenizer, colour=True),
-            _stats_markdown(plain, spec, t),
+            _stats_markdown(plain, spec, t, sampled=temperature > 0),
             bar_svg(steps),
             "Done." if done else "Replaying both runs at their measured pace…",
         )
@@ -173,6 +177,7 @@ def build_demo(*, load_model: Callable | None = None, default_model: str = "smol
             drafter_name = gr.Dropdown(list(DRAFTERS), value="prompt-lookup", label="drafter", elem_id="drafter")
             max_new = gr.Slider(8, 512, value=128, step=8, label="max new tokens", elem_id="max-new-tokens")
             budget = gr.Slider(0, 64, value=0, step=1, label="tree budget (0 = drafter default)", elem_id="budget")
+            temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="temperature (0 = greedy)", elem_id="temperature")
         chat = gr.Chatbot(label="conversation", height=220, elem_id="chat")
         history = gr.State([])
         with gr.Row():
@@ -190,12 +195,12 @@ def build_demo(*, load_model: Callable | None = None, default_model: str = "smol
                 spec_pane = gr.HTML(elem_id="spec-pane")
                 plot = gr.HTML(elem_id="accepted-plot")
 
-        def run(message, hist, model_value, drafter_value, max_value, budget_value):
-            yield from respond(session, message, hist, model_value, drafter_value, max_value, budget_value)
+        def run(message, hist, model_value, drafter_value, max_value, budget_value, temperature_value):
+            yield from respond(session, message, hist, model_value, drafter_value, max_value, budget_value, temperature_value)
 
         send.click(
             run,
-            inputs=[prompt, history, model_name, drafter_name, max_new, budget],
+            inputs=[prompt, history, model_name, drafter_name, max_new, budget, temperature],
             outputs=[chat, history, plain_pane, spec_pane, stats, plot, status],
         )
         clear.click(lambda: ([], [], "", "", "", "", ""), outputs=[chat, history, plain_pane, spec_pane, stats, plot, status])

@@ -19,6 +19,7 @@ from torch import Tensor
 from transformers.generation.streamers import BaseStreamer
 
 from specdec.decode import GenerationStats, generate
+from specdec.sampling import temperature_kwargs
 
 DRAFT, TARGET = "draft", "target"
 
@@ -68,20 +69,20 @@ class _TimedStreamer(BaseStreamer):
         pass
 
 
-def trace_plain(model, input_ids: Tensor, max_new_tokens: int) -> Trace:
+def trace_plain(model, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0) -> Trace:
     streamer = _TimedStreamer()
     model.generate(
         input_ids,
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=max_new_tokens,
-        do_sample=False,
         streamer=streamer,
+        **temperature_kwargs(temperature),
     )
     seconds = time.perf_counter() - streamer.t0
     return Trace(tuple(streamer.pieces), seconds, len(streamer.pieces))
 
 
-def trace_spec(model, input_ids: Tensor, drafter, max_new_tokens: int) -> Trace:
+def trace_spec(model, input_ids: Tensor, drafter, max_new_tokens: int, temperature: float = 0.0) -> Trace:
     pieces: list[Piece] = []
     t0 = time.perf_counter()
 
@@ -94,7 +95,7 @@ def trace_spec(model, input_ids: Tensor, drafter, max_new_tokens: int) -> Trace:
             pieces.append(Piece(t, tuple(step.new_tokens[n_draft:]), TARGET))
 
     stats = GenerationStats()
-    generate(model, input_ids, drafter, max_new_tokens=max_new_tokens, stats=stats, on_step=on_step)
+    generate(model, input_ids, drafter, max_new_tokens=max_new_tokens, stats=stats, on_step=on_step, **temperature_kwargs(temperature))
     return Trace(tuple(pieces), time.perf_counter() - t0, stats.target_forwards)
 
 

@@ -27,13 +27,17 @@ class DraftModel:
 
     def __init__(
         self, model, *, num_tokens: int = 5, topk: int = 1, width: int | None = None, budget: int | None = None,
-        packed_from: int | None | str = "auto",
+        packed_from: int | None | str = "auto", min_confidence: float = 0.0,
     ):
         """`num_tokens`: draft depth. ``topk = 1`` drafts a greedy chain; ``topk > 1`` grows a tree
         whose every level keeps the `width` (default `topk`) best nodes by cumulative draft
         probability, cut to the `budget` best nodes overall. `packed_from`: the draft model's own
         forwards over k >= this many tokens use packed linears, as the verifier's do ("auto": the
-        draft model's stored cost curve, see `specdec profile`; None: never)."""
+        draft model's stored cost curve, see `specdec profile`; None: never). `min_confidence`: stop
+        drafting deeper once the draft model's best next token is less likely than this (0: always
+        draft `num_tokens`; HF assisted generation's default cut-off is 0.4)."""
+        if not 0 <= min_confidence < 1:
+            raise ValueError(f"DraftModel: min_confidence must be in [0, 1), got {min_confidence}")
         if num_tokens < 1 or topk < 1:
             raise ValueError(f"DraftModel: num_tokens and topk must be >= 1, got {num_tokens}, {topk}")
         self.model = model.eval()
@@ -41,6 +45,7 @@ class DraftModel:
         self.width = 1 if topk == 1 else (width or topk)
         self.budget = budget
         self.packed_from = packed_from
+        self.min_confidence = min_confidence
         self._route = PackedRoute(model, None)
         self.cache = kv.new_cache(model)
         self.cached = torch.zeros(0, dtype=torch.long)  # [c] the tokens whose keys/values are in self.cache
@@ -90,7 +95,9 @@ class DraftModel:
             mask = tree_mask(tree, rows, frontier[0], t, self.model.dtype)
             return self._forward(tree.tokens[rows], positions, mask)
 
-        tree = expand(step, depth=depth, topk=self.topk, width=self.width, budget=self.budget)
+        tree = expand(
+            step, depth=depth, topk=self.topk, width=self.width, budget=self.budget, min_confidence=self.min_confidence
+        )
         fed = kv.length(self.cache) - t  # tree nodes now in the draft cache (all but the last level)
         # A chain's fed nodes extend the sequence and may be reused next step (those the budget
         # kept); a tree's fed nodes are not one sequence, so they go.

@@ -26,12 +26,16 @@ def expand(
     topk: int,
     width: int | None = None,
     budget: int | None = None,
-    keep_probs: bool = False,
+    min_confidence: float = 0.0,
 ) -> TokenTree:
     """Grow `depth` levels: each frontier node offers its top-`topk` tokens, the best `width` of all
     offers by cumulative log-probability become the next frontier; finally keep the `budget` best
     nodes overall. Because log-probabilities are <= 0, a node never outranks its parent (ties go
-    to the lower index, the parent), so the kept set is always closed under ancestors.
+    to the lower index, the parent), so the kept set is always closed under ancestors. The tree
+    carries no `draft_probs`: top-k children are deterministic, not samples from q, so lossless
+    sampling must treat them as one-hot proposals. Growth stops early (SpecDec++'s idea, as a
+    confidence rule) when no frontier node's best next token has draft probability
+    `min_confidence` or more: such a level would most likely be rejected and only cost time.
     """
     width = topk if width is None else width
     if depth < 0 or topk < 1 or width < 1:
@@ -39,11 +43,12 @@ def expand(
     tokens: list[int] = []
     parents: list[int] = []
     scores: list[float] = []
-    probs: list[Tensor] = []
     frontier, frontier_scores = [-1], torch.zeros(1, dtype=torch.float64)
     for _ in range(depth):
         logq = step(TokenTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long)), frontier)
         top_lq, top_tok = logq.topk(min(topk, logq.shape[-1]), dim=-1)  # [f, topk]
+        if min_confidence > 0 and float(top_lq[:, 0].max().exp()) < min_confidence:
+            break
         cand = (frontier_scores[:, None] + top_lq.double()).flatten()  # [f * topk]
         best = cand.topk(min(width, cand.numel())).indices
         k = top_tok.shape[1]
@@ -53,14 +58,8 @@ def expand(
             parents.append(frontier[b // k])
             tokens.append(int(top_tok.flatten()[b]))
             scores.append(float(cand[b]))
-            if keep_probs:
-                probs.append(logq[b // k].float().exp())
         frontier, frontier_scores = new_frontier, cand[best]
-    tree = TokenTree(
-        torch.tensor(tokens, dtype=torch.long),
-        torch.tensor(parents, dtype=torch.long),
-        torch.stack(probs) if keep_probs and probs else None,
-    )
+    tree = TokenTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
     if budget is not None and budget < len(tree):
         order = sorted(range(len(tokens)), key=lambda i: (-scores[i], i))
         tree = tree.subtree(order[:budget])

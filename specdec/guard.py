@@ -1,0 +1,74 @@
+"""The no-slowdown guard: speculation has to beat plain decoding, as measured, or it pauses.
+
+Users of speculative decoding report runs slower than plain decoding when the drafter is poor
+or drafting is dear. The guard compares two running averages of seconds per committed token,
+both measured in this process: steps that speculated (draft + verify + overhead) and plain steps
+(a forward over the root alone). Plain steps happen when a drafter has nothing to propose, while
+the guard pauses drafting, and as a forced probe every `probe_every` speculative steps until a
+plain reference exists (and again when it is `refresh` steps old). When speculating costs more
+per token than plain decoding by more than `margin`, drafting pauses for `pause` steps, doubling
+on each consecutive failure up to `max_pause`, then resumes to re-probe.
+
+Boundary: core level, no model and no drafter type; `generate` asks it before step 1 and reports
+every step to it. Only the choice to draft changes, so outputs stay exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Guard:
+    probe_every: int = 16  # speculative steps per verdict; a plain probe follows if no fresh reference exists
+    refresh: int = 256  # steps after which the plain reference is measured again
+    pause: int = 16  # plain steps after the first failure (doubles on consecutive failures)
+    max_pause: int = 512
+    margin: float = 0.0  # tolerated slowdown, as a fraction of the plain time per token
+    alpha: float = 0.25  # weight of the newest step in the running averages
+    # State, kept across generate() calls when the same Guard is passed again.
+    spec_s: float | None = field(default=None, repr=False)  # seconds per token while speculating
+    plain_s: float | None = field(default=None, repr=False)  # seconds per token decoding plainly
+    _since_plain: int = field(default=0, repr=False)  # steps since the last plain measurement
+    _paused: int = field(default=0, repr=False)  # plain steps left in the current pause
+    _failures: int = field(default=0, repr=False)
+    _spec_steps: int = field(default=0, repr=False)  # speculative steps since the last verdict
+
+    def __post_init__(self) -> None:
+        if min(self.probe_every, self.refresh, self.pause, self.max_pause) < 1 or not 0 < self.alpha <= 1 or self.margin < 0:
+            raise ValueError(
+                "Guard: probe_every, refresh, pause and max_pause must be >= 1, 0 < alpha <= 1 and margin >= 0"
+            )
+
+    def speculate(self) -> bool:
+        """Whether the next step may draft."""
+        if self._paused > 0:
+            return False
+        stale = self.plain_s is None or self._since_plain >= self.refresh
+        return not (stale and self._spec_steps >= self.probe_every)  # else: a forced plain probe
+
+    def record(self, drafted: bool, tokens: int, seconds: float) -> None:
+        """One finished step: whether it carried a draft, the tokens it committed, its wall time."""
+        per_token = seconds / max(1, tokens)
+        if not drafted:
+            self.plain_s = _ema(self.plain_s, per_token, self.alpha)
+            self._since_plain = 0
+            if self._paused > 0:
+                self._paused -= 1
+                if self._paused == 0:
+                    self._spec_steps, self.spec_s = 0, None  # judge the next window afresh
+            return
+        self._since_plain += 1
+        self._spec_steps += 1
+        self.spec_s = _ema(self.spec_s, per_token, self.alpha)
+        if self.plain_s is None or self._spec_steps < self.probe_every:
+            return
+        if self.spec_s > self.plain_s * (1 + self.margin):
+            self._failures += 1
+            self._paused = min(self.max_pause, self.pause * 2 ** (self._failures - 1))
+        else:
+            self._failures = 0
+
+
+def _ema(old: float | None, new: float, alpha: float) -> float:
+    return new if old is None else (1 - alpha) * old + alpha * new

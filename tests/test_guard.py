@@ -1,0 +1,77 @@
+"""The no-slowdown guard: a slow useless drafter gets paused, a good one keeps drafting, outputs stay exact."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from conftest import random_prompt, reference, tiny_model
+
+import specdec
+from specdec import Guard
+from specdec.trees import TokenTree
+
+
+class Scripted:
+    """Proposes `tokens(ctx)` after sleeping `delay` seconds; counts its calls."""
+
+    needs_hidden_states = False
+
+    def __init__(self, tokens, delay: float = 0.0):
+        self.tokens, self.delay, self.calls = tokens, delay, 0
+
+    def begin(self, target) -> None:
+        pass
+
+    def propose(self, ctx):
+        self.calls += 1
+        time.sleep(self.delay)
+        return TokenTree.chain(self.tokens(ctx))
+
+    def update(self, feedback) -> None:
+        pass
+
+
+def test_guard_pauses_a_slow_useless_drafter_and_stays_exact():
+    model = tiny_model()
+    prompt = random_prompt(4, 12)
+    ref = reference(model, prompt, 60)
+    wrong = Scripted(lambda ctx: [(int(ref[0, ctx.input_ids.numel()]) + 1) % 95] * 3, delay=0.02)  # never the next token
+    guard = Guard(probe_every=4, pause=8)
+    out = specdec.generate(model, prompt, wrong, max_new_tokens=60, guard=guard)
+    assert torch.equal(out, ref)
+    assert wrong.calls < 30  # without the guard: 59 proposals
+
+
+def test_guard_keeps_a_good_drafter_drafting():
+    model = tiny_model()
+    prompt = random_prompt(5, 12)
+    ref = reference(model, prompt, 60)
+    oracle = Scripted(lambda ctx: ref[0, ctx.input_ids.numel() : ctx.input_ids.numel() + 4].tolist())
+    stats = specdec.GenerationStats()
+    out = specdec.generate(model, prompt, oracle, max_new_tokens=60, guard=Guard(probe_every=4), stats=stats)
+    assert torch.equal(out, ref)
+    drafted = sum(len(s.tree) > 0 for s in stats.steps)
+    assert drafted >= len(stats.steps) - 3  # at most the forced probes and the last step are plain
+    assert stats.mean_accepted > 3
+
+
+def test_guard_pause_doubles_and_is_validated():
+    guard = Guard(probe_every=2, pause=3)
+    guard.record(False, 1, 0.01)  # plain: 10 ms per token
+    for _ in range(2):
+        guard.record(True, 1, 0.05)  # speculation: 50 ms per token
+    assert not guard.speculate()
+    for _ in range(3):
+        guard.record(False, 1, 0.01)
+    assert guard.speculate()
+    for _ in range(2):
+        guard.record(True, 1, 0.05)
+    paused = 0
+    while not guard.speculate():
+        guard.record(False, 1, 0.01)
+        paused += 1
+    assert paused == 6  # the second consecutive failure pauses twice as long
+    with pytest.raises(ValueError, match="Guard"):
+        Guard(alpha=0)
