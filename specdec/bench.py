@@ -41,7 +41,8 @@ class BenchConfig:
         default="baseline,hf-prompt-lookup,prompt-lookup",
         metadata={
             "help": "comma list: baseline, hf-prompt-lookup, hf-assisted, plain, or any specdec drafter name; "
-            "a specdec method with the suffix :stock runs every target forward without packed linears"
+            "a specdec method with the suffix :stock runs every forward without packed linears, with :guard "
+            "under the no-slowdown guard"
         },
     )
     draft_model: str | None = field(default=None, metadata={"help": "draft model for hf-assisted and draft-model*"})
@@ -144,8 +145,8 @@ def check_methods(cfg: BenchConfig) -> list[str]:
         base, _, variant = name.partition(":")
         if base not in known:
             raise ValueError(f"--methods: unknown method {name!r}; choose from {', '.join(known)}")
-        if variant not in ("", "stock") or (variant and base in HF_METHODS):
-            raise ValueError(f"--methods: {name!r}: the only variant is ':stock', for specdec methods")
+        if variant not in ("", "stock", "guard") or (variant and base in HF_METHODS):
+            raise ValueError(f"--methods: {name!r}: the variants are ':stock' and ':guard', for specdec methods")
         if (name == "hf-assisted" or name.startswith("draft-model")) and not cfg.draft_model:
             raise ValueError(f"--methods {name} needs --draft-model NAME (e.g. qwen2.5-coder-0.5b)")
     if "baseline" not in names:
@@ -173,8 +174,9 @@ def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor]
 
     packed_from = resolve_packed_from(target, parse_packed_from(cfg.packed_from))
 
-    def spec(drafter, stock: bool):
-        guard = Guard() if cfg.guard else None  # one per method: its measurements carry across turns
+    def spec(drafter, variant: str):
+        stock = variant == "stock"
+        guard = Guard() if cfg.guard or variant == "guard" else None  # one per method, kept across turns
 
         def run(ids):
             stats = GenerationStats()
@@ -201,14 +203,14 @@ def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor]
             draft.generation_config.assistant_confidence_threshold = cfg.assistant_confidence
             methods[name] = hf(assistant_model=draft)
         elif base == "plain":
-            methods[name] = spec(None, variant == "stock")
+            methods[name] = spec(None, variant)
         else:
             drafter = DRAFTERS[base](draft)
             if isinstance(drafter, PromptLookup):  # the same draft length as HF's prompt lookup
                 drafter = dataclasses.replace(drafter, num_tokens=cfg.num_tokens)
             if isinstance(drafter, DraftModel) and variant == "stock":
                 drafter.packed_from = None  # ":stock" means every forward, the draft model's too
-            methods[name] = spec(drafter, variant == "stock")
+            methods[name] = spec(drafter, variant)
     return methods
 
 
