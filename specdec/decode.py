@@ -2,10 +2,12 @@
 
 Each step: 1. propose a token tree  2. verify it in one target forward  3. accept a path
 4. commit the path to the KV cache  5. feed the decision back to the drafter. A chain is a tree,
-so there is one code path; with no drafter (or an empty tree) a step is plain decoding.
+so there is one code path; with no drafter (or an empty tree, or while the no-slowdown guard
+pauses drafting) a step is plain decoding. Greedy and sampled decoding differ only in the rule
+of step 3.
 
-Boundary: the loop knows the `Drafter` protocol, the `Verifier` and acceptance rules; it never
-imports a concrete drafter and never asks which drafter it holds.
+Boundary: the loop knows the `Drafter` protocol, the `Verifier`, the guard and acceptance
+rules; it never imports a concrete drafter and never asks which drafter it holds.
 """
 
 from __future__ import annotations
@@ -334,7 +336,8 @@ def hf_generate(
     """``model.generate(ids, custom_generate=specdec.hf_generate, drafter=...)``.
 
     transformers prepares the generation config, logits processors and stopping criteria
-    (max length, EOS, stop strings) and hands them here. It does not pass `streamer` on to custom
+    (max length, EOS, stop strings) and hands them here; with ``do_sample=True`` its processors
+    already hold the sampling warpers and the lossless `Speculative` rule samples. It does not pass `streamer` on to custom
     decoding loops (checked on 5.23), so streaming goes through `specdec_streamer=`.
     """
     if generation_config is not None and generation_config.num_beams not in (None, 1):
