@@ -95,6 +95,10 @@ def cmd_generate(cfg: GenerateConfig) -> int:
         from specdec.bench import encode_chat
 
         ids = encode_chat(tokenizer, [{"role": "user", "content": cfg.prompt}])
+    if cfg.compare:  # both sides timed warm: one-time costs (packing the weights) are not the method's
+        from specdec.demo.compare import warm_up
+
+        warm_up(model)
     stats = GenerationStats()
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = temperature_kwargs(cfg.temperature)

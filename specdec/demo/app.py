@@ -16,9 +16,9 @@ import html
 import time
 from collections.abc import Callable, Iterator
 
-import torch
-
-from specdec.demo.compare import Trace, accepted_per_step, bar_svg, frame, live_stats, render, trace_plain, trace_spec
+from specdec.demo.compare import (
+    Trace, accepted_per_step, bar_svg, frame, live_stats, render, trace_plain, trace_spec, warm_up,
+)
 
 DEFAULT_PROMPT = (
     "Fix the typos in this text and return it in full: 'The quick brwon fox jumpd over the lazzy dog. "
@@ -52,16 +52,6 @@ def _stats_markdown(plain: Trace, spec: Trace, t: float, sampled: bool) -> str:
         f"model.generate: **{s.plain_tokens_per_s:.1f}** tokens/s · specdec: **{s.spec_tokens_per_s:.1f}** "
         f"tokens/s · speedup {speedup} · mean accepted tokens per target forward: **{s.mean_accepted:.2f}**{same}"
     )
-
-
-def warm_up(model) -> None:
-    """One short run of each path, so that the first answer is not charged for one-time costs
-    (lazy kernel set-up, packing the weights for tree forwards) and the comparison stays fair."""
-    from specdec.drafters import DRAFTERS
-
-    ids = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2]])  # valid ids in any vocabulary; repeats give drafts
-    trace_plain(model, ids, 4)
-    trace_spec(model, ids, DRAFTERS["prompt-lookup"](None), 8)
 
 
 class Session:
