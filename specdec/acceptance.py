@@ -31,6 +31,11 @@ class AcceptanceRule(Protocol):
         """`logits`: [n + 1, vocab], row 0 for the root, row i + 1 for node i."""
 
 
+def _generator(seed: int | None) -> torch.Generator | None:
+    """None: torch's global generator, so torch.manual_seed(...) reproduces a run as with HF."""
+    return None if seed is None else torch.Generator().manual_seed(seed)
+
+
 class Greedy:
     """Walk down from the root while some child is the target's argmax; exact for greedy decoding."""
 
@@ -62,8 +67,7 @@ class Speculative:
     """
 
     def __init__(self, seed: int | None = None):
-        # None: torch's global generator, so torch.manual_seed(...) reproduces a run as with HF.
-        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.generator = _generator(seed)
 
     def __call__(self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None) -> Decision:
         gen = generator if generator is not None else self.generator
@@ -82,9 +86,11 @@ class Speculative:
                     path.append(child)
                     node = child
                     break
-                residual = p.clone() if q is None else torch.clamp(p - q, min=0.0)
-                if q is None:
+                if q is None:  # one-hot q: the residual is p without x
+                    residual = p.clone()
                     residual[x] = 0.0
+                else:
+                    residual = torch.clamp(p - q, min=0.0)
                 total = residual.sum()
                 # A zero residual means x had all of p's mass (accept probability 1): unreachable
                 # except through rounding, where keeping p is the closest correct choice.
@@ -110,7 +116,7 @@ class Typical:
         if not (0 < epsilon <= 1 and delta > 0):
             raise ValueError(f"Typical: need 0 < epsilon <= 1 and delta > 0, got {epsilon}, {delta}")
         self.epsilon, self.delta = epsilon, delta
-        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.generator = _generator(seed)
 
     def __call__(self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None) -> Decision:
         gen = generator if generator is not None else self.generator

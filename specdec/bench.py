@@ -380,14 +380,17 @@ def describe_device(model) -> str:
     return f"CPU {cpu_name()}"
 
 
-def write_results(records: list[Record], cfg: BenchConfig, out_dir: str, device: str) -> str:
+def write_results(records: list[Record], cfg: BenchConfig, out_dir: str, device: str, plots: bool = True) -> str:
+    """report.md and results.json, and with `plots` the two PNGs (matplotlib takes a second or
+    two, so a run's per-question partial reports skip them)."""
     summary = summarize(records)
     text = report(summary, cfg, device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"config": asdict(cfg), "device": device, "summary": summary, "records": [asdict(r) for r in records]}
     _atomic_write(out / "results.json", json.dumps(payload, indent=1))
-    write_plots(records, summary, out)
+    if plots:
+        write_plots(records, summary, out)
     _atomic_write(out / "report.md", text)
     return text
 

@@ -185,7 +185,7 @@ def cmd_bench(cfg: BenchConfig) -> int:
         if packed_from is not None else "; specdec verifies with the stock forward"
     )
     # Rewritten after every question, so an interrupted run still leaves a valid partial report.
-    records = run_bench(cfg, target, tokenizer, draft, on_question=lambda rs: write_results(rs, cfg, cfg.out, device))
+    records = run_bench(cfg, target, tokenizer, draft, on_question=lambda rs: write_results(rs, cfg, cfg.out, device, plots=False))
     print(write_results(records, cfg, cfg.out, device))
     print(f"written: {cfg.out}/report.md, {cfg.out}/results.json", file=sys.stderr)
     return 1 if any(not r.exact for r in records) else 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -58,6 +59,7 @@ class CostCurve:
         return self.cost(k) / self.cost(1)
 
 
+@functools.cache
 def cpu_name() -> str:
     """The CPU model (e.g. "AMD EPYC 9B14"): curves differ between CPUs of one architecture."""
     with contextlib.suppress(OSError):
@@ -185,6 +187,14 @@ def _curve(data: dict) -> CostCurve:
 
 
 def load(path: Path) -> Profile:
+    st = Path(path).stat()
+    # `save` renames a fresh temp file over the old one, so (inode, mtime, size) names a version.
+    return _load(str(path), (st.st_ino, st.st_mtime_ns, st.st_size))
+
+
+@functools.lru_cache(maxsize=32)
+def _load(path: str, version: tuple) -> Profile:
+    """Parsed once per file version: every `generate` call asks for its model's profile."""
     data = json.loads(Path(path).read_text())
     return Profile(_curve(data["stock"]), None if data["packed"] is None else _curve(data["packed"]))
 

@@ -20,6 +20,7 @@ Boundary: torch only, no models.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -92,11 +93,6 @@ def optimal_shape(accept: Tensor, max_nodes: int, verify_cost: Callable[[int], f
         raise ValueError(f"max_nodes must be >= 0, got {max_nodes}")
     cost = verify_cost or (lambda n: 1.0)
     paths = best_paths(accept, max_nodes)
-    best = Shape([], 1.0, cost(0))
-    expected = 1.0
-    for n, (chance, _) in enumerate(paths, start=1):
-        expected += chance
-        shape = Shape([p for _, p in paths[:n]], expected, cost(n))
-        if shape.tokens_per_cost > best.tokens_per_cost + 1e-12:
-            best = shape
-    return best
+    expected = list(itertools.accumulate((chance for chance, _ in paths), initial=1.0))  # [n + 1]: n best paths
+    n = max(range(len(expected)), key=lambda i: (expected[i] / cost(i), -i))  # ties: the smaller tree
+    return Shape([p for _, p in paths[:n]], expected[n], cost(n))
