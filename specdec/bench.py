@@ -41,8 +41,8 @@ class BenchConfig:
         default="baseline,hf-prompt-lookup,prompt-lookup",
         metadata={
             "help": "comma list: baseline, hf-prompt-lookup, hf-assisted, plain, or any specdec drafter name; "
-            "a specdec method with the suffix :stock runs every forward without packed linears, with :guard "
-            "under the no-slowdown guard"
+            "a specdec method with the suffix :stock runs every forward without packed linears, with :noguard "
+            "without the no-slowdown guard"
         },
     )
     draft_model: str | None = field(default=None, metadata={"help": "draft model for hf-assisted and draft-model*"})
@@ -62,8 +62,9 @@ class BenchConfig:
                   "method samples (transformers' defaults otherwise, top_k 50): outputs are independent draws, not compared"},
     )
     guard: bool = field(
-        default=False,
-        metadata={"help": "specdec methods run with the no-slowdown guard (one specdec.Guard per method, kept across turns)"},
+        default=True,
+        metadata={"help": "specdec methods run with the no-slowdown guard, as generate() does by default (one "
+                  "specdec.Guard per method, kept across turns); --no_guard turns it off for every method"},
     )
     packed_from: str = field(
         default="auto",
@@ -145,8 +146,8 @@ def check_methods(cfg: BenchConfig) -> list[str]:
         base, _, variant = name.partition(":")
         if base not in known:
             raise ValueError(f"--methods: unknown method {name!r}; choose from {', '.join(known)}")
-        if variant not in ("", "stock", "guard") or (variant and base in HF_METHODS):
-            raise ValueError(f"--methods: {name!r}: the variants are ':stock' and ':guard', for specdec methods")
+        if variant not in ("", "stock", "noguard") or (variant and base in HF_METHODS):
+            raise ValueError(f"--methods: {name!r}: the variants are ':stock' and ':noguard', for specdec methods")
         if (name == "hf-assisted" or name.startswith("draft-model")) and not cfg.draft_model:
             raise ValueError(f"--methods {name} needs --draft-model NAME (e.g. qwen2.5-coder-0.5b)")
     if "baseline" not in names:
@@ -176,7 +177,7 @@ def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor]
 
     def spec(drafter, variant: str):
         stock = variant == "stock"
-        guard = Guard() if cfg.guard or variant == "guard" else None  # one per method, kept across turns
+        guard = Guard() if cfg.guard and variant != "noguard" else None  # one per method, kept across turns
 
         def run(ids):
             stats = GenerationStats()

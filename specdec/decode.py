@@ -195,7 +195,7 @@ def generate(
     top_p: float | None = None,
     min_p: float | None = None,
     seed: int | None = None,
-    guard: Guard | None = None,
+    guard: Guard | bool | None = True,
 ) -> Tensor:
     """Speculative decoding with the output of ``model.generate``. Returns ``[1, prompt + new]``.
 
@@ -205,9 +205,10 @@ def generate(
     lossless `Speculative` rule: the distribution of the output is exactly that of sampling from
     the target token by token. `seed` makes a sampled run reproducible (None: torch's global RNG,
     so ``torch.manual_seed`` works as with HF). `rule` overrides the acceptance rule (e.g.
-    `specdec.Typical`, which is lossy). `guard` (a `specdec.Guard`) pauses drafting while
-    speculation measures slower than plain decoding; pass the same object again to keep its
-    measurements across calls.
+    `specdec.Typical`, which is lossy). The no-slowdown guard (on by default) pauses drafting
+    while speculation measures slower than plain decoding; ``guard=True`` starts a fresh
+    `specdec.Guard` for this call, a `Guard` object keeps its measurements across the calls it is
+    passed to (as `specdec.Session` does), ``None``/``False`` drafts on every step.
 
     `max_new_tokens` and `eos_token_id` default to the model's generation config, as in HF
     (pass ``eos_token_id=[]`` to never stop on EOS). `stopping_criteria` / `logits_processor` are
@@ -249,6 +250,9 @@ def generate(
         )
     eos = _eos_set(model, eos_token_id)
     rule = rule or Greedy()
+    if guard is True:
+        guard = Guard()
+    guard = guard or None
     stats = stats if stats is not None else GenerationStats()
     if streamer is not None:
         streamer.put(prompt[None])
@@ -307,7 +311,9 @@ def generate(
             if scores.hidden_states is not None:
                 hidden = scores.hidden_states[[0] + [i + 1 for i in path]]
             if drafter is not None:
-                drafter.update(Feedback(tree, path, torch.tensor(new)))
+                k = getattr(drafter, "feedback_topk", 0)
+                top = logits.topk(k, dim=-1).indices.cpu() if k else None  # [n + 1, k]
+                drafter.update(Feedback(tree, path, torch.tensor(new), top))
         step = StepInfo(tree, path, emitted, t1 - t0, t2 - t1, time.perf_counter() - t2)
         stats.steps.append(step)
         if guard is not None and drafter is not None:

@@ -37,10 +37,16 @@ class Feedback:
     tree: TokenTree  # what was proposed
     accepted_nodes: list[int]  # root-to-node path through the tree (may be empty)
     new_tokens: Tensor  # [len(accepted_nodes) + 1] accepted drafts + the target's own token
+    # The target's `feedback_topk` most likely next tokens after the root (row 0) and after each
+    # node (row i + 1), from the processed logits; only for drafters that set feedback_topk > 0
+    # (token recycling's successor table, Jacobi iterations). Free: the verifier computed them.
+    target_topk: Tensor | None = None  # [len(tree) + 1, feedback_topk]
 
 
 @runtime_checkable
 class Drafter(Protocol):
+    """Optional attribute: ``feedback_topk: int`` (default 0) asks for `Feedback.target_topk`."""
+
     needs_hidden_states: bool  # ask the verifier for target hidden states (like HF's requires_model_outputs)
 
     def begin(self, target) -> None:

@@ -70,7 +70,7 @@ def test_bench_sampled(smollm, tmp_path):
     model, tokenizer = smollm
     questions = tmp_path / "q.jsonl"
     questions.write_text(json.dumps({"question_id": 1, "category": "writing", "turns": ["Name three colours."]}))
-    cfg = BenchConfig(questions=str(questions), methods="baseline,hf-prompt-lookup,prompt-lookup,prompt-lookup:guard", max_new_tokens=12, temperature=0.7)
+    cfg = BenchConfig(questions=str(questions), methods="baseline,hf-prompt-lookup,prompt-lookup,prompt-lookup:noguard", max_new_tokens=12, temperature=0.7)
     records = run_bench(cfg, model, tokenizer, progress=False)
     text = write_results(records, cfg, str(tmp_path / "out"), "test CPU")
     assert "sampled at temperature 0.7" in text and "| prompt-lookup |" in text and "not checked" in text

@@ -59,7 +59,11 @@ def expand(
             tokens.append(int(top_tok.flatten()[b]))
             scores.append(float(cand[b]))
         frontier, frontier_scores = new_frontier, cand[best]
-    tree = TokenTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
+    tree = TokenTree(
+        torch.tensor(tokens, dtype=torch.long),
+        torch.tensor(parents, dtype=torch.long),
+        scores=torch.tensor(scores, dtype=torch.float64).exp(),  # cumulative draft probability
+    )
     if budget is not None and budget < len(tree):
         order = sorted(range(len(tokens)), key=lambda i: (-scores[i], i))
         tree = tree.subtree(order[:budget])

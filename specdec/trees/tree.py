@@ -20,6 +20,10 @@ class TokenTree:
     parents: Tensor  # [n] int64, parents[i] < i, -1 = child of the root
     # q(. | path to the parent) for each node; None means a deterministic proposal (one-hot q).
     draft_probs: Tensor | None = None  # [n, vocab]
+    # The drafter's estimate that each node ends up on the accepted path (e.g. its cumulative
+    # draft probability), non-increasing from parent to child; ranks nodes when trees from
+    # several drafters merge under one budget. None: the drafter gives no estimate.
+    scores: Tensor | None = None  # [n] float
 
     def __post_init__(self) -> None:
         tokens = torch.as_tensor(self.tokens, dtype=torch.long).reshape(-1)
@@ -33,6 +37,8 @@ class TokenTree:
             raise ValueError(f"TokenTree: parents must satisfy -1 <= parents[i] < i, got {parents.tolist()}")
         if self.draft_probs is not None and self.draft_probs.shape[0] != n:
             raise ValueError(f"TokenTree: draft_probs has {self.draft_probs.shape[0]} rows for {n} nodes")
+        if self.scores is not None and self.scores.shape != (n,):
+            raise ValueError(f"TokenTree: scores has shape {tuple(self.scores.shape)}, expected ({n},)")
 
     # ---- constructors -------------------------------------------------------------------
     @classmethod
@@ -129,6 +135,7 @@ class TokenTree:
             self.tokens[idx],
             torch.tensor(parents, dtype=torch.long),
             None if self.draft_probs is None else self.draft_probs[idx],
+            None if self.scores is None else self.scores[idx],
         )
 
     def truncate(self, max_depth: int) -> TokenTree:
