@@ -17,6 +17,7 @@ _EXPORTS = {
     "Speculative": "specdec.acceptance",
     "Typical": "specdec.acceptance",
     "Guard": "specdec.guard",
+    "Session": "specdec.session",
     "Decision": "specdec.acceptance",
     "AcceptanceRule": "specdec.acceptance",
     "Drafter": "specdec.drafter",

@@ -196,6 +196,7 @@ def generate(
     min_p: float | None = None,
     seed: int | None = None,
     guard: Guard | bool | None = True,
+    verifier: Verifier | None = None,
 ) -> Tensor:
     """Speculative decoding with the output of ``model.generate``. Returns ``[1, prompt + new]``.
 
@@ -208,7 +209,9 @@ def generate(
     `specdec.Typical`, which is lossy). The no-slowdown guard (on by default) pauses drafting
     while speculation measures slower than plain decoding; ``guard=True`` starts a fresh
     `specdec.Guard` for this call, a `Guard` object keeps its measurements across the calls it is
-    passed to (as `specdec.Session` does), ``None``/``False`` drafts on every step.
+    passed to (as `specdec.Session` does), ``None``/``False`` drafts on every step. `verifier`: a
+    `specdec.Verifier` of this model kept from an earlier call, whose cached common prefix with
+    this prompt is reused instead of prefilled again (a conversation; `specdec.Session`).
 
     `max_new_tokens` and `eos_token_id` default to the model's generation config, as in HF
     (pass ``eos_token_id=[]`` to never stop on EOS). `stopping_criteria` / `logits_processor` are
@@ -262,9 +265,13 @@ def generate(
         drafter.begin(model)
     packed_from = resolve_packed_from(model, packed_from)
     cost = verify_cost(model, packed_from) if drafter is not None else None
-    verifier = Verifier(
-        model, keep_hidden_states=drafter is not None and drafter.needs_hidden_states, packed_from=packed_from
-    )
+    keep_hidden = drafter is not None and drafter.needs_hidden_states
+    if verifier is None:
+        verifier = Verifier(model, keep_hidden_states=keep_hidden, packed_from=packed_from)
+    elif verifier.model is not model:
+        raise ValueError("verifier: it was built for another model; pass a Verifier(model) of this target")
+    else:
+        verifier.configure(keep_hidden_states=keep_hidden, packed_from=packed_from)
     hidden = verifier.prefill(prompt)
     stats.prefill_s = time.perf_counter() - t0
     ids, done = prompt, False
@@ -304,9 +311,10 @@ def generate(
         done = done or ids.numel() - prompt.numel() >= max_new_tokens
         if streamer is not None:
             streamer.put(emitted_t)
+        # 4. Commit: the cache keeps prefix + root + the accepted path (as far as it was emitted;
+        #    after the last step too, so a later turn of a Session finds it cached).
+        verifier.commit(path[: len(emitted) - 1])
         if not done:
-            # 4. Commit: the cache keeps prefix + root + accepted path.
-            verifier.commit(path)
             # 5. Feedback: drafters adapt; hidden-state drafters get the committed tokens' features.
             if scores.hidden_states is not None:
                 hidden = scores.hidden_states[[0] + [i + 1 for i in path]]

@@ -5,6 +5,8 @@ Only public model arguments are used: a 4D additive float mask, ``position_ids``
 `packed_from` tokens run with `specdec.packing`'s oneDNN-prepacked linears (faster on CPU for
 small k; the crossover comes from `specdec.profile`); shorter ones run the model as it is.
 Invariant between steps: the cache holds every committed token except the last one (the root).
+A verifier can be reused for a later prompt that extends an earlier one (a conversation): the
+cached common prefix is kept and only the new tokens are prefilled (`specdec.Session`).
 """
 
 from __future__ import annotations
@@ -28,19 +30,38 @@ class Scores:
 class Verifier:
     def __init__(self, model, *, keep_hidden_states: bool = False, packed_from: int | None = None):
         self.model = model
-        self.keep_hidden_states = keep_hidden_states
         self.cache = kv.new_cache(model)
-        self.prefix_len = 0  # cached tokens before the root
-        self._route = PackedRoute(model, packed_from)
+        self.prefix = torch.zeros(0, dtype=torch.long)  # [prefix_len] the committed tokens before the root
+        self._scored: tuple[int, TokenTree] | None = None  # (root, tree) of the last score(), for commit
+        self.configure(keep_hidden_states=keep_hidden_states, packed_from=packed_from)
+
+    def configure(self, *, keep_hidden_states: bool, packed_from: int | None) -> None:
+        """Set per-generation options; the cache stays."""
+        self.keep_hidden_states = keep_hidden_states
+        self._route = PackedRoute(self.model, packed_from)
+
+    @property
+    def prefix_len(self) -> int:
+        return self.prefix.numel()
 
     def prefill(self, input_ids: Tensor) -> Tensor | None:
-        """Cache ``input_ids[:-1]`` ([t] tokens); the last token becomes the first root.
-        Returns their hidden states ([t - 1, hidden]) when requested."""
+        """Cache ``input_ids[:-1]`` ([t] tokens); the last token becomes the first root. Slots
+        already cached for a common prefix are kept, but at least one token is fed so the first
+        step has fresh hidden states. Returns the fed tokens' hidden states ([m, hidden]) when
+        requested."""
+        kv.drop_last(self.cache, kv.length(self.cache) - self.prefix_len)  # the last tree, if any
+        want = input_ids[:-1]
+        n = min(want.numel(), self.prefix_len)
+        same = (self.prefix[:n] == want[:n]).long().cumprod(0)
+        common = min(int(same.sum()), max(0, want.numel() - 1))
+        kv.drop_last(self.cache, self.prefix_len - common)
+        self.prefix, self._scored = want.clone(), None
         hidden = None
-        if input_ids.numel() > 1:
-            with self._route(input_ids.numel() - 1):
+        if want.numel() > common:
+            with self._route(want.numel() - common):
                 out = self.model(
-                    input_ids=input_ids[None, :-1].to(self.model.device),
+                    input_ids=want[None, common:].to(self.model.device),
+                    position_ids=torch.arange(common, want.numel())[None].to(self.model.device),
                     **kv.cache_kwargs(self.model, self.cache),
                     use_cache=True,
                     logits_to_keep=1,  # the prefix logits are never used; skip the big lm_head matmul
@@ -48,7 +69,6 @@ class Verifier:
                 )
             if self.keep_hidden_states:
                 hidden = out.hidden_states[-1][0]
-        self.prefix_len = input_ids.numel() - 1
         return hidden
 
     def score(self, root: int, tree: TokenTree) -> Scores:
@@ -64,10 +84,13 @@ class Verifier:
                 output_hidden_states=self.keep_hidden_states,
             )
         hidden = out.hidden_states[-1][0] if self.keep_hidden_states else None
+        self._scored = (root, tree)
         return Scores(out.logits[0], hidden)
 
     def commit(self, accepted_nodes: list[int]) -> None:
         """Keep prefix + root + the accepted path; the next root is the target's own token."""
+        root, tree = self._scored
         root_slot = self.prefix_len
         kv.keep(self.cache, root_slot + 1, [root_slot + 1 + i for i in accepted_nodes])
-        self.prefix_len += 1 + len(accepted_nodes)
+        self.prefix = torch.cat([self.prefix, torch.tensor([root]), tree.tokens[accepted_nodes]])
+        self._scored = None

@@ -57,8 +57,8 @@ class DraftModel:
                 f"target's ({_vocab_size(target)}); pick a draft model with the target's tokenizer"
             )
         self._route = PackedRoute(self.model, resolve_packed_from(self.model, self.packed_from))
-        self.cache = kv.new_cache(self.model)
-        self.cached = torch.zeros(0, dtype=torch.long)
+        # The draft cache stays: propose keeps its common prefix with the new prompt, so the
+        # next turn of a conversation does not prefill the draft model from scratch.
 
     def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor | None, last_only: bool = False) -> Tensor:
         device = self.model.device
