@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from specdec.decode import GenerationStats, generate, resolve_packed_from
+from specdec.decode import GenerationStats, resolve_packed_from
 from specdec.guard import Guard
 from specdec.profile import cpu_name
 from specdec.sampling import temperature_kwargs
+from specdec.session import Session
 
 HF_METHODS = ("baseline", "hf-prompt-lookup", "hf-assisted")
 
@@ -157,13 +158,15 @@ def check_methods(cfg: BenchConfig) -> list[str]:
     return names
 
 
-def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor], tuple[Tensor, int, GenerationStats | None]]]:
-    """name -> run(prompt [1, t]) -> (output [1, t + new], target forwards that produced tokens,
-    specdec's per-step stats or None for transformers' methods)."""
+def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor, int], tuple[Tensor, int, GenerationStats | None]]]:
+    """name -> run(prompt [1, t], turn) -> (output [1, t + new], target forwards that produced
+    tokens, specdec's per-step stats or None for transformers' methods). specdec methods run each
+    question as one `specdec.Session` (turn 0 starts it), so a later turn reuses the cache of the
+    earlier ones, as a chat server does; model.generate prefills every turn afresh."""
     from specdec.drafters import DRAFTERS, DraftModel, PromptLookup
 
     def hf(**kwargs):
-        def run(ids):
+        def run(ids, turn):
             with _ForwardCounter(target) as counter:
                 out = target.generate(
                     ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
@@ -177,14 +180,17 @@ def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor]
 
     def spec(drafter, variant: str):
         stock = variant == "stock"
-        guard = Guard() if cfg.guard and variant != "noguard" else None  # one per method, kept across turns
+        guard = Guard() if cfg.guard and variant != "noguard" else None  # one per method, kept across questions
+        session: list[Session] = []
 
-        def run(ids):
+        def run(ids, turn):
+            if turn == 0:
+                session[:] = [Session(
+                    target, drafter, guard=guard, max_new_tokens=cfg.max_new_tokens,
+                    packed_from=None if stock else packed_from, **temperature_kwargs(cfg.temperature),
+                )]
             stats = GenerationStats()
-            out = generate(
-                target, ids, drafter, max_new_tokens=cfg.max_new_tokens, stats=stats,
-                packed_from=None if stock else packed_from, guard=guard, **temperature_kwargs(cfg.temperature),
-            )
+            out = session[0].generate(ids, stats=stats)
             return out, stats.target_forwards, stats  # the prefill yields no token in specdec
 
         return run
@@ -229,7 +235,7 @@ def run_bench(cfg: BenchConfig, target, tokenizer, draft=None, progress: bool = 
     names = list(methods)
     warm = encode_chat(tokenizer, [{"role": "user", "content": "Say hello."}])
     for run in methods.values():  # first calls pay one-time costs (allocations, kernel selection)
-        run(warm)
+        run(warm, 0)
     records: list[Record] = []
     for qi, q in enumerate(tqdm(questions, desc="questions", disable=not progress)):
         order = names[qi % len(names) :] + names[: qi % len(names)]
@@ -240,7 +246,7 @@ def run_bench(cfg: BenchConfig, target, tokenizer, draft=None, progress: bool = 
                 history[name].append({"role": "user", "content": text})
                 ids = encode_chat(tokenizer, history[name])
                 t0 = time.perf_counter()
-                out, forwards, stats = methods[name](ids)
+                out, forwards, stats = methods[name](ids, turn)
                 seconds = time.perf_counter() - t0
                 outputs[name] = new = out[0, ids.shape[1] :]
                 history[name].append({"role": "assistant", "content": tokenizer.decode(new, skip_special_tokens=True)})
@@ -292,6 +298,7 @@ def report(summary: dict, cfg: BenchConfig, device: str) -> str:
     turns = summary["baseline"]["overall"]["turns"]
     decoding = "greedy" if cfg.temperature == 0 else f"sampled at temperature {cfg.temperature}"
     decoding += ", specdec with the no-slowdown guard" if cfg.guard else ""
+    decoding += "; specdec runs each question as one Session (later turns reuse the cache of earlier ones)"
     checked = (
         "Mismatches count turns whose tokens differ from `model.generate`." if cfg.temperature == 0
         else "Sampled outputs are independent draws and are not compared (mismatches column: not checked)."
