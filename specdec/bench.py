@@ -65,7 +65,7 @@ class BenchConfig:
     guard: bool = field(
         default=True,
         metadata={"help": "specdec methods run with the no-slowdown guard, as generate() does by default (one "
-                  "specdec.Guard per method, kept across turns); --no_guard turns it off for every method"},
+                  "specdec.Guard per method, kept across turns); --no-guard turns it off for every method"},
     )
     packed_from: str = field(
         default="auto",

@@ -59,7 +59,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
         if f.metadata.get("positional"):
             parser.add_argument(f.name, type=kind, help=help_text)
         elif kind is bool:
-            parser.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=help_text)
+            parser.add_argument(  # --flag / --no-flag
+                "--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=f.default, help=help_text
+            )
         else:
             parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=help_text + f" (default: {f.default})")
 

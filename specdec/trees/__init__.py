@@ -6,7 +6,8 @@ grow trees from a model pass the model in as a callable (`expand`).
 
 from specdec.trees.dynamic import expand
 from specdec.trees.mask import VerifyInputs, tree_mask, verify_inputs
+from specdec.trees.merge import merge
 from specdec.trees.static import Shape, fill, optimal_shape, parents_of
 from specdec.trees.tree import TokenTree
 
-__all__ = ["Shape", "TokenTree", "VerifyInputs", "expand", "fill", "optimal_shape", "parents_of", "tree_mask", "verify_inputs"]
+__all__ = ["Shape", "TokenTree", "VerifyInputs", "expand", "fill", "merge", "optimal_shape", "parents_of", "tree_mask", "verify_inputs"]
