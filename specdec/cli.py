@@ -48,6 +48,18 @@ class DemoConfig:
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
 
 
+@dataclass(frozen=True)
+class DatastoreConfig:
+    action: str = field(metadata={"help": "build: tokenize a corpus and write a retrieval datastore", "positional": True})
+    model: str = field(default="smollm2-135m", metadata={"help": "the target whose tokenizer is used: embedded name, HF path/id or .gguf"})
+    corpus: str | None = field(default=None, metadata={"help": "required: .jsonl (one record a line) or .txt (blank-line-separated documents)"})
+    out: str | None = field(default=None, metadata={"help": "required: datastore directory (an existing datastore there is replaced)"})
+    limit: int | None = field(default=None, metadata={"help": "read at most this many records"})
+    chat: bool = field(default=False, metadata={"help": "a record is one conversation (user, assistant, ... turns) in the chat template"})
+    # Last: the name shadows dataclasses.field for the rest of the class body.
+    field: str = field(default="text", metadata={"help": "comma list of .jsonl fields to read (string or list-of-strings values)"})
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """One option per field: `--snake-case` names, types from the annotations, help from metadata."""
     hints = typing.get_type_hints(cls)
@@ -211,11 +223,55 @@ def cmd_demo(cfg: DemoConfig) -> int:
     return 0
 
 
+def _vocab_size(model: str, tokenizer) -> int:
+    """The target's vocabulary (embedding rows) from its config alone, without loading weights."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    path = Path(model).expanduser()
+    try:
+        if path.suffix == ".gguf" and path.is_file():
+            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            config = AutoConfig.from_pretrained(tokenizer.name_or_path)
+    except (OSError, ValueError) as err:
+        raise OSError(f"--model {model}: could not read the model's config for its vocabulary size: {err}") from err
+    return int(config.get_text_config().vocab_size)
+
+
+def cmd_datastore(cfg: DatastoreConfig) -> int:
+    from tqdm.auto import tqdm
+
+    from specdec.drafters.retrieval import Datastore, encode_corpus, read_corpus
+    from specdec.models import load_tokenizer
+
+    if cfg.action != "build":
+        raise ValueError(f"datastore: unknown action {cfg.action!r}; the action is: build")
+    if not cfg.corpus or not cfg.out:
+        raise ValueError("datastore build needs --corpus FILE and --out DIR")
+    fields = tuple(f for f in cfg.field.split(",") if f)
+    if not fields:
+        raise ValueError("--field: give at least one field name")
+    records = read_corpus(cfg.corpus, fields, cfg.limit)
+    Datastore.check_writable(cfg.out)  # before loading the tokenizer, which may convert a model first
+    tokenizer = load_tokenizer(cfg.model)
+    vocab = _vocab_size(cfg.model, tokenizer)
+    described = f"{cfg.corpus}" + (f" fields {','.join(fields)}" if cfg.corpus.endswith(".jsonl") else "")
+    described += (f", first {cfg.limit} records" if cfg.limit else "") + (", chat template" if cfg.chat else "")
+    docs = encode_corpus(tokenizer, tqdm(records, desc="records", unit=" rec"), chat=cfg.chat)
+    store = Datastore.build(docs, cfg.out, vocab_size=vocab, model_name=cfg.model, description=described)
+    print(f"datastore: {store.meta['documents']} documents, {store.meta['num_tokens']} tokens, vocabulary {vocab}")
+    print(f"written: {cfg.out}", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {
     "generate": (GenerateConfig, cmd_generate, "generate text with speculative decoding (streamed)"),
     "bench": (BenchConfig, cmd_bench, "benchmark methods on Spec-Bench questions, interleaved, exactness checked"),
     "profile": (ProfileConfig, cmd_profile, "measure and store the target's verify cost curve (k = 1..64 new tokens)"),
     "demo": (DemoConfig, cmd_demo, "serve the side-by-side demo page (plain model.generate vs specdec)"),
+    "datastore": (DatastoreConfig, cmd_datastore, "build a retrieval (REST) datastore from a corpus: datastore build --corpus F --out D"),
 }
 
 
