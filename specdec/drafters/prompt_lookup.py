@@ -126,6 +126,10 @@ class PromptLookup:
         if self._last is None:
             return
         n, drafted = self._last
+        self._last = None
+        if not len(feedback.tree):  # this proposal was not verified (e.g. a composed drafter chose another)
+            return
+        drafted = min(drafted, int(feedback.tree.depths().max()))  # a merge budget may have cut it
         accepted = len(feedback.accepted_nodes)
         trials = accepted + (1 if accepted < drafted else 0)  # the first rejection is a failed trial
         old = self.stats.get(n, self._PRIOR)
