@@ -47,8 +47,10 @@ def check_full_attention(cache: Cache) -> None:
             )
 
 
-def length(cache: Cache) -> int:
-    return cache.get_seq_length()
+def length(cache: Cache, layer: int = 0) -> int:
+    """Slots held by decoder layer `layer`. A cache filled by running only some of the model's
+    layers (self-speculative drafters) leaves the others empty, so those ask for a filled one."""
+    return cache.get_seq_length(layer)
 
 
 def drop_last(cache: Cache, n: int) -> None:

@@ -1,0 +1,281 @@
+"""Self-speculative drafting with the target minus some of its middle layers (SWIFT, Xia et al.
+2024, "SWIFT: On-the-Fly Self-Speculative Decoding").
+
+The drafter is the target itself run through a `LayerSubset` that leaves out a skip set of decoder
+layers: no second model, no training, no extra weights. It drafts a greedy chain (or, with
+``topk > 1``, a dynamic top-k tree via `specdec.trees.expand`) with its own KV cache, reconciled
+against ``ctx.input_ids`` by common prefix before every proposal (the pattern of `DraftModel`),
+and stops early once its best next token is less likely than `min_confidence` (SWIFT's
+confidence-aware drafting). Scores are the cumulative draft probabilities `expand` gives.
+
+Choosing the skip set (unless ``skip=[...]`` fixes it): on the first proposal for this model, and
+again after `recalibrate()`, a bounded search runs teacher-forced over the last `calibrate_tokens`
+committed tokens (the prompt, on the first step):
+
+1. One forward of every layer gives the target's next-token choices (the reference) and each
+   layer's input state.
+2. Each middle layer (never the first or the last) is ranked by its block influence
+   ``1 - cos(input, output)`` over the window (ShortGPT's measure): layers that barely turn the
+   residual stream are the cheapest to drop.
+3. A candidate skip set is scored by its agreement `a` (share of window positions where the subset
+   picks the target's token) and its cost `c` (its decoder-layer plus lm_head weights over the
+   target's: a one-token forward on CPU is bound by reading weights) as the best expected speed of
+   a chain of up to `draft_tokens`, ``max_d (1 + a + ... + a^d) / (verify(d) + d * c)``, where
+   verify(d) is `Context.verify_cost` (the measured curve) or ``1 + 0.2 d`` without one. This is
+   "skip as many layers as possible while agreement stays high" made one number.
+4. Half of `calibrate_trials` goes to skipping the k least influential layers for k evenly
+   spaced up to ``max_skip_ratio`` of the middle layers; the rest to random swaps (one skipped
+   layer for one kept middle layer) around the best set, kept when they score higher (SWIFT's
+   random-search phase, without its Bayesian optimisation). A candidate reuses the reference
+   forward's state at its first skipped layer, so it costs only the layers after it.
+
+Cost: one full forward plus `calibrate_trials` partial forwards over at most `calibrate_tokens`
+tokens, once. The window drops the context before it, which makes the agreement an estimate.
+
+Shared with the target: every weight (the view calls the target's own modules; nothing copied) and
+its prepacked linears (`specdec.packing` keys them by model). Not shared: KV caches. The keys and
+values of the layers before the first skipped one are the target's own for the same tokens, but
+the verifier's cache is not exposed to drafters (the protocol gives them committed tokens only),
+and mid-step it also holds unaccepted tree nodes; the layers after the first skipped one see
+other inputs than in the target, so their caches differ anyway. The drafter keeps its own cache
+for the kept layers, at their original layer indices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from specdec import kv
+from specdec.decode import resolve_packed_from
+from specdec.drafter import Context, Feedback
+from specdec.drafters import layers as views
+from specdec.packing import PackedRoute
+from specdec.trees import TokenTree, expand, tree_mask
+
+_MIN_WINDOW = 8  # fewer committed tokens say too little about the layers: wait for more
+_VERIFY_TOKEN_COST = 0.2  # verify(d) = 1 + 0.2 d without a measured curve (stock fp32 linears here)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    skip: tuple[int, ...]  # the chosen layers to skip
+    agreement: float  # its teacher-forced next-token agreement with the target on the window
+    value: float  # its expected speed over plain decoding, by the module docstring's cost model
+    window: int  # tokens it was measured on
+    # Every candidate tried, in order: (skip set, agreement, value).
+    tried: list[tuple[tuple[int, ...], float, float]] = field(default_factory=list, repr=False)
+
+
+class LayerSkip:
+    needs_hidden_states = False
+
+    def __init__(
+        self,
+        model,
+        *,
+        skip=None,
+        draft_tokens: int = 6,
+        topk: int = 1,
+        width: int | None = None,
+        budget: int | None = None,
+        min_confidence: float = 0.5,
+        calibrate_tokens: int = 64,
+        calibrate_trials: int = 8,
+        max_skip_ratio: float = 0.6,
+        packed_from: int | None | str = "auto",
+        seed: int = 0,
+    ):
+        """`model`: the target (the drafter runs part of it; `begin` refuses any other model).
+        `skip`: decoder-layer indices to leave out; None chooses them by calibration (see the
+        module docstring). `draft_tokens`: draft depth. ``topk = 1`` drafts a greedy chain;
+        ``topk > 1`` a tree whose levels keep the `width` best nodes, cut to `budget` nodes.
+        `min_confidence`: stop drafting deeper once the best next token is less likely than this
+        (0: always `draft_tokens`). `calibrate_tokens`: the calibration window (the most recent
+        committed tokens). `calibrate_trials`: candidate skip sets scored per calibration.
+        `max_skip_ratio`: most of the middle layers the search may skip. `packed_from`: the
+        drafter's forwards over this many tokens or more use the target's prepacked linears
+        ("auto": the target's stored crossover; None: never). `seed`: the search's random swaps."""
+        if draft_tokens < 1 or topk < 1:
+            raise ValueError(f"LayerSkip: draft_tokens and topk must be >= 1, got {draft_tokens}, {topk}")
+        if not 0 <= min_confidence < 1:
+            raise ValueError(
+                f"LayerSkip: min_confidence must be in [0, 1) (0 = always draft draft_tokens), got {min_confidence}"
+            )
+        if calibrate_tokens < _MIN_WINDOW:
+            raise ValueError(f"LayerSkip: calibrate_tokens must be >= {_MIN_WINDOW}, got {calibrate_tokens}")
+        if calibrate_trials < 1:
+            raise ValueError(f"LayerSkip: calibrate_trials must be >= 1, got {calibrate_trials}")
+        if not 0 < max_skip_ratio < 1:
+            raise ValueError(f"LayerSkip: max_skip_ratio must be in (0, 1), got {max_skip_ratio}")
+        views.check_faithful(model)
+        self.model = model
+        self.num_layers = views.LayerSubset(model, []).num_layers
+        self.draft_tokens, self.topk = draft_tokens, topk
+        self.width = 1 if topk == 1 else (width or topk)
+        self.budget = budget
+        self.min_confidence = min_confidence
+        self.calibrate_tokens, self.calibrate_trials = calibrate_tokens, calibrate_trials
+        self.max_skip_ratio = max_skip_ratio
+        self.packed_from = packed_from
+        self.seed = seed
+        self.calibration: Calibration | None = None
+        self._route = PackedRoute(model, None)
+        self.skip: tuple[int, ...] | None = None  # None until calibrated
+        self._install(None if skip is None else self._checked_skip(skip))
+
+    # ---- skip set ---------------------------------------------------------------------------
+    def _checked_skip(self, skip) -> tuple[int, ...]:
+        skip = sorted(set(int(i) for i in skip))
+        n = self.num_layers
+        if any(not 0 <= i < n for i in skip) or len(skip) == n:
+            raise ValueError(
+                f"LayerSkip: skip must hold layer indices in [0, {n}) and keep at least one layer "
+                f"(the target has {n} decoder layers), got {skip}"
+            )
+        return tuple(skip)
+
+    def _install(self, skip: tuple[int, ...] | None) -> None:
+        self.skip = skip
+        kept = [i for i in range(self.num_layers) if skip is None or i not in skip]
+        self.view = views.LayerSubset(self.model, kept)
+        self.cache = self.view.new_cache()
+        self.cached = torch.zeros(0, dtype=torch.long)  # [c] the tokens whose keys/values are in self.cache
+
+    def recalibrate(self) -> None:
+        """Forget the skip set; the next proposal chooses one again on the then-committed tokens."""
+        self._install(None)
+
+    @torch.no_grad()
+    def calibrate(self, input_ids: Tensor, verify_cost=None) -> Calibration:
+        """Choose and install the skip set on the last `calibrate_tokens` of `input_ids` ([t]).
+        `verify_cost`: `Context.verify_cost` (None: ``1 + 0.2 n``)."""
+        ids = input_ids.reshape(-1).long()[-self.calibrate_tokens :]  # [w]
+        w = ids.numel()
+        if w < 2:
+            raise ValueError(f"LayerSkip.calibrate: needs at least 2 tokens, got {w}")
+        positions = torch.arange(w)
+        n = self.num_layers
+        with self._route(w):
+            full = views.LayerSubset(self.model, range(n))(ids, positions, return_states=True)
+        reference = full.logits.argmax(-1)  # [w]
+        states = full.states  # [n + 1, w, hidden]: input of each layer, then the last output
+        middle = list(range(1, n - 1))
+        verify = verify_cost or (lambda d: 1.0 + _VERIFY_TOKEN_COST * d)
+        full_weights = views.LayerSubset(self.model, range(n)).weights()
+
+        def value(skip: tuple[int, ...], a: float) -> float:
+            kept = [i for i in range(n) if i not in skip]
+            cost = views.LayerSubset(self.model, kept).weights() / full_weights  # one draft token, in target forwards
+            expected, best = 1.0, 0.0
+            for d in range(1, self.draft_tokens + 1):
+                expected += a**d
+                best = max(best, expected / (verify(d) + d * cost))
+            return best
+
+        tried: list[tuple[tuple[int, ...], float, float]] = []
+        seen: dict[tuple[int, ...], tuple[float, float]] = {}
+
+        def score(skip: tuple[int, ...]) -> tuple[float, float]:
+            if skip in seen:
+                return seen[skip]
+            first = skip[0]
+            kept = [i for i in range(first, n) if i not in skip]
+            with self._route(w):
+                out = views.LayerSubset(self.model, kept)(None, positions, hidden=states[first])
+            a = float((out.logits.argmax(-1) == reference).double().mean())
+            seen[skip] = a, value(skip, a)
+            tried.append((skip, *seen[skip]))
+            return seen[skip]
+
+        if not middle:  # two layers or fewer: nothing may be skipped
+            best, best_a, best_v = (), 1.0, value((), 1.0)
+        else:
+            cos = F.cosine_similarity(states[:-1].double(), states[1:].double(), dim=-1).mean(-1)  # [n]
+            influence = {i: 1.0 - float(cos[i]) for i in middle}
+            order = sorted(middle, key=lambda i: (influence[i], i))  # least influential first
+            max_k = max(1, min(len(middle), round(self.max_skip_ratio * len(middle))))
+            grid_points = min(max_k, max(1, self.calibrate_trials // 2))
+            ks = sorted({max(1, round(max_k * (j + 1) / grid_points)) for j in range(grid_points)})
+            best, best_a, best_v = None, 0.0, -1.0
+            for k in ks:
+                skip = tuple(sorted(order[:k]))
+                a, v = score(skip)
+                if v > best_v:
+                    best, best_a, best_v = skip, a, v
+            rng = torch.Generator().manual_seed(self.seed)
+            draws = 0
+            while len(tried) < self.calibrate_trials and draws < 4 * self.calibrate_trials:
+                draws += 1  # bounded: around a small middle every swap may have been tried
+                outside = [i for i in middle if i not in best]
+                if not outside:
+                    break
+                drop = best[int(torch.randint(len(best), (1,), generator=rng))]
+                add = outside[int(torch.randint(len(outside), (1,), generator=rng))]
+                skip = tuple(sorted(set(best) - {drop} | {add}))
+                if skip in seen:
+                    continue
+                a, v = score(skip)
+                if v > best_v:
+                    best, best_a, best_v = skip, a, v
+        self.calibration = Calibration(best, best_a, best_v, w, tried)
+        self._install(best)
+        return self.calibration
+
+    # ---- drafter protocol ---------------------------------------------------------------------
+    def begin(self, target) -> None:
+        if target is not self.model:
+            raise ValueError(
+                f"LayerSkip: built on one {type(self.model).__name__} but asked to draft for another model "
+                f"({type(target).__name__}); it drafts with the target's own layers, so build LayerSkip(target) "
+                "with the model you decode with"
+            )
+        self._route = PackedRoute(self.model, resolve_packed_from(self.model, self.packed_from))
+        self.cache = self.view.new_cache()
+        self.cached = torch.zeros(0, dtype=torch.long)
+
+    def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor | None, last_only: bool = False) -> Tensor:
+        with self._route(ids.numel()):
+            out = self.view(ids, positions, cache=self.cache, mask=mask, last_only=last_only)
+        return torch.log_softmax(out.logits.float(), dim=-1).cpu()  # [m, vocab]
+
+    @torch.no_grad()
+    def propose(self, ctx: Context) -> TokenTree:
+        ids = ctx.input_ids
+        depth = self.draft_tokens if ctx.max_depth is None else min(self.draft_tokens, ctx.max_depth)
+        if depth < 1:
+            return TokenTree.empty()
+        if self.skip is None:
+            if ids.numel() < _MIN_WINDOW:
+                return TokenTree.empty()
+            self.calibrate(ids, ctx.verify_cost)
+        # Reconcile: keep the cached prefix that still agrees with the committed tokens, and at
+        # least one token to feed so the root's distribution comes out of this forward.
+        same = (self.cached[: ids.numel()] == ids[: self.cached.numel()]).long()
+        common = min(int(same.cumprod(0).sum()), ids.numel() - 1)
+        kv.drop_last(self.cache, self.cached.numel() - common)
+        t = ids.numel()
+
+        def step(tree: TokenTree, frontier: list[int]) -> Tensor:
+            if frontier == [-1]:
+                return self._forward(ids[common:], torch.arange(common, t), None, last_only=True)
+            rows = torch.tensor(frontier)
+            positions = t - 1 + tree.depths()[rows]
+            mask = tree_mask(tree, rows, frontier[0], t, self.model.dtype)
+            return self._forward(tree.tokens[rows], positions, mask)
+
+        tree = expand(
+            step, depth=depth, topk=self.topk, width=self.width, budget=self.budget, min_confidence=self.min_confidence
+        )
+        fed = self.view.cached(self.cache) - t  # tree nodes now in the draft cache (all but the last level)
+        # A chain's fed nodes extend the sequence and may be reused next step; a tree's do not.
+        reuse = min(fed, len(tree)) if self.width == 1 else 0
+        kv.drop_last(self.cache, fed - reuse)
+        self.cached = torch.cat([ids, tree.tokens[:reuse]])
+        return tree
+
+    def update(self, feedback: Feedback) -> None:
+        pass  # the cache is reconciled lazily in propose
