@@ -47,6 +47,7 @@ class BenchConfig:
         },
     )
     draft_model: str | None = field(default=None, metadata={"help": "draft model for hf-assisted and draft-model*"})
+    datastore: str | None = field(default=None, metadata={"help": "datastore for the retrieval drafters (default: the model's)"})
     max_new_tokens: int = field(default=128, metadata={"help": "new tokens per turn"})
     limit: int | None = field(default=None, metadata={"help": "first N questions only"})
     per_category: int | None = field(default=None, metadata={"help": "first N questions of each category only"})
@@ -149,7 +150,7 @@ def check_methods(cfg: BenchConfig) -> list[str]:
             raise ValueError(f"--methods: unknown method {name!r}; choose from {', '.join(known)}")
         if variant not in ("", "stock", "noguard") or (variant and base in HF_METHODS):
             raise ValueError(f"--methods: {name!r}: the variants are ':stock' and ':noguard', for specdec methods")
-        if (name == "hf-assisted" or name.startswith("draft-model")) and not cfg.draft_model:
+        if (name == "hf-assisted" or "draft-model" in base) and not cfg.draft_model:
             raise ValueError(f"--methods {name} needs --draft-model NAME (e.g. qwen2.5-coder-0.5b)")
     if "baseline" not in names:
         raise ValueError("--methods must include baseline: every output is checked against it")
@@ -163,7 +164,7 @@ def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor,
     tokens, specdec's per-step stats or None for transformers' methods). specdec methods run each
     question as one `specdec.Session` (turn 0 starts it), so a later turn reuses the cache of the
     earlier ones, as a chat server does; model.generate prefills every turn afresh."""
-    from specdec.drafters import DRAFTERS, DraftModel, PromptLookup
+    from specdec.drafters import DraftModel, PromptLookup, Resources, make_drafter
 
     def hf(**kwargs):
         def run(ids, turn):
@@ -212,7 +213,7 @@ def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor,
         elif base == "plain":
             methods[name] = spec(None, variant)
         else:
-            drafter = DRAFTERS[base](draft)
+            drafter = make_drafter(base, Resources(target, cfg.model, draft, cfg.datastore))
             if isinstance(drafter, PromptLookup):  # the same draft length as HF's prompt lookup
                 drafter = dataclasses.replace(drafter, num_tokens=cfg.num_tokens)
             if isinstance(drafter, DraftModel) and variant == "stock":

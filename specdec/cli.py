@@ -23,6 +23,7 @@ class GenerateConfig:
     model: str = field(default="smollm2-135m", metadata={"help": "target: embedded name, HF path/id or .gguf file"})
     drafter: str = field(default="prompt-lookup", metadata={"help": "drafter name, or 'none' for plain decoding"})
     draft_model: str | None = field(default=None, metadata={"help": "draft model for draft-model* drafters"})
+    datastore: str | None = field(default=None, metadata={"help": "datastore for the retrieval drafters (default: the model's, see `specdec datastore build`)"})
     max_new_tokens: int = field(default=256, metadata={"help": "most new tokens"})
     no_chat: bool = field(default=False, metadata={"help": "feed the prompt as raw text, without the chat template"})
     compare: bool = field(default=False, metadata={"help": "also run model.generate: report speedup, check identity"})
@@ -53,7 +54,7 @@ class DatastoreConfig:
     action: str = field(metadata={"help": "build: tokenize a corpus and write a retrieval datastore", "positional": True})
     model: str = field(default="smollm2-135m", metadata={"help": "the target whose tokenizer is used: embedded name, HF path/id or .gguf"})
     corpus: str | None = field(default=None, metadata={"help": "required: .jsonl (one record a line) or .txt (blank-line-separated documents)"})
-    out: str | None = field(default=None, metadata={"help": "required: datastore directory (an existing datastore there is replaced)"})
+    out: str | None = field(default=None, metadata={"help": "datastore directory (an existing datastore there is replaced); default: the model's default datastore, which the retrieval drafter finds without --datastore"})
     limit: int | None = field(default=None, metadata={"help": "read at most this many records"})
     chat: bool = field(default=False, metadata={"help": "a record is one conversation (user, assistant, ... turns) in the chat template"})
     # Last: the name shadows dataclasses.field for the rest of the class body.
@@ -92,7 +93,7 @@ def cmd_generate(cfg: GenerateConfig) -> int:
     from transformers import TextStreamer
 
     from specdec.decode import GenerationStats, generate
-    from specdec.drafters import DRAFTERS
+    from specdec.drafters import DRAFTERS, Resources, make_drafter
     from specdec.models import load_model
     from specdec.sampling import temperature_kwargs
 
@@ -102,7 +103,8 @@ def cmd_generate(cfg: GenerateConfig) -> int:
     model, tokenizer = load_model(cfg.model)
     draft = load_model(cfg.draft_model)[0] if cfg.draft_model else None
     ensure_profiles(model, draft)
-    drafter = None if cfg.drafter == "none" else DRAFTERS[cfg.drafter](draft)
+    resources = Resources(model, cfg.model, draft, cfg.datastore)
+    drafter = None if cfg.drafter == "none" else make_drafter(cfg.drafter, resources)
     if cfg.no_chat:
         ids = tokenizer(cfg.prompt, return_tensors="pt").input_ids
     else:
@@ -243,26 +245,28 @@ def _vocab_size(model: str, tokenizer) -> int:
 def cmd_datastore(cfg: DatastoreConfig) -> int:
     from tqdm.auto import tqdm
 
+    from specdec.drafters import datastore_dir
     from specdec.drafters.retrieval import Datastore, encode_corpus, read_corpus
     from specdec.models import load_tokenizer
 
     if cfg.action != "build":
         raise ValueError(f"datastore: unknown action {cfg.action!r}; the action is: build")
-    if not cfg.corpus or not cfg.out:
-        raise ValueError("datastore build needs --corpus FILE and --out DIR")
+    if not cfg.corpus:
+        raise ValueError("datastore build needs --corpus FILE")
+    out = cfg.out or str(datastore_dir(cfg.model))
     fields = tuple(f for f in cfg.field.split(",") if f)
     if not fields:
         raise ValueError("--field: give at least one field name")
     records = read_corpus(cfg.corpus, fields, cfg.limit)
-    Datastore.check_writable(cfg.out)  # before loading the tokenizer, which may convert a model first
+    Datastore.check_writable(out)  # before loading the tokenizer, which may convert a model first
     tokenizer = load_tokenizer(cfg.model)
     vocab = _vocab_size(cfg.model, tokenizer)
     described = f"{cfg.corpus}" + (f" fields {','.join(fields)}" if cfg.corpus.endswith(".jsonl") else "")
     described += (f", first {cfg.limit} records" if cfg.limit else "") + (", chat template" if cfg.chat else "")
     docs = encode_corpus(tokenizer, tqdm(records, desc="records", unit=" rec"), chat=cfg.chat)
-    store = Datastore.build(docs, cfg.out, vocab_size=vocab, model_name=cfg.model, description=described)
+    store = Datastore.build(docs, out, vocab_size=vocab, model_name=cfg.model, description=described)
     print(f"datastore: {store.meta['documents']} documents, {store.meta['num_tokens']} tokens, vocabulary {vocab}")
-    print(f"written: {cfg.out}", file=sys.stderr)
+    print(f"written: {out}", file=sys.stderr)
     return 0
 
 

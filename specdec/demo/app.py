@@ -72,19 +72,19 @@ class Session:
         return self._models[name]
 
     def drafter(self, name: str, target: str, budget: int):
-        from specdec.drafters import DRAFTERS
+        from specdec.drafters import DRAFTERS, Resources, make_drafter
 
         if name not in DRAFTERS:
             raise DemoError(f"Unknown drafter {name!r}; choose one of {', '.join(DRAFTERS)}")
         draft = None
-        if name.startswith("draft-model"):
+        if "draft-model" in name:
             if target not in DRAFT_MODEL_FOR:
                 raise DemoError(
                     f"The {name} drafter needs a smaller model with the same tokenizer; "
                     f"choose the target {', '.join(DRAFT_MODEL_FOR)} or another drafter."
                 )
             draft = self.model(DRAFT_MODEL_FOR[target])[0]
-        drafter = DRAFTERS[name](draft)
+        drafter = make_drafter(name, Resources(self.model(target)[0], target, draft))
         if budget and hasattr(drafter, "budget"):  # a tree budget of 0 keeps the drafter's default
             if dataclasses.is_dataclass(drafter):
                 drafter = dataclasses.replace(drafter, budget=int(budget))

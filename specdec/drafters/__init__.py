@@ -1,25 +1,82 @@
 """Concrete drafters. Each is a plain object implementing `specdec.Drafter`.
 
 Boundary: drafters import the core interfaces and `specdec.trees`; the core never imports them.
+`DRAFTERS` is the one place where drafter names become objects, used only at the CLI/demo edge.
 """
 
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from specdec.drafters.compose import Fallback, Merge
 from specdec.drafters.draft_model import DraftModel
+from specdec.drafters.jacobi import Jacobi
+from specdec.drafters.layer_skip import LayerSkip
+from specdec.drafters.lookahead import Lookahead
 from specdec.drafters.prompt_lookup import PromptLookup
+from specdec.drafters.retrieval import Datastore, Retrieval
+from specdec.drafters.token_recycling import TokenRecycling
 
-__all__ = ["DRAFTERS", "DraftModel", "PromptLookup"]
+__all__ = [
+    "DRAFTERS", "Datastore", "DraftModel", "Fallback", "Jacobi", "LayerSkip", "Lookahead", "Merge", "PromptLookup",
+    "Resources", "Retrieval", "TokenRecycling", "datastore_dir", "make_drafter",
+]
 
 
-def _needs_draft(draft):
-    if draft is None:
+@dataclass(frozen=True)
+class Resources:
+    """What a named drafter may be built from: the loaded target, an optional draft model, and
+    an optional datastore directory (None: the target's default one, see `datastore_dir`)."""
+
+    target: Any
+    target_name: str | None = None  # the name the target was loaded by (for default datastores)
+    draft: Any = None
+    datastore: str | None = None
+
+
+def datastore_dir(target_name: str | None) -> Path:
+    """Where `specdec datastore build --model NAME` puts a model's datastore by default."""
+    from specdec.models import cache_dir
+
+    return cache_dir() / "datastores" / Path(target_name or "model").name
+
+
+def _draft(r: Resources):
+    if r.draft is None:
         raise ValueError("this drafter needs a draft model: pass --draft-model NAME (e.g. qwen2.5-coder-0.5b)")
-    return draft
+    return r.draft
 
 
-# The one place where drafter names become objects; used only at the CLI/demo edge.
-# Each entry builds a fresh drafter from the (optional) loaded draft model.
+def _datastore(r: Resources) -> Datastore:
+    path = Path(r.datastore) if r.datastore else datastore_dir(r.target_name)
+    if not (path / "datastore.json").exists():
+        raise ValueError(
+            f"the retrieval drafter needs a datastore and {path} has none: build it with `specdec datastore "
+            f"build --model {r.target_name or 'MODEL'} --corpus FILE` (or pass --datastore DIR)"
+        )
+    return Datastore.open(path)
+
+
 DRAFTERS = {
-    "prompt-lookup": lambda draft=None: PromptLookup(),
-    "prompt-lookup-tree": lambda draft=None: PromptLookup(num_matches=3, budget=16),
-    "draft-model": lambda draft=None: DraftModel(_needs_draft(draft)),
-    "draft-model-tree": lambda draft=None: DraftModel(_needs_draft(draft), topk=2, width=2, budget=8),
+    "prompt-lookup": lambda r: PromptLookup(),
+    "prompt-lookup-tree": lambda r: PromptLookup(num_matches=3, budget=16),
+    "token-recycling": lambda r: TokenRecycling(),
+    "lookahead-pia": lambda r: Lookahead(),
+    "jacobi": lambda r: Jacobi(),
+    "retrieval": lambda r: Retrieval(_datastore(r)),
+    "layer-skip": lambda r: LayerSkip(r.target),
+    "prompt-lookup+jacobi": lambda r: Merge([PromptLookup(num_matches=3, budget=16), Jacobi()], budget=24),
+    "retrieval+prompt-lookup": lambda r: Merge([PromptLookup(num_matches=3, budget=16), Retrieval(_datastore(r))], budget=24),
+    "draft-model": lambda r: DraftModel(_draft(r)),
+    "draft-model-tree": lambda r: DraftModel(_draft(r), topk=2, width=2, budget=8),
+    "prompt-lookup-or-draft-model": lambda r: Fallback(PromptLookup(), DraftModel(_draft(r))),
 }
+
+
+def make_drafter(name: str, resources: Resources):
+    """The drafter registered as `name`, built from `resources`; a clear error for unknown names."""
+    if name not in DRAFTERS:
+        raise ValueError(f"unknown drafter {name!r}; choose from {', '.join(DRAFTERS)}")
+    return DRAFTERS[name](resources)
