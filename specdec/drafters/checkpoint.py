@@ -1,0 +1,171 @@
+"""Save and load trained drafters: ``drafter_config.json`` + ``drafter.safetensors`` in one directory.
+
+Every trained drafter (Medusa heads, feature heads, exit adapters) uses this format. The JSON
+names the drafter kind, the target it was trained for (base model name, hidden size, vocabulary,
+layer count), the drafter's constructor config and free-form metadata (how it was trained, its
+measured accuracy). Loading checks the target first and refuses a mismatch with a message that
+names both sides, because a drafter trained on another model still yields exact output but
+would be silently useless. Saving is atomic: the files are written into a temporary directory
+next to the destination and renamed into place, so a crash never leaves a half-written drafter.
+
+Shipped drafters live in ``specdec/drafters/shipped/<base model>/<kind>/``; `shipped()` finds
+the one matching a loaded model.
+
+Boundary: files and validation only; the drafter classes build themselves from a `Checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+CONFIG_NAME = "drafter_config.json"
+WEIGHTS_NAME = "drafter.safetensors"
+FORMAT_VERSION = 1
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+
+
+class CheckpointError(ValueError):
+    """A drafter checkpoint is missing, corrupt, or made for another target or drafter kind."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    kind: str  # the drafter, e.g. "medusa"
+    target: dict  # base_model, hidden_size, vocab_size, num_hidden_layers of the model it was trained for
+    config: dict  # the drafter's constructor arguments
+    tensors: dict[str, Tensor]
+    metadata: dict = field(default_factory=dict)  # training record and measured accuracy
+
+
+def base_model_name(model) -> str:
+    """The name a checkpoint records for its target: the last component of the path or hub id
+    the model was loaded from (an embedded model's converted directory is named after it, e.g.
+    ``smollm2-135m``); empty for a model built in memory."""
+    return Path(str(getattr(model.config, "name_or_path", "") or "")).name
+
+
+def describe(model) -> dict:
+    """What a checkpoint records about its target, and checks again on load."""
+    cfg = model.config
+    return {
+        "base_model": base_model_name(model),
+        "hidden_size": int(cfg.hidden_size),
+        "vocab_size": int(model.get_output_embeddings().weight.shape[0]),
+        "num_hidden_layers": int(cfg.num_hidden_layers),
+    }
+
+
+def save(directory, checkpoint: Checkpoint) -> Path:
+    """Write `checkpoint` to `directory` atomically, replacing what was there."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    old = None
+    try:
+        header = {"format_version": FORMAT_VERSION, "drafter": checkpoint.kind, "target": checkpoint.target,
+                  "config": checkpoint.config, "metadata": checkpoint.metadata}
+        (staged / CONFIG_NAME).write_text(json.dumps(header, indent=2) + "\n")
+        save_file({k: v.detach().contiguous().cpu() for k, v in checkpoint.tensors.items()}, str(staged / WEIGHTS_NAME))
+        if directory.exists():
+            # Two renames: the old drafter moves aside before the new one moves in, so the
+            # destination is always either the whole old checkpoint or the whole new one.
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+            os.rename(directory, old / "d")
+        os.rename(staged, directory)
+    except BaseException:
+        if old is not None and not directory.exists():
+            os.rename(old / "d", directory)
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def _read_header(directory: Path) -> dict:
+    if not directory.is_dir():
+        raise CheckpointError(f"drafter checkpoint {str(directory)!r} does not exist (expected a directory with "
+                              f"{CONFIG_NAME} and {WEIGHTS_NAME})")
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (directory / n).is_file()]
+    if missing:
+        raise CheckpointError(f"drafter checkpoint {str(directory)!r} is missing {', '.join(missing)}; "
+                              "re-save it with save_pretrained or retrain it")
+    try:
+        header = json.loads((directory / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"drafter checkpoint {str(directory)!r} is corrupt: {CONFIG_NAME} is not valid JSON "
+                              f"({e}); re-save it with save_pretrained or retrain it") from None
+    keys = {"format_version", "drafter", "target", "config"}
+    if not isinstance(header, dict) or not keys <= header.keys():
+        raise CheckpointError(f"drafter checkpoint {str(directory)!r} is corrupt: {CONFIG_NAME} lacks "
+                              f"{sorted(keys - set(header) if isinstance(header, dict) else keys)}")
+    if header["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"drafter checkpoint {str(directory)!r} has format version {header['format_version']}; "
+                              f"this specdec reads version {FORMAT_VERSION}")
+    return header
+
+
+def check_target(saved: dict, model, where: str, *, check_base_model: bool = True) -> None:
+    """Refuse a checkpoint made for another target, naming the field and both values."""
+    have = describe(model)
+    for key in ("hidden_size", "vocab_size", "num_hidden_layers"):
+        if saved.get(key) != have[key]:
+            raise CheckpointError(
+                f"{where} was trained for a target with {key}={saved.get(key)} (base model "
+                f"{saved.get('base_model')!r}) but this model has {key}={have[key]}; load it with the model it was "
+                "trained for, or train a drafter for this one (specdec train ...)"
+            )
+    # A model built in memory has no name to compare; the sizes above still had to match.
+    if check_base_model and have["base_model"] and saved.get("base_model") != have["base_model"]:
+        raise CheckpointError(
+            f"{where} was trained for base model {saved.get('base_model')!r} but this model is "
+            f"{have['base_model']!r}; pass check_base_model=False if they are the same network under two names"
+        )
+
+
+def load(directory, kind: str, model, *, check_base_model: bool = True) -> Checkpoint:
+    """Read and validate a checkpoint of drafter `kind` for target `model`."""
+    directory = Path(directory)
+    header = _read_header(directory)
+    where = f"drafter checkpoint {str(directory)!r}"
+    if header["drafter"] != kind:
+        raise CheckpointError(f"{where} holds a {header['drafter']!r} drafter, not {kind!r}; "
+                              f"load it with the {header['drafter']!r} drafter's from_pretrained")
+    check_target(header["target"], model, where, check_base_model=check_base_model)
+    try:
+        tensors = load_file(str(directory / WEIGHTS_NAME))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{where} is corrupt: {WEIGHTS_NAME} cannot be read ({e}); "
+                              "re-save it with save_pretrained or retrain it") from None
+    return Checkpoint(kind, header["target"], header["config"], tensors, header.get("metadata") or {})
+
+
+def available(root: Path = SHIPPED_DIR) -> list[tuple[str, str]]:
+    """(base model, kind) of every shipped drafter."""
+    if not root.is_dir():
+        return []
+    return sorted((d.parent.name, d.name) for d in root.glob("*/*") if (d / CONFIG_NAME).is_file())
+
+
+def shipped(kind: str, model, root: Path = SHIPPED_DIR) -> Path:
+    """Directory of the shipped `kind` drafter for `model` (matched by base model name)."""
+    name = base_model_name(model)
+    directory = root / name / kind
+    if name and (directory / CONFIG_NAME).is_file():
+        return directory
+    have = ", ".join(f"{k} for {m}" for m, k in available(root)) or "none"
+    raise CheckpointError(
+        f"no shipped {kind!r} drafter for base model {name or '(unnamed model built in memory)'!r} "
+        f"(shipped: {have}); train one with `specdec train {kind} --model ...` and load it with "
+        f"from_pretrained(output_dir, model)"
+    )

@@ -1,0 +1,214 @@
+"""Medusa: K extra heads on the target's last hidden state guess the tokens 2..K+1 ahead.
+
+Alignment (checked by an oracle test). ``Context.hidden_states[-1]`` is always the target's
+last-layer state (post final norm) at the token *before* the root: after the prefill the rows
+are the prompt's ``input_ids[:-1]``, and after a step they are the old root plus the accepted
+nodes, the last of which predicted the new root. So with that state at position p, the target's
+own lm_head predicted the root (p + 1), and head k (1-based) predicts position p + 1 + k, the
+depth-k node under the root. The first step needs no special case.
+
+Heads (Medusa-1): each head is `num_layers` residual blocks ``x + SiLU(W x)`` followed by the
+target's own lm_head (shared, frozen, never copied) or, optionally, its own. The blocks start at
+zero, so an untrained head repeats the target's next-token guess.
+
+Tree: a static shape (list of paths of ranks, `specdec.trees.presets`) filled with each head's
+top-k tokens; a node's score is the product of its path's head probabilities. With a measured
+accuracy table (from training) the default shape is calibrated from it and sized by the
+target's verify-cost curve (Medusa's sparse tree, Sequoia's size rule).
+
+Boundary: imports the core interface, `specdec.trees` and the checkpoint helpers only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from specdec.drafter import Context, Feedback
+from specdec.drafters import checkpoint
+from specdec.trees import TokenTree, fill, parents_of
+from specdec.trees.presets import calibrated, cut, preset, validate
+
+KIND = "medusa"
+DEFAULT_TREE = "medusa-16"  # without an accuracy table: Medusa's tree cut to a CPU-sized verify
+DEFAULT_BUDGET = 32  # most nodes of a calibrated tree
+
+
+class ResBlock(nn.Module):
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.linear.weight)  # identity at start: the head begins as the target's lm_head
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + F.silu(self.linear(x))
+
+
+class MedusaHeads(nn.Module):
+    """`num_heads` heads of `num_layers` residual blocks. ``vocab_size=None``: the heads project
+    with the lm_head weight passed to `forward` (the target's); otherwise each head owns one."""
+
+    def __init__(self, hidden_size: int, num_heads: int = 4, num_layers: int = 1, vocab_size: int | None = None):
+        super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("num_layers", num_layers)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MedusaHeads: {name} must be an int >= 1, got {value!r}")
+        self.hidden_size, self.num_heads, self.num_layers, self.vocab_size = hidden_size, num_heads, num_layers, vocab_size
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*(ResBlock(hidden_size) for _ in range(num_layers))) for _ in range(num_heads)
+        )
+        self.lm_heads = None if vocab_size is None else nn.ModuleList(
+            nn.Linear(hidden_size, vocab_size, bias=False) for _ in range(num_heads)
+        )
+
+    def config(self) -> dict:
+        return {"hidden_size": self.hidden_size, "num_heads": self.num_heads, "num_layers": self.num_layers,
+                "vocab_size": self.vocab_size}
+
+    def init_lm_heads(self, weight: Tensor) -> None:
+        """Start every own lm_head from the target's (Medusa's initialisation); no-op when shared."""
+        if self.lm_heads is not None:
+            with torch.no_grad():
+                for head in self.lm_heads:
+                    head.weight.copy_(weight)
+
+    def forward(self, hidden: Tensor, lm_weight: Tensor | None = None, lm_bias: Tensor | None = None,
+                num_heads: int | None = None) -> Tensor:
+        """[..., hidden] target states -> [..., num_heads, vocab] logits of the first `num_heads`
+        heads (all by default). `lm_weight` [vocab, hidden] / `lm_bias` are the target's lm_head,
+        needed unless the heads own theirs."""
+        n = self.num_heads if num_heads is None else num_heads
+        x = hidden.to(self.blocks[0][0].linear.weight.dtype)
+        feats = torch.stack([block(x) for block in self.blocks[:n]], dim=-2)  # [..., n, hidden]
+        if self.lm_heads is not None:
+            return torch.stack([head(feats[..., i, :]) for i, head in enumerate(self.lm_heads[:n])], dim=-2)
+        if lm_weight is None:
+            raise ValueError("MedusaHeads: pass the target's lm_head weight (the heads were built with vocab_size=None)")
+        return F.linear(feats.to(lm_weight.dtype), lm_weight, lm_bias)
+
+
+def lm_head_of(model) -> tuple[Tensor, Tensor | None]:
+    """The target's output projection as frozen tensors sharing its storage (no copy, no grad)."""
+    head = model.get_output_embeddings()
+    bias = getattr(head, "bias", None)
+    return head.weight.detach(), None if bias is None else bias.detach()
+
+
+class Medusa:
+    needs_hidden_states = True
+
+    def __init__(
+        self, model, heads: MedusaHeads, *, tree: str | Sequence[Sequence[int]] | None = None,
+        budget: int | None = None, accuracy: Tensor | Sequence[Sequence[float]] | None = None,
+        metadata: dict | None = None,
+    ):
+        """`tree`: a preset name (`specdec.trees.presets.PRESETS`), a list of rank paths, or None:
+        calibrated from `accuracy` when given (re-sized each generation from the target's
+        verify-cost curve), else the "medusa-16" preset. Presets deeper than the heads reach
+        are cut to their depth. `budget`: most tree nodes (a preset or path list keeps its
+        first `budget` paths, which always form a tree; a calibrated tree defaults to 32).
+        `accuracy`: [num_heads, ranks] measured chance that head d's rank-r token is right
+        given the heads before it were (training writes it into the checkpoint). `metadata`:
+        the checkpoint's training record, saved again by `save_pretrained`."""
+        if not isinstance(heads, MedusaHeads):
+            raise TypeError(f"Medusa: heads must be a MedusaHeads, got {type(heads).__name__}")
+        if budget is not None and (not isinstance(budget, int) or budget < 1):
+            raise ValueError(f"Medusa: budget must be an int >= 1 or None, got {budget!r}")
+        self.model, self.heads, self.budget = model, heads, budget
+        self._check(model)
+        self.metadata = dict(metadata or {})
+        self.accuracy = None
+        if accuracy is not None:
+            self.accuracy = torch.as_tensor(accuracy, dtype=torch.float64)
+            if self.accuracy.dim() != 2 or self.accuracy.shape[0] > heads.num_heads:
+                raise ValueError(f"Medusa: accuracy must be [depth <= num_heads={heads.num_heads}, ranks], "
+                                 f"got shape {tuple(self.accuracy.shape)}")
+            calibrated(self.accuracy, 1)  # raises now, not mid-generation, for chances outside [0, 1]
+            self.metadata["accuracy"] = self.accuracy.tolist()
+        if tree is None and self.accuracy is None:
+            tree = DEFAULT_TREE
+        if tree is None:
+            self.paths = None  # calibrated per cost curve in `shape`
+        elif isinstance(tree, str):
+            self.paths = cut(preset(tree), heads.num_heads)[:budget]
+        else:
+            self.paths = validate(tree, max_depth=heads.num_heads)[:budget]
+        self._calibrated: tuple[object, list] | None = None  # (verify_cost it was sized for, paths)
+        self._lm = lm_head_of(model)
+
+    def _check(self, target) -> None:
+        vocab = target.get_output_embeddings().weight.shape[0]
+        if target.config.hidden_size != self.heads.hidden_size:
+            raise ValueError(f"Medusa: the heads take hidden size {self.heads.hidden_size} but the target's is "
+                             f"{target.config.hidden_size}; use heads trained for this target")
+        if self.heads.vocab_size is not None and self.heads.vocab_size != vocab:
+            raise ValueError(f"Medusa: the heads' own lm_heads have {self.heads.vocab_size} tokens but the target's "
+                             f"vocabulary has {vocab}; use heads trained for this target")
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, directory, model, *, check_base_model: bool = True, **kwargs) -> Medusa:
+        """Heads saved by `save_pretrained` (or `specdec train medusa`), validated against
+        `model`; the saved accuracy table calibrates the tree unless `tree=` is given."""
+        ckpt = checkpoint.load(directory, KIND, model, check_base_model=check_base_model)
+        try:
+            heads = MedusaHeads(**ckpt.config)
+            heads.load_state_dict(ckpt.tensors)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise checkpoint.CheckpointError(f"drafter checkpoint {str(directory)!r} is corrupt: its weights do not "
+                                             f"match its config ({e})") from None
+        heads.to(device=model.device, dtype=model.dtype)
+        kwargs.setdefault("accuracy", ckpt.metadata.get("accuracy"))
+        return cls(model, heads, metadata=ckpt.metadata, **kwargs)
+
+    @classmethod
+    def shipped(cls, model, **kwargs) -> Medusa:
+        """The heads shipped with specdec for this model (`checkpoint.shipped`), or a clear error."""
+        return cls.from_pretrained(checkpoint.shipped(KIND, model), model, **kwargs)
+
+    def save_pretrained(self, directory) -> Path:
+        return checkpoint.save(directory, checkpoint.Checkpoint(
+            KIND, checkpoint.describe(self.model), self.heads.config(), self.heads.state_dict(), self.metadata))
+
+    # ---- drafting --------------------------------------------------------------------------
+    def shape(self, verify_cost: Callable[[int], float] | None = None) -> list[tuple[int, ...]]:
+        """The tree shape used under this verify-cost curve."""
+        if self.paths is not None:
+            return self.paths
+        if self._calibrated is None or self._calibrated[0] is not verify_cost:
+            paths = calibrated(self.accuracy, self.budget or DEFAULT_BUDGET, verify_cost)
+            self._calibrated = (verify_cost, paths)
+        return self._calibrated[1]
+
+    def begin(self, target) -> None:
+        self._check(target)
+        self._lm = lm_head_of(target)
+
+    @torch.no_grad()
+    def propose(self, ctx: Context) -> TokenTree:
+        hidden = ctx.hidden_states
+        if hidden is None or hidden.shape[0] == 0:  # a one-token prompt has no state before the root
+            return TokenTree.empty()
+        paths = self.shape(ctx.verify_cost)
+        if ctx.max_depth is not None:
+            paths = cut(paths, ctx.max_depth)
+        if not paths:
+            return TokenTree.empty()
+        depth = max(len(p) for p in paths)
+        topk = 1 + max(max(p) for p in paths)
+        logits = self.heads(hidden[-1:], *self._lm, num_heads=depth)[0]  # [depth, vocab]
+        probs, tokens = torch.softmax(logits.float(), dim=-1).topk(topk, dim=-1)  # [depth, topk]
+        probs = probs.double().cpu().tolist()
+        scores: list[float] = []
+        for path, parent in zip(paths, parents_of(paths)):
+            scores.append(probs[len(path) - 1][path[-1]] * (scores[parent] if parent >= 0 else 1.0))
+        tree = fill(paths, tokens.cpu())
+        return TokenTree(tree.tokens, tree.parents, scores=torch.tensor(scores, dtype=torch.float64))
+
+    def update(self, feedback: Feedback) -> None:
+        pass  # stateless: every proposal comes from ctx.hidden_states

@@ -1,0 +1,55 @@
+"""``specdec train <make-data|medusa>``: argument parsing for the training commands.
+
+Each command's arguments are dataclasses parsed by `transformers.HfArgumentParser`, so
+``--help`` lists every field with its help text and default. The same entry point runs under
+``accelerate launch -m specdec.training <command> ...`` for several processes or GPUs.
+
+Boundary: the edge of the training layer; `specdec.cli` hands ``specdec train ...`` here.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+from transformers import HfArgumentParser
+
+from specdec.training.data import MakeDataArguments, make_data
+from specdec.training.medusa import MedusaArguments, MedusaRecipe
+from specdec.training.train import TrainArguments, train
+
+COMMANDS = {
+    "make-data": ("self-distil training data: the target answers prompts (resumable)", (MakeDataArguments,)),
+    "medusa": ("train Medusa-1 heads on make-data output (frozen target)", (TrainArguments, MedusaArguments)),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: specdec train <command> [--help] [arguments]", "", "commands:"]
+    lines += [f"  {name:<10} {help_text}" for name, (help_text, _) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"specdec train: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    import datasets
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # per-call generation-flag warnings would drown the progress bars
+    datasets.disable_progress_bars()  # one bar per saved shard otherwise
+    help_text, classes = COMMANDS[command]
+    parser = HfArgumentParser(classes, prog=f"specdec train {command}", description=help_text)
+    parsed = parser.parse_args_into_dataclasses(rest)
+    if command == "make-data":
+        print(make_data(*parsed))
+    else:
+        args, recipe_args = parsed
+        print(train(args, MedusaRecipe(recipe_args), command=shlex.join(["specdec", "train", *argv])))
+    return 0

@@ -1,0 +1,244 @@
+"""Training data for drafters: self-distillation (`make-data`) and batches of it.
+
+`make_data` lets the target answer prompts from a jsonl file through its chat template, greedy
+and batched (left padding), and stores each prompt + answer as token ids with the prompt length,
+so a drafter learns what this target actually says (Medusa's self-distillation). Optionally it
+also stores the target's last hidden states (fp16, post final norm: what the verifier hands a
+drafter), so head training never runs the target again. Work is saved in shards of prompts with
+a manifest; a rerun with the same settings skips finished shards, and the last step assembles
+one `datasets` dataset (`save_to_disk`) under ``<output_dir>/dataset``.
+
+`Batch` / `collate` turn stored examples into right-padded tensors with the mask of answer
+tokens (where the target's own tokens are the labels); `target_states` runs the frozen target
+for the hidden states when they were not stored.
+
+Boundary: data only; no drafter and no training loop. Runs in one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from specdec.models import load_model
+
+DATASET_DIR = "dataset"
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class MakeDataArguments:
+    # dataclasses.field in full: the `field` argument below shadows the bare name in this body.
+    model: str = dataclasses.field(default="smollm2-135m", metadata={"help": "target: embedded name, HF directory/hub id or .gguf file"})
+    prompts: str = dataclasses.field(default="../shared/data/train_prompts.jsonl", metadata={"help": "jsonl file of prompts"})
+    field: str = dataclasses.field(default="prompt", metadata={"help": "the jsonl key holding each prompt"})
+    output_dir: str = dataclasses.field(default="runs/data", metadata={"help": "where shards, manifest.json and dataset/ go"})
+    max_new_tokens: int = dataclasses.field(default=256, metadata={"help": "longest answer, in tokens"})
+    limit: int | None = dataclasses.field(default=None, metadata={"help": "use only the first N prompts (default: all)"})
+    batch_size: int = dataclasses.field(default=8, metadata={"help": "prompts generated together (left-padded)"})
+    shard_size: int = dataclasses.field(default=64, metadata={"help": "prompts per saved shard: the unit of resuming"})
+    save_hidden_states: bool = dataclasses.field(default=False, metadata={
+        "help": "also store the target's last hidden states (fp16) so head training skips the target forward"})
+    dtype: str = dataclasses.field(default="float32", metadata={"help": "target dtype: float32, bfloat16 or float16"})
+    threads: int | None = dataclasses.field(default=None, metadata={"help": "torch CPU threads (unset: torch's choice)"})
+
+
+def read_prompts(path: str | Path, key: str, limit: int | None = None) -> list[str]:
+    prompts = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                row = json.loads(line)
+                if key not in row:
+                    raise ValueError(f"{path}:{n} has no field {key!r} (fields: {sorted(row)}); pass --field NAME")
+                prompts.append(str(row[key]))
+            if limit is not None and len(prompts) >= limit:
+                break
+    if not prompts:
+        raise ValueError(f"no prompts in {path}")
+    return prompts
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)  # atomic: a crash leaves the old manifest or the new one
+
+
+def _save_dataset(ds, directory: Path) -> None:
+    """`save_to_disk` into a temporary sibling, then rename into place."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        ds.save_to_disk(str(staged / "d"))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.rename(staged / "d", directory)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def _eos_ids(model) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return set() if eos is None else {int(e) for e in ([eos] if isinstance(eos, int) else eos)}
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor  # [b, t] right-padded with 0
+    attention_mask: Tensor  # [b, t] 1 for real tokens
+    answer_mask: Tensor  # [b, t] bool: tokens the target generated (the labels)
+    hidden_states: Tensor | None = None  # [b, t, hidden] stored target states, if any
+
+    def to(self, device) -> Batch:
+        return Batch(*(None if x is None else x.to(device) for x in (self.input_ids, self.attention_mask,
+                                                                    self.answer_mask, self.hidden_states)))
+
+
+def collate(rows: dict, max_length: int | None = None) -> Batch:
+    """Examples as `datasets` returns them in torch format (``ds[indices]``) -> a `Batch`."""
+    ids = [torch.as_tensor(x)[:max_length] for x in rows["input_ids"]]
+    t = max(len(x) for x in ids)
+    input_ids = torch.zeros(len(ids), t, dtype=torch.long)
+    attention = torch.zeros(len(ids), t, dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = x
+        attention[i, : len(x)] = 1
+    prompt = torch.as_tensor(rows["prompt_length"]).view(-1, 1)
+    answer = attention.bool() & (torch.arange(t)[None] >= prompt)
+    hidden = None
+    if "hidden_states" in rows:
+        states = [h[:max_length] for h in rows["hidden_states"]]
+        hidden = torch.zeros(len(ids), t, states[0].shape[-1], dtype=torch.float32)
+        for i, h in enumerate(states):
+            hidden[i, : len(h)] = h
+    return Batch(input_ids, attention, answer, hidden)
+
+
+@torch.no_grad()
+def target_states(model, batch: Batch) -> Tensor:
+    """[b, t, hidden] the target's last-layer states (post final norm), as the verifier sees them."""
+    out = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    return out.last_hidden_state
+
+
+def load_examples(path: str | Path):
+    """The dataset written by `make_data` (give its output_dir or the dataset dir itself)."""
+    import datasets
+
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        manifest = json.loads((path / MANIFEST).read_text())
+        if not manifest.get("done"):
+            raise ValueError(f"{path} is unfinished ({len(manifest['shards'])} shards so far): rerun make-data with the "
+                             "same arguments to finish it")
+        path = path / DATASET_DIR
+    if not path.is_dir():
+        raise ValueError(f"no training data at {str(path)!r}: run `specdec train make-data --output-dir {path}` first")
+    return datasets.load_from_disk(str(path)).with_format("torch")
+
+
+def manifest_of(path: str | Path) -> dict:
+    """The make-data manifest (settings and sizes) for a data dir, or {} when it has none."""
+    path = Path(path)
+    for candidate in (path / MANIFEST, path.parent / MANIFEST):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return {}
+
+
+def _generate_shard(model, tok, prompts: list[str], args: MakeDataArguments) -> dict:
+    """Answers for `prompts`: {"input_ids": [...], "prompt_length": [...], ("hidden_states": [...])}."""
+    eos = _eos_ids(model)
+    rows: dict[str, list] = {"input_ids": [], "prompt_length": []}
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start : start + args.batch_size]
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+                 for p in chunk]
+        enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        out = model.generate(**enc.to(model.device), max_new_tokens=args.max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id).cpu()  # [b, padded prompt + new]
+        width = enc["input_ids"].shape[1]
+        for b in range(len(chunk)):
+            prompt = enc["input_ids"][b][enc["attention_mask"][b].bool()]
+            answer = out[b, width:].tolist()
+            stop = next((i for i, t in enumerate(answer) if t in eos), None)
+            answer = answer if stop is None else answer[: stop + 1]  # keep EOS: the heads should predict it too
+            rows["input_ids"].append(prompt.tolist() + answer)
+            rows["prompt_length"].append(prompt.numel())
+    if args.save_hidden_states:
+        rows["hidden_states"] = []
+        for start in range(0, len(rows["input_ids"]), args.batch_size):
+            batch = collate({k: v[start : start + args.batch_size] for k, v in rows.items() if k != "hidden_states"})
+            states = target_states(model, batch.to(model.device)).half().cpu()
+            rows["hidden_states"] += [states[i, : int(n)].numpy() for i, n in enumerate(batch.attention_mask.sum(1))]
+    return rows
+
+
+def make_data(args: MakeDataArguments) -> Path:
+    """Self-distilled training data in ``args.output_dir`` (resumable); returns the dataset dir."""
+    import datasets
+
+    if args.batch_size < 1 or args.shard_size < 1 or args.max_new_tokens < 1:
+        raise ValueError("make-data: --batch-size, --shard-size and --max-new-tokens must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = read_prompts(args.prompts, args.field, args.limit)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in asdict(args).items() if k not in ("output_dir", "batch_size", "threads")}
+    settings.update(prompts=str(Path(args.prompts).resolve()), num_prompts=len(prompts))
+    manifest = {"settings": settings, "shards": [], "seconds": 0.0, "done": False}
+    if (out / MANIFEST).is_file():
+        old = json.loads((out / MANIFEST).read_text())
+        if old["settings"] != settings:
+            changed = sorted(k for k in settings if old["settings"].get(k) != settings[k])
+            raise ValueError(f"{out} holds data made with other settings ({', '.join(changed)} differ); use the same "
+                             "arguments to resume it, or another --output-dir")
+        manifest = old
+    if manifest["done"] and (out / DATASET_DIR).is_dir():
+        return out / DATASET_DIR
+
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
+    tok.padding_side = "left"  # batched generation continues every row from its last prompt token
+    done = max((s["end"] for s in manifest["shards"]), default=0)
+    starts = range(done, len(prompts), args.shard_size)
+    for start in tqdm(starts, desc="make-data shards", unit="shard"):
+        end = min(start + args.shard_size, len(prompts))
+        t0 = time.perf_counter()
+        rows = _generate_shard(model, tok, prompts[start:end], args)
+        name = f"shard-{start:07d}"
+        _save_dataset(datasets.Dataset.from_dict(rows, features=_features(model, args.save_hidden_states)),
+                      out / "shards" / name)
+        manifest["shards"].append({"name": name, "start": start, "end": end})
+        manifest["seconds"] += time.perf_counter() - t0
+        _write_json(out / MANIFEST, manifest)
+
+    shards = [datasets.load_from_disk(str(out / "shards" / s["name"])) for s in manifest["shards"]]
+    full = datasets.concatenate_datasets(shards)
+    _save_dataset(full, out / DATASET_DIR)
+    lengths = torch.tensor([len(x) for x in full["input_ids"]])
+    prompt_lengths = torch.tensor(full["prompt_length"])
+    manifest.update(done=True, examples=full.num_rows, prompt_tokens=int(prompt_lengths.sum()),
+                    answer_tokens=int((lengths - prompt_lengths).sum()))
+    _write_json(out / MANIFEST, manifest)
+    return out / DATASET_DIR
+
+
+def _features(model, hidden: bool):
+    from datasets import Array2D, Features, Sequence, Value
+
+    cols = {"input_ids": Sequence(Value("int32")), "prompt_length": Value("int32")}
+    if hidden:
+        cols["hidden_states"] = Array2D(shape=(None, model.config.hidden_size), dtype="float16")
+    return Features(cols)

@@ -1,0 +1,256 @@
+"""The training loop shared by every drafter recipe, under `accelerate`.
+
+One command runs on one CPU or many GPUs (``accelerate launch -m specdec.training ...``): the
+trainable module, optimizer and schedule go through ``Accelerator.prepare``; the frozen target
+is only moved to the device. On a machine without GPUs, ``accelerate launch --multi_gpu
+--num_processes N`` starts N CPU processes that train together over gloo (accelerate's own
+``--cpu`` flag starts a single process unless MPI is set up). Each process takes its own slice
+of every global batch, chosen from a permutation seeded by (seed, epoch), so the data order is
+a pure function of the step and a resumed run sees exactly the batches the uninterrupted one
+would have.
+
+Output directory: ``log.jsonl`` (one record per logged step, and the final evaluation),
+``checkpoints/step-N/`` (accelerate state: weights, optimizer, schedule, RNG; plus the step and
+elapsed time), each written atomically, and ``drafter/`` (the trained drafter, loadable with the
+drafter's ``from_pretrained``) whose config records how it was made and how well it predicts.
+
+A recipe (`Recipe`) supplies the module, its loss, its held-out evaluation and how to save it.
+
+Boundary: imports the core (model loading), the data module and nothing drafter-specific.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from specdec.models import load_model
+from specdec.training.data import Batch, collate, load_examples, manifest_of, target_states
+
+LOG = "log.jsonl"
+CHECKPOINTS = "checkpoints"
+DRAFTER_DIR = "drafter"
+STATE = "trainer_state.json"
+
+
+@dataclass
+class TrainArguments:
+    model: str = field(default="smollm2-135m", metadata={"help": "target: embedded name, HF directory/hub id or .gguf file"})
+    data: str = field(default="runs/data", metadata={"help": "output dir of `specdec train make-data` (or its dataset/)"})
+    output_dir: str = field(default="runs/drafter", metadata={"help": "log.jsonl, checkpoints/ and the trained drafter/"})
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps (the data is cycled in epochs)"})
+    batch_size: int = field(default=4, metadata={"help": "sequences per process per step"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "transformers schedule: cosine, linear, constant, ..."})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
+    max_length: int = field(default=1024, metadata={"help": "sequences are cut to this many tokens"})
+    eval_fraction: float = field(default=0.05, metadata={"help": "share of examples held out for the final evaluation"})
+    save_steps: int = field(default=200, metadata={"help": "checkpoint every N steps (and at the end)"})
+    save_total_limit: int = field(default=2, metadata={"help": "keep this many newest checkpoints"})
+    log_steps: int = field(default=10, metadata={"help": "log the loss every N steps"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
+    seed: int = field(default=0, metadata={"help": "seeds initialisation, data split and data order"})
+    dtype: str = field(default="float32", metadata={"help": "target dtype: float32, bfloat16 or float16"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads per process"})
+
+
+class Recipe(Protocol):
+    kind: str  # the drafter name, e.g. "medusa"
+    needs_hidden_states: bool  # fill Batch.hidden_states (stored, or from a target forward)
+
+    def build(self, target) -> nn.Module:
+        """The trainable module, freshly initialised."""
+
+    def loss(self, module: nn.Module, target, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        """The scalar to minimise and named parts to log."""
+
+    def evaluate(self, module: nn.Module, target, batches: Iterator[Batch]) -> dict:
+        """Held-out metrics; written into the drafter's metadata."""
+
+    def save(self, module: nn.Module, target, directory: Path, metadata: dict) -> Path:
+        """Write the drafter checkpoint (via its `save_pretrained`)."""
+
+    def arguments(self) -> dict:
+        """The recipe's own arguments, recorded in the metadata."""
+
+
+def split(n: int, eval_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(train, held-out) example indices, fixed by the seed."""
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_eval = int(round(n * eval_fraction))
+    if eval_fraction > 0:
+        n_eval = min(max(n_eval, 1), n - 1)
+    return order[n_eval:], order[:n_eval]
+
+
+def _batch(ds, indices: Tensor, args: TrainArguments, recipe: Recipe, target, device) -> Batch:
+    batch = collate(ds[indices.tolist()], args.max_length).to(device)
+    if recipe.needs_hidden_states and batch.hidden_states is None:
+        batch.hidden_states = target_states(target, batch)
+    return batch
+
+
+def _log(out: Path, record: dict) -> None:
+    with open(out / LOG, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted((out / CHECKPOINTS).glob("step-*"))
+
+
+def _save_checkpoint(accelerator, out: Path, step: int, seconds: float, keep: int) -> None:
+    """accelerate state into a temporary dir every process writes to, renamed when complete."""
+    root = out / CHECKPOINTS
+    staged, final = root / f".tmp-step-{step:08d}", root / f"step-{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staged))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (staged / STATE).write_text(json.dumps({"step": step, "seconds": seconds}) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        staged.rename(final)
+        for old in _checkpoints(out)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _resume(accelerator, out: Path) -> tuple[int, float]:
+    found = _checkpoints(out)
+    if not found:
+        accelerator.print(f"--resume: no checkpoint in {out / CHECKPOINTS}, starting from step 0")
+        return 0, 0.0
+    accelerator.load_state(str(found[-1]))
+    state = json.loads((found[-1] / STATE).read_text())
+    if accelerator.is_main_process and (out / LOG).is_file():
+        # Steps logged after the checkpoint will be trained (and logged) again; a final
+        # evaluation of the earlier run no longer describes the drafter.
+        records = [json.loads(line) for line in (out / LOG).read_text().splitlines()]
+        kept = [r for r in records if r["step"] <= state["step"] and "eval" not in r]
+        (out / LOG).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    accelerator.print(f"resuming from {found[-1]} (step {state['step']})")
+    return state["step"], state["seconds"]
+
+
+def train(args: TrainArguments, recipe: Recipe, command: str | None = None) -> Path:
+    """Train `recipe`'s drafter on `args.data`; returns the saved drafter's directory."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    for name in ("max_steps", "batch_size", "save_steps", "log_steps", "max_length"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Without a GPU, processes started by `accelerate launch --multi_gpu` must be told to use
+    # CPU DDP (gloo); otherwise each would silently train alone and overwrite the others' files.
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(f"launched as {launched} processes but accelerate joined {accelerator.num_processes}; "
+                           "start several processes with `accelerate launch --multi_gpu --num_processes N ...`")
+    set_seed(args.seed)
+    out = Path(args.output_dir)
+    if not args.resume and _checkpoints(out):
+        raise ValueError(f"{out} already has checkpoints: pass --resume to continue, or choose another --output-dir")
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    target, _ = load_model(args.model, dtype=getattr(torch, args.dtype))
+    target.to(accelerator.device)
+    ds = load_examples(args.data)
+    train_idx, eval_idx = split(len(ds), args.eval_fraction, args.seed)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    steps_per_epoch = len(train_idx) // (args.batch_size * world)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_idx)} training examples cannot fill one step of {world} x --batch-size "
+                         f"{args.batch_size}; lower --batch-size or make more data")
+
+    module = recipe.build(target)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=args.weight_decay)
+    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
+                              num_training_steps=args.max_steps)
+    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    step, seconds = _resume(accelerator, out) if args.resume else (0, 0.0)
+
+    progress = tqdm(total=args.max_steps, initial=step, desc=f"train {recipe.kind}", disable=not main)
+    t0 = time.perf_counter() - seconds
+    module.train()
+    while step < args.max_steps:
+        epoch, i = divmod(step, steps_per_epoch)
+        order = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(args.seed + epoch))]
+        first = (i * world + rank) * args.batch_size
+        batch = _batch(ds, order[first : first + args.batch_size], args, recipe, target, accelerator.device)
+        loss, parts = recipe.loss(module, target, batch)
+        accelerator.backward(loss)
+        if args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(module.parameters(), args.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        step += 1
+        progress.update(1)
+        if step % args.log_steps == 0 or step == args.max_steps:
+            mean = float(accelerator.reduce(loss.detach(), reduction="mean"))
+            progress.set_postfix(loss=f"{mean:.4f}")
+            if main:
+                _log(out, {"step": step, "epoch": epoch, "loss": mean, **parts, "lr": lr,
+                           "seconds": round(time.perf_counter() - t0, 3)})
+        if step % args.save_steps == 0 or step == args.max_steps:
+            _save_checkpoint(accelerator, out, step, time.perf_counter() - t0, args.save_total_limit)
+    seconds = time.perf_counter() - t0
+    progress.close()
+
+    directory = out / DRAFTER_DIR
+    if main:
+        module = accelerator.unwrap_model(module).eval()
+        with torch.no_grad():
+            batches = (_batch(ds, eval_idx[s : s + args.batch_size], args, recipe, target, accelerator.device)
+                       for s in range(0, len(eval_idx), args.batch_size))
+            metrics = recipe.evaluate(module, target, batches)
+        _log(out, {"step": step, **metrics})
+        data = manifest_of(args.data)
+        metadata = {
+            **metrics,
+            "training": {
+                "command": command,
+                "steps": step,
+                "seconds": round(seconds, 3),
+                "processes": world,
+                "device": str(accelerator.device),
+                "train_examples": len(train_idx),
+                "train_answer_tokens": _answer_tokens(ds, train_idx),
+                "eval_examples": len(eval_idx),
+                "data": {k: data.get(k) for k in ("settings", "examples", "answer_tokens", "seconds")},
+                "arguments": {**asdict(args), **recipe.arguments()},
+            },
+        }
+        recipe.save(module, target, directory, metadata)
+    accelerator.wait_for_everyone()
+    return directory
+
+
+def _answer_tokens(ds, indices: Tensor) -> int:
+    rows = ds.select(indices.tolist())
+    return int(sum(len(x) for x in rows["input_ids"]) - sum(int(p) for p in rows["prompt_length"]))

@@ -1,0 +1,202 @@
+"""Training: self-distilled data (batched, resumable), the Medusa recipe under accelerate, resume,
+the CLI, and a 2-process CPU run. A tiny Llama and a WordLevel tokenizer with a chat template
+are written to disk, so the whole path (load_model, chat template, left padding) runs offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from specdec.drafters.medusa import Medusa
+from specdec.models import load_model
+from specdec.training import data as data_module
+from specdec.training.cli import main
+from specdec.training.data import MakeDataArguments, load_examples, make_data
+from specdec.training.medusa import MedusaArguments, MedusaRecipe
+from specdec.training.train import TrainArguments, train
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_PROMPTS = 10
+
+
+def write_target(directory: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant"] + [f"w{i}" for i in range(90)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                  eos_token="<|im_end|>", bos_token="<|im_start|>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    torch.manual_seed(0)
+    # A wide init makes the random model's next token confident (and its text repetitive), so
+    # the heads have something to learn in a few steps.
+    cfg = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      initializer_range=0.2, eos_token_id=3, bos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(cfg).save_pretrained(directory)
+    tok.save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    write_target(root / "tiny-target")
+    g = torch.Generator().manual_seed(0)
+    with open(root / "prompts.jsonl", "w") as f:
+        for i in range(NUM_PROMPTS + 2):
+            words = torch.randint(0, 90, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g)
+            f.write(json.dumps({"id": i, "prompt": " ".join(f"w{int(w)}" for w in words)}) + "\n")
+    return root
+
+
+def data_args(workdir: Path, out: str, **kw) -> MakeDataArguments:
+    kw = {"max_new_tokens": 16, "limit": NUM_PROMPTS, "batch_size": 4, "shard_size": 4, "save_hidden_states": True, **kw}
+    return MakeDataArguments(model=str(workdir / "tiny-target"), prompts=str(workdir / "prompts.jsonl"),
+                             output_dir=str(workdir / out), **kw)
+
+
+@pytest.fixture(scope="module")
+def dataset(workdir):
+    make_data(data_args(workdir, "data"))
+    return workdir / "data"
+
+
+def test_make_data_answers_like_unbatched_greedy(workdir, dataset):
+    ds = load_examples(dataset)
+    assert ds.num_rows == NUM_PROMPTS and set(ds.column_names) == {"input_ids", "prompt_length", "hidden_states"}
+    model, tok = load_model(str(workdir / "tiny-target"))
+    prompts = data_module.read_prompts(workdir / "prompts.jsonl", "prompt", NUM_PROMPTS)
+    for row, prompt in zip(ds, prompts):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        assert row["input_ids"][: row["prompt_length"]].tolist() == ids[0].tolist()
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                             pad_token_id=0)[0]
+        answer = ref[ids.shape[1]:].tolist()
+        if 3 in answer:  # the answer ends at EOS, kept
+            answer = answer[: answer.index(3) + 1]
+        assert row["input_ids"][row["prompt_length"]:].tolist() == answer
+        states = model.get_decoder()(input_ids=row["input_ids"][None]).last_hidden_state[0]
+        assert row["hidden_states"].shape == states.shape
+        assert torch.allclose(row["hidden_states"].float(), states, atol=1e-2)
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert manifest["done"] and manifest["examples"] == NUM_PROMPTS and manifest["answer_tokens"] > 0
+
+
+def test_make_data_resumes_after_a_crash(workdir, dataset, monkeypatch):
+    real, calls = data_module._generate_shard, []
+
+    def crash_on_second(model, tok, prompts, args):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, tok, prompts, args)
+
+    monkeypatch.setattr(data_module, "_generate_shard", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        make_data(data_args(workdir, "resumed"))
+    manifest = json.loads((workdir / "resumed" / "manifest.json").read_text())
+    assert [s["end"] for s in manifest["shards"]] == [4] and not manifest["done"]
+    with pytest.raises(ValueError, match="unfinished"):
+        load_examples(workdir / "resumed")
+    calls.clear()
+    monkeypatch.setattr(data_module, "_generate_shard", real)
+    make_data(data_args(workdir, "resumed"))
+    again, full = load_examples(workdir / "resumed"), load_examples(dataset)
+    assert [r.tolist() for r in again["input_ids"]] == [r.tolist() for r in full["input_ids"]]
+    with pytest.raises(ValueError, match="max_new_tokens differ"):
+        make_data(data_args(workdir, "resumed", max_new_tokens=8))
+
+
+def train_args(workdir: Path, dataset: Path, out: str, **kw) -> TrainArguments:
+    kw = {"max_steps": 12, "batch_size": 2, "learning_rate": 3e-2, "log_steps": 1, "save_steps": 4,
+          "eval_fraction": 0.2, "lr_scheduler": "constant", **kw}
+    return TrainArguments(model=str(workdir / "tiny-target"), data=str(dataset), output_dir=str(workdir / out), **kw)
+
+
+RECIPE = MedusaArguments(num_heads=3, eval_topk=5, tree_budget=8)
+
+
+def read_log(directory: Path) -> list[dict]:
+    return [json.loads(line) for line in (directory / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(workdir, dataset):
+    return train(train_args(workdir, dataset, "run"), MedusaRecipe(RECIPE))
+
+
+def test_training_lowers_the_loss_and_saves_a_loadable_drafter(workdir, trained):
+    log = read_log(workdir / "run")
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
+    model, _ = load_model(str(workdir / "tiny-target"))
+    drafter = Medusa.from_pretrained(trained, model)
+    meta = drafter.metadata
+    assert meta["training"]["steps"] == 12 and meta["training"]["seconds"] > 0
+    assert meta["training"]["train_examples"] == 8 and meta["training"]["eval_examples"] == 2
+    assert meta["training"]["train_answer_tokens"] > 0 and meta["training"]["data"]["examples"] == NUM_PROMPTS
+    assert drafter.accuracy.shape == (3, 5) and len(meta["eval"]["top1"]) == 3 and "top5" in meta["eval"]
+    assert meta["eval"]["expected_tokens_per_step"] >= 1.0
+    assert log[-1]["eval"] == meta["eval"]
+    assert sorted(p.name for p in (workdir / "run" / "checkpoints").iterdir()) == ["step-00000008", "step-00000012"]
+
+
+def test_resume_continues_exactly(workdir, dataset, trained):
+    with pytest.raises(ValueError, match="--resume"):
+        train(train_args(workdir, dataset, "run"), MedusaRecipe(RECIPE))
+    # Interrupted after step 8 (its newest checkpoint), then resumed to 12.
+    partial = train(train_args(workdir, dataset, "part", max_steps=8), MedusaRecipe(RECIPE))
+    assert read_log(workdir / "part")[-2]["step"] == 8
+    resumed = train(train_args(workdir, dataset, "part", resume=True), MedusaRecipe(RECIPE))
+    log = [r for r in read_log(workdir / "part") if "loss" in r]
+    assert [r["step"] for r in log] == list(range(1, 13))  # the first run's eval record was dropped
+    straight = [r for r in read_log(workdir / "run") if "loss" in r]
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in straight], rel=1e-5)
+    a, b = load_file(str(trained / "drafter.safetensors")), load_file(str(resumed / "drafter.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert partial == resumed
+
+
+def test_cli_help_and_run(workdir, dataset, capsys):
+    for command, fields in (("make-data", ["--max_new_tokens", "--save_hidden_states", "--limit", "--field"]),
+                            ("medusa", ["--num_heads", "--decay", "--resume", "--save_steps", "--seed"])):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        text = capsys.readouterr().out
+        assert all(f in text for f in fields)
+    assert main([]) == 2 and main(["nope"]) == 2
+    out = workdir / "cli"
+    assert main(["medusa", "--model", str(workdir / "tiny-target"), "--data", str(dataset), "--output-dir", str(out),
+                 "--max-steps", "2", "--batch-size", "2", "--num-heads", "2", "--save-steps", "2"]) == 0
+    meta = json.loads((out / "drafter" / "drafter_config.json").read_text())["metadata"]
+    assert meta["training"]["command"].startswith("specdec train medusa --model")
+
+
+@pytest.mark.slow
+def test_accelerate_two_processes(workdir, dataset):
+    out = workdir / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "specdec.training",
+           "medusa", "--model", str(workdir / "tiny-target"), "--data", str(dataset), "--output-dir", str(out),
+           "--max-steps", "3", "--batch-size", "2", "--num-heads", "2", "--save-steps", "2", "--log-steps", "1"]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta = json.loads((out / "drafter" / "drafter_config.json").read_text())["metadata"]
+    assert meta["training"]["processes"] == 2 and meta["training"]["steps"] == 3
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    assert {p.name for p in (out / "checkpoints" / "step-00000003").iterdir()} >= {"random_states_0.pkl",
+                                                                                    "random_states_1.pkl"}
