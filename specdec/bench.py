@@ -41,7 +41,8 @@ class BenchConfig:
     methods: str = field(
         default="baseline,hf-prompt-lookup,prompt-lookup",
         metadata={
-            "help": "comma list: baseline, hf-prompt-lookup, hf-assisted, plain, or any specdec drafter name; "
+            "help": "comma list: baseline, hf-prompt-lookup, hf-assisted, plain, or any specdec drafter name (composed with + "
+            "and |, e.g. prompt-lookup+token-recycling); "
             "a specdec method with the suffix :stock runs every forward without packed linears, with :noguard "
             "without the no-slowdown guard"
         },
@@ -139,15 +140,17 @@ class _ForwardCounter:
 
 def check_methods(cfg: BenchConfig) -> list[str]:
     """Validate --methods before any model is loaded."""
-    from specdec.drafters import DRAFTERS
+    from specdec.drafters import check_name
 
     names = cfg.methods.split(",")
     temperature_kwargs(cfg.temperature)  # refuses a negative temperature before anything loads
-    known = (*HF_METHODS, "plain", *DRAFTERS)
     for name in names:
         base, _, variant = name.partition(":")
-        if base not in known:
-            raise ValueError(f"--methods: unknown method {name!r}; choose from {', '.join(known)}")
+        if base not in (*HF_METHODS, "plain"):
+            try:
+                check_name(base)
+            except ValueError as err:
+                raise ValueError(f"--methods: {err}; or use one of {', '.join((*HF_METHODS, 'plain'))}") from None
         if variant not in ("", "stock", "noguard") or (variant and base in HF_METHODS):
             raise ValueError(f"--methods: {name!r}: the variants are ':stock' and ':noguard', for specdec methods")
         if (name == "hf-assisted" or "draft-model" in base) and not cfg.draft_model:

@@ -21,7 +21,7 @@ from specdec.bench import BenchConfig
 class GenerateConfig:
     prompt: str = field(metadata={"help": "the user message (or raw text with --no-chat)", "positional": True})
     model: str = field(default="smollm2-135m", metadata={"help": "target: embedded name, HF path/id or .gguf file"})
-    drafter: str = field(default="prompt-lookup", metadata={"help": "drafter name, or 'none' for plain decoding"})
+    drafter: str = field(default="prompt-lookup", metadata={"help": "drafter name, composed with + (merge trees) and | (fallback), e.g. prompt-lookup+token-recycling; 'none' for plain decoding"})
     draft_model: str | None = field(default=None, metadata={"help": "draft model for draft-model* drafters"})
     datastore: str | None = field(default=None, metadata={"help": "datastore for the retrieval drafters (default: the model's, see `specdec datastore build`)"})
     max_new_tokens: int = field(default=256, metadata={"help": "most new tokens"})
@@ -93,13 +93,13 @@ def cmd_generate(cfg: GenerateConfig) -> int:
     from transformers import TextStreamer
 
     from specdec.decode import GenerationStats, generate
-    from specdec.drafters import DRAFTERS, Resources, make_drafter
+    from specdec.drafters import Resources, check_name, make_drafter
     from specdec.models import load_model
     from specdec.sampling import temperature_kwargs
 
     _setup(cfg.threads)
-    if cfg.drafter != "none" and cfg.drafter not in DRAFTERS:
-        raise SystemExit(f"--drafter: unknown drafter {cfg.drafter!r}; choose from none, {', '.join(DRAFTERS)}")
+    if cfg.drafter != "none":
+        check_name(cfg.drafter)
     model, tokenizer = load_model(cfg.model)
     draft = load_model(cfg.draft_model)[0] if cfg.draft_model else None
     ensure_profiles(model, draft)
@@ -280,10 +280,16 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # its sub-commands parse their own dataclasses with HfArgumentParser
+        from specdec.training.cli import main as train_main
+
+        return train_main(argv[1:])
     parser = argparse.ArgumentParser(prog="specdec", description="Exact speculative decoding for HF causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, _, help_text) in COMMANDS.items():
         add_dataclass_arguments(sub.add_parser(name, help=help_text, description=help_text), cls)
+    sub.add_parser("train", help="train drafters and make their data (`specdec train --help` lists the commands)")
     args = vars(parser.parse_args(argv))
     cls, run, _ = COMMANDS[args.pop("command")]
     try:

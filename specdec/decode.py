@@ -314,8 +314,9 @@ def generate(
         # 4. Commit: the cache keeps prefix + root + the accepted path (as far as it was emitted;
         #    after the last step too, so a later turn of a Session finds it cached).
         verifier.commit(path[: len(emitted) - 1])
-        if not done:
-            # 5. Feedback: drafters adapt; hidden-state drafters get the committed tokens' features.
+        if len(emitted) == len(new):  # after a cut step the path is not what was committed
+            # 5. Feedback: drafters adapt (also after the last step: a Session's next turn
+            #    continues with them); hidden-state drafters get the committed tokens' features.
             if scores.hidden_states is not None:
                 hidden = scores.hidden_states[[0] + [i + 1 for i in path]]
             if drafter is not None:

@@ -21,7 +21,7 @@ from specdec.drafters.token_recycling import TokenRecycling
 
 __all__ = [
     "DRAFTERS", "Datastore", "DraftModel", "Fallback", "Jacobi", "LayerSkip", "Lookahead", "Merge", "PromptLookup",
-    "Resources", "Retrieval", "TokenRecycling", "datastore_dir", "make_drafter",
+    "Resources", "Retrieval", "TokenRecycling", "check_name", "datastore_dir", "make_drafter",
 ]
 
 
@@ -67,16 +67,30 @@ DRAFTERS = {
     "jacobi": lambda r: Jacobi(),
     "retrieval": lambda r: Retrieval(_datastore(r)),
     "layer-skip": lambda r: LayerSkip(r.target),
-    "prompt-lookup+jacobi": lambda r: Merge([PromptLookup(num_matches=3, budget=16), Jacobi()], budget=24),
-    "retrieval+prompt-lookup": lambda r: Merge([PromptLookup(num_matches=3, budget=16), Retrieval(_datastore(r))], budget=24),
     "draft-model": lambda r: DraftModel(_draft(r)),
     "draft-model-tree": lambda r: DraftModel(_draft(r), topk=2, width=2, budget=8),
-    "prompt-lookup-or-draft-model": lambda r: Fallback(PromptLookup(), DraftModel(_draft(r))),
 }
 
 
+def check_name(name: str) -> None:
+    """Refuse unknown drafter names, composed ones included (see `make_drafter`)."""
+    for part in name.replace("|", "+").split("+"):
+        if part not in DRAFTERS:
+            raise ValueError(
+                f"unknown drafter {part!r}" + (f" in {name!r}" if part != name else "")
+                + f"; choose from {', '.join(DRAFTERS)}, or compose them with + (merge) and | (fallback)"
+            )
+
+
 def make_drafter(name: str, resources: Resources):
-    """The drafter registered as `name`, built from `resources`; a clear error for unknown names."""
-    if name not in DRAFTERS:
-        raise ValueError(f"unknown drafter {name!r}; choose from {', '.join(DRAFTERS)}")
+    """The drafter registered as `name`, built from `resources`. Names compose: ``a+b`` merges
+    the trees of a and b into one (`Merge`), ``a|b`` drafts with a and falls back to b when a
+    has nothing (`Fallback`); ``|`` binds looser than ``+``, so ``a+b|c`` is
+    ``Fallback(Merge([a, b]), c)``."""
+    check_name(name)
+    if "|" in name:
+        primary, _, rest = name.partition("|")
+        return Fallback(make_drafter(primary, resources), make_drafter(rest, resources))
+    if "+" in name:
+        return Merge([make_drafter(part, resources) for part in name.split("+")])
     return DRAFTERS[name](resources)

@@ -15,18 +15,28 @@ import sys
 from transformers import HfArgumentParser
 
 from specdec.training.data import MakeDataArguments, make_data
+from specdec.training.draft_model import DraftModelArguments, DraftModelRecipe
+from specdec.training.eagle import EagleArguments, EagleRecipe
+from specdec.training.early_exit import EarlyExitArguments, EarlyExitRecipe
 from specdec.training.medusa import MedusaArguments, MedusaRecipe
 from specdec.training.train import TrainArguments, train
 
 COMMANDS = {
     "make-data": ("self-distil training data: the target answers prompts (resumable)", (MakeDataArguments,)),
     "medusa": ("train Medusa-1 heads on make-data output (frozen target)", (TrainArguments, MedusaArguments)),
+    "eagle": ("train an EAGLE feature head (unrolled training-time test) on make-data output (frozen target)",
+              (TrainArguments, EagleArguments)),
+    "early-exit": ("train an early-exit adapter on make-data output (frozen target)", (TrainArguments, EarlyExitArguments)),
+    "draft-model": ("distil a smaller LM (--draft) toward the target's distribution; saves an HF model dir",
+                    (TrainArguments, DraftModelArguments)),
 }
+RECIPES = {MedusaArguments: MedusaRecipe, EagleArguments: EagleRecipe, EarlyExitArguments: EarlyExitRecipe,
+           DraftModelArguments: DraftModelRecipe}
 
 
 def _usage() -> str:
     lines = ["usage: specdec train <command> [--help] [arguments]", "", "commands:"]
-    lines += [f"  {name:<10} {help_text}" for name, (help_text, _) in COMMANDS.items()]
+    lines += [f"  {name:<12} {help_text}" for name, (help_text, _) in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -51,5 +61,5 @@ def main(argv: list[str] | None = None) -> int:
         print(make_data(*parsed))
     else:
         args, recipe_args = parsed
-        print(train(args, MedusaRecipe(recipe_args), command=shlex.join(["specdec", "train", *argv])))
+        print(train(args, RECIPES[type(recipe_args)](recipe_args), command=shlex.join(["specdec", "train", *argv])))
     return 0

@@ -1,0 +1,369 @@
+"""EAGLE: a one-layer feature-level autoregressive head drafts a dynamic tree (EAGLE-1/2 design).
+
+Feature. The head works on the target's last-layer state as the verifier hands it over
+(`Context.hidden_states`): ``out.hidden_states[-1]``, which transformers 5.x ties to
+``last_hidden_state``, i.e. the state AFTER the final norm (EAGLE's papers use the pre-norm
+state, which the verifier does not expose). Training (`specdec.training.eagle`) regresses the
+same post-norm state (make-data stores it; `target_states` computes it), so the drafter sees at
+inference exactly the feature space it was trained on.
+
+Head (`EagleHead`). Pair p is (f_p, x_{p+1}): the target's feature at position p and the token
+that follows it. ``fc([embed(x_{p+1}); f_p])`` (2H -> H) feeds ONE decoder layer of the
+target's own class (built from a copy of its config with one layer; fresh weights, optionally
+started from the target's last layer), at position p, attending to the pairs before it through
+the head's own one-layer KV cache. The target's final-norm weight (frozen, shared) turns the
+layer's output into the predicted feature f_{p+1} in the target's post-norm space, and the
+target's lm_head (frozen, shared) turns a feature into next-token logits: lm_head(f_{p+1})
+predicts x_{p+2}. The token embedding is the target's too (shared, never copied).
+
+Alignment. ``Context.hidden_states[-1]`` is the feature of ids[-2], the token before the root
+(see `specdec.drafters.medusa`), so the last pair is (f_{t-2}, root) at position t - 2, and its
+output predicts the root's feature and the root's children. A tree node at depth d is fed as
+(predicted feature of its parent, its token) at position t - 2 + d.
+
+Cache. The head caches the pairs of committed tokens with the target's real features. Each
+propose reconciles the cache with ``ctx.input_ids`` by common prefix (pair p stays valid while
+ids[:p + 2] are unchanged), then adds the pairs whose features arrived in `ctx`. Features of
+steps in which `propose` was not called (a paused guard, a composition that skipped this drafter,
+the last step of an earlier Session turn) never arrive: those pairs are left out of the cache
+(the positions of the others stay true), which only makes drafts less informed, never wrong.
+Tree nodes enter the cache during growth and leave it afterwards.
+
+Tree. `specdec.trees.expand` grows an EAGLE-2 dynamic tree: every level feeds the frontier
+through the head in one forward with a tree mask; nodes are ranked by cumulative draft
+probability (the tree's `scores`). With the target's verify-cost curve (`ctx.verify_cost`) the
+grown tree is cut to the size that maximises expected tokens per unit of verify time: node i's
+chance of acceptance is its score times a running calibration (accepted drafts / summed scores
+of proposed trees, from `update`), and n nodes cost ``verify_cost(n)``.
+
+Boundary: imports the core interface, `specdec.kv`, `specdec.trees` and the checkpoint and
+mask helpers of this package; works with Llama-layout decoders (``get_decoder()`` with
+``layers``, ``rotary_emb`` and an RMS ``norm``), checked on construction.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from specdec import kv
+from specdec.drafter import Context, Feedback
+from specdec.drafters import checkpoint
+from specdec.drafters.layers import causal_mask
+from specdec.trees import TokenTree, expand, tree_mask
+
+KIND = "eagle"
+
+
+def _decoder_parts(model) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(last decoder layer, rotary embedding, final norm) of a Llama-layout causal LM."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    parts = {"layers": layers, "rotary_emb": getattr(decoder, "rotary_emb", None), "norm": getattr(decoder, "norm", None)}
+    missing = [name for name, part in parts.items() if not isinstance(part, nn.Module)]
+    if missing or not len(layers):
+        raise ValueError(
+            f"Eagle: {type(model).__name__} lacks {', '.join(missing) or 'decoder layers'} where the Llama layout "
+            "has them (get_decoder() with layers, rotary_emb and norm); EAGLE heads support Llama-style decoders only"
+        )
+    return layers[-1], parts["rotary_emb"], parts["norm"]
+
+
+class EagleHead(nn.Module):
+    """fc (2H -> H) + one decoder layer of the target's class, with its own rotary table.
+
+    ``config`` is the head's one-layer copy of the target config (`for_target` builds it);
+    `kv.new_cache(head)` gives the head's cache."""
+
+    def __init__(self, config, layer_class: type[nn.Module], rotary_class: type[nn.Module]):
+        super().__init__()
+        hidden = int(config.hidden_size)
+        self.config = config
+        self.hidden_size = hidden
+        self.fc = nn.Linear(2 * hidden, hidden, bias=True)
+        self.layer = layer_class(config, 0)
+        self.rotary = rotary_class(config=config)
+
+    @classmethod
+    def for_target(cls, model, *, init_from_last_layer: bool = False) -> EagleHead:
+        """A fresh head for `model`: its decoder-layer class, a config copy with one layer (the
+        target's config is not touched), in the target's dtype and device. With
+        `init_from_last_layer` the layer starts as a copy of the target's last layer."""
+        last, rotary, _ = _decoder_parts(model)
+        config = copy.deepcopy(model.config)
+        config.num_hidden_layers = 1
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = list(config.layer_types)[-1:]  # the head plays the role of the last layer
+        head = cls(config, type(last), type(rotary))
+        if init_from_last_layer:
+            head.layer.load_state_dict(last.state_dict())
+        return head.to(device=model.device, dtype=model.dtype)
+
+    @property
+    def layer_name(self) -> str:
+        return type(self.layer).__name__
+
+    def forward(self, features: Tensor, embeds: Tensor, position_ids: Tensor, attention_mask: Tensor,
+                cache=None) -> Tensor:
+        """features, embeds [b, m, H] (pair p: f_p and the embedding of x_{p+1}), position_ids
+        [b, m], attention_mask [b or 1, 1, m, cached + m] additive float -> [b, m, H] the layer's
+        output, before the target's final norm."""
+        dtype = self.fc.weight.dtype
+        x = self.fc(torch.cat([embeds.to(dtype), features.to(dtype)], dim=-1))
+        rope = self.rotary(x, position_ids)
+        out = self.layer(
+            x,
+            attention_mask=attention_mask.to(dtype),
+            position_ids=position_ids,
+            position_embeddings=rope,
+            **kv.cache_kwargs(self.layer, cache),
+            use_cache=cache is not None,
+        )
+        return out[0] if isinstance(out, tuple) else out  # older releases return a tuple
+
+
+@dataclass(frozen=True)
+class FrozenTarget:
+    """The target's embedding, final-norm weight and lm_head, used by the head without copies
+    and without gradients into the target (weights are detached; the embedding is looked up
+    under no_grad)."""
+
+    embedding: nn.Module
+    norm_weight: Tensor  # [H]
+    norm_eps: float
+    lm_weight: Tensor  # [vocab, H]
+    lm_bias: Tensor | None
+
+    @classmethod
+    def of(cls, model) -> FrozenTarget:
+        _, _, norm = _decoder_parts(model)
+        weight = getattr(norm, "weight", None)
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+        if not isinstance(weight, Tensor) or eps is None:
+            raise ValueError(f"Eagle: {type(model).__name__}'s final norm ({type(norm).__name__}) is not an RMS norm "
+                             "with a weight and an epsilon; EAGLE heads support Llama-style decoders only")
+        head = model.get_output_embeddings()
+        bias = getattr(head, "bias", None)
+        frozen = cls(model.get_input_embeddings(), weight.detach(), float(eps), head.weight.detach(),
+                     None if bias is None else bias.detach())
+        with torch.no_grad():  # the norm is applied as F.rms_norm: refuse a norm that computes otherwise
+            probe = torch.randn(3, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight)
+            theirs, mine = norm(probe).double(), frozen.norm(probe).double()
+            if not torch.allclose(mine, theirs, rtol=1e-3, atol=1e-3 * float(theirs.abs().max())):
+                raise ValueError(f"Eagle: {type(model).__name__}'s final norm ({type(norm).__name__}) is not "
+                                 "weight * x / rms(x); EAGLE heads support Llama-style decoders only")
+        return frozen
+
+    def embed(self, ids: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.embedding(ids)
+
+    def norm(self, x: Tensor) -> Tensor:
+        """The target's final norm: layer output -> feature (post-norm space)."""
+        return F.rms_norm(x, (x.shape[-1],), self.norm_weight.to(x.dtype), self.norm_eps)
+
+    def logits(self, feature: Tensor) -> Tensor:
+        """[..., H] features -> [..., vocab] the target's lm_head."""
+        return F.linear(feature.to(self.lm_weight.dtype), self.lm_weight, self.lm_bias)
+
+
+def predict(head, frozen: FrozenTarget, features: Tensor, tokens: Tensor, position_ids: Tensor,
+            attention_mask: Tensor, cache=None) -> Tensor:
+    """Pairs (features [b, m, H], next tokens [b, m]) -> [b, m, H] predicted next features. `head`
+    may be wrapped (DDP): only its forward is called. Shared by drafting and training, so both
+    compute the same function."""
+    return frozen.norm(head(features, frozen.embed(tokens), position_ids, attention_mask, cache))
+
+
+class Eagle:
+    needs_hidden_states = True
+
+    def __init__(
+        self, model, head: EagleHead, *, depth: int = 6, topk: int = 8, width: int | None = None,
+        budget: int | None = 32, min_confidence: float = 0.0, calibration_decay: float = 0.95,
+        metadata: dict | None = None,
+    ):
+        """`depth`: levels of the draft tree (head steps per proposal). Each frontier node offers
+        its `topk` most likely next tokens; the `width` (default `topk`) best offers by cumulative
+        draft probability form the next level; the `budget` best nodes overall are kept (None:
+        all), fewer when the target's verify-cost curve says a smaller tree pays more.
+        `min_confidence`: stop growing once no frontier node's best token is that likely.
+        `calibration_decay`: weight of past steps in the running acceptance calibration.
+        `metadata`: the checkpoint's training record, saved again by `save_pretrained`."""
+        if not isinstance(head, EagleHead):
+            raise TypeError(f"Eagle: head must be an EagleHead, got {type(head).__name__}")
+        for name, value in (("depth", depth), ("topk", topk)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Eagle: {name} must be an int >= 1, got {value!r}")
+        if width is not None and (not isinstance(width, int) or width < 1):
+            raise ValueError(f"Eagle: width must be an int >= 1 or None (= topk), got {width!r}")
+        if budget is not None and (not isinstance(budget, int) or budget < 1):
+            raise ValueError(f"Eagle: budget must be an int >= 1 or None (no cut), got {budget!r}")
+        if not 0 <= min_confidence < 1:
+            raise ValueError(f"Eagle: min_confidence must be in [0, 1), got {min_confidence}")
+        if not 0 < calibration_decay < 1:
+            raise ValueError(f"Eagle: calibration_decay must be in (0, 1), got {calibration_decay}")
+        self.model, self.head = model, head
+        self.depth, self.topk, self.width, self.budget = depth, topk, width or topk, budget
+        self.min_confidence, self.calibration_decay = min_confidence, calibration_decay
+        self.metadata = dict(metadata or {})
+        self._check(model)
+        self._frozen = FrozenTarget.of(model)
+        self._reset()
+        # Decayed sums of accepted drafts and of the proposed trees' scores; the prior (1, 1)
+        # trusts the draft probabilities until feedback says otherwise.
+        self._accepted, self._expected = 1.0, 1.0
+
+    def _check(self, target) -> None:
+        if target.config.hidden_size != self.head.hidden_size:
+            raise ValueError(f"Eagle: the head takes hidden size {self.head.hidden_size} but the target's is "
+                             f"{target.config.hidden_size}; use a head trained for this target")
+        layer = type(_decoder_parts(target)[0]).__name__
+        if layer != self.head.layer_name:
+            raise ValueError(f"Eagle: the head is a {self.head.layer_name} but the target's layers are {layer}; "
+                             "use a head trained for this target")
+
+    def _reset(self) -> None:
+        self.cache = kv.new_cache(self.head)
+        self._ids = torch.zeros(0, dtype=torch.long)  # [k] committed tokens the cached pairs were built from
+        self._pos = torch.zeros(0, dtype=torch.long)  # [c] position of each cached pair, ascending
+        weight = self.head.fc.weight
+        self._feats = weight.new_zeros(0, self.head.hidden_size)  # [c, H] the real feature of each cached pair
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, directory, model, *, check_base_model: bool = True, **kwargs) -> Eagle:
+        """A head saved by `save_pretrained` (or `specdec train eagle`), validated against `model`."""
+        ckpt = checkpoint.load(directory, KIND, model, check_base_model=check_base_model)
+        where = f"drafter checkpoint {str(directory)!r}"
+        layer = type(_decoder_parts(model)[0]).__name__
+        if ckpt.config.get("decoder_layer") != layer:
+            raise checkpoint.CheckpointError(
+                f"{where} holds a head built from {ckpt.config.get('decoder_layer')!r} layers but this model's layers "
+                f"are {layer!r}; load it with the model it was trained for, or train one (specdec train eagle)")
+        head = EagleHead.for_target(model)
+        try:
+            head.load_state_dict(ckpt.tensors)
+        except RuntimeError as e:
+            raise checkpoint.CheckpointError(f"{where} is corrupt: its weights do not match its config ({e})") from None
+        return cls(model, head, metadata=ckpt.metadata, **kwargs)
+
+    @classmethod
+    def shipped(cls, model, **kwargs) -> Eagle:
+        """The head shipped with specdec for this model (`checkpoint.shipped`), or a clear error."""
+        return cls.from_pretrained(checkpoint.shipped(KIND, model), model, **kwargs)
+
+    def save_pretrained(self, directory) -> Path:
+        config = {"hidden_size": self.head.hidden_size, "decoder_layer": self.head.layer_name}
+        return checkpoint.save(directory, checkpoint.Checkpoint(
+            KIND, checkpoint.describe(self.model), config, self.head.state_dict(), self.metadata))
+
+    # ---- drafting --------------------------------------------------------------------------
+    def begin(self, target) -> None:
+        self._check(target)
+        if target is not self.model:  # cached pairs hold another model's features
+            self.model, self._frozen = target, FrozenTarget.of(target)
+            self._reset()
+        # Otherwise the cache stays: propose keeps its common prefix with the next prompt.
+
+    @property
+    def acceptance_ratio(self) -> float:
+        """Accepted drafts per unit of summed draft score, over recent steps."""
+        return self._accepted / self._expected
+
+    def _reconcile(self, ids: Tensor, hidden: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """Drop stale pairs; return the (positions [n], features [n, H]) to feed now, ending with
+        the pair at t - 2, or None when its feature is unknown."""
+        t = ids.numel()
+        n = min(self._ids.numel(), t)
+        m = int((self._ids[:n] == ids[:n]).long().cumprod(0).sum())
+        keep = int((self._pos + 2 <= m).sum())
+        kv.drop_last(self.cache, self._pos.numel() - keep)
+        self._pos, self._feats = self._pos[:keep], self._feats[:keep]
+        last = int(self._pos[-1]) if keep else -1
+        if hidden is not None and hidden.shape[0] > 0:
+            h = min(hidden.shape[0], t - 1)
+            positions = torch.arange(t - 1 - h, t - 1)  # the rows' positions: the last is t - 2
+            new = positions > last  # rows already cached are skipped; rows beyond a gap still count
+            if new.any():
+                return positions[new], hidden[-h:][new.to(hidden.device)].to(self._feats)
+        if last == t - 2:  # cached already: feed it again for its output
+            kv.drop_last(self.cache, 1)
+            positions, feats = self._pos[-1:], self._feats[-1:]
+            self._pos, self._feats = self._pos[:-1], self._feats[:-1]
+            return positions, feats
+        return None
+
+    def _step(self, feats: Tensor, tokens: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+        """One head forward over m pairs -> [m, H] predicted features."""
+        device = self.head.fc.weight.device
+        return predict(self.head, self._frozen, feats.to(device)[None], tokens.to(device)[None],
+                       positions.to(device)[None], mask.to(device), self.cache)[0]
+
+    def _log_probs(self, feats: Tensor) -> Tensor:
+        return torch.log_softmax(self._frozen.logits(feats).float(), dim=-1).cpu()  # [m, vocab]
+
+    @torch.no_grad()
+    def propose(self, ctx: Context) -> TokenTree:
+        ids = ctx.input_ids
+        t = ids.numel()
+        depth = self.depth if ctx.max_depth is None else min(self.depth, ctx.max_depth)
+        if depth < 1 or t < 2:  # a one-token prompt has no pair before the root
+            return TokenTree.empty()
+        pending = self._reconcile(ids, ctx.hidden_states)
+        self._ids = ids.clone()
+        if pending is None:
+            return TokenTree.empty()
+        positions, feats = pending
+        dtype = self.head.fc.weight.dtype
+        cached = self._pos.numel()
+        root_out = self._step(feats, ids[positions + 1], positions, causal_mask(cached, positions.numel(), dtype))
+        self._pos = torch.cat([self._pos, positions])
+        self._feats = torch.cat([self._feats, feats])
+        real = self._pos.numel()  # the tree's nodes follow these slots in the cache
+        outs: dict[int, Tensor] = {-1: root_out[-1]}  # node -> its predicted feature (the root's: f_{t-1})
+
+        def step(tree: TokenTree, frontier: list[int]) -> Tensor:
+            if frontier == [-1]:
+                return self._log_probs(outs[-1][None])  # [1, vocab]
+            rows = torch.tensor(frontier)
+            parent_feats = torch.stack([outs[int(p)] for p in tree.parents[rows]])  # [f, H]
+            mask = tree_mask(tree, rows, frontier[0], real, dtype)
+            out = self._step(parent_feats, tree.tokens[rows], t - 2 + tree.depths()[rows], mask)
+            outs.update(zip(frontier, out))
+            return self._log_probs(out)  # [f, vocab]
+
+        tree = expand(step, depth=depth, topk=self.topk, width=self.width, budget=self.budget,
+                      min_confidence=self.min_confidence)
+        kv.drop_last(self.cache, kv.length(self.cache) - real)  # tree nodes carry guessed features
+        if ctx.verify_cost is not None and len(tree) > 1:
+            tree = self.size(tree, ctx.verify_cost)
+        return tree
+
+    def size(self, tree: TokenTree, verify_cost: Callable[[int], float]) -> TokenTree:
+        """The best-scored n nodes of `tree` (an ancestor-closed set), with n maximising expected
+        tokens per verify cost: (1 + sum of the n calibrated acceptance chances) / verify_cost(n)."""
+        scores = tree.scores.tolist()
+        order = sorted(range(len(tree)), key=lambda i: (-scores[i], i))
+        ratio = self.acceptance_ratio
+        gain, best, best_n = 1.0, -1.0, 1
+        for n, i in enumerate(order, 1):
+            gain += min(1.0, ratio * scores[i])
+            value = gain / verify_cost(n)
+            if value > best:
+                best, best_n = value, n
+        return tree if best_n == len(tree) else tree.subtree(order[:best_n])
+
+    def update(self, feedback: Feedback) -> None:
+        # The cache is reconciled lazily in propose; feedback calibrates the tree size.
+        tree = feedback.tree
+        if len(tree) and tree.scores is not None:
+            d = self.calibration_decay
+            self._accepted = d * self._accepted + len(feedback.accepted_nodes)
+            self._expected = d * self._expected + float(tree.scores.sum())

@@ -1,0 +1,369 @@
+"""Self-speculative drafting from an early exit of the target: its first `exit_layer` decoder
+layers, then its own final norm and lm_head (LayerSkip, Elhoushi et al. 2024, without the
+early-exit training recipe), optionally through a small trained exit adapter (self-supervised
+early-exit heads).
+
+The draft is the target run through a `LayerSubset` of layers ``0 .. exit_layer - 1``: no second
+model and no copied weights. It drafts a greedy chain (or, with ``topk > 1``, a dynamic top-k
+tree via `specdec.trees.expand`) with its own KV cache, reconciled against ``ctx.input_ids`` by
+common prefix before every proposal, stops deeper drafting once its best next token is less
+likely than `min_confidence`, and scores nodes by cumulative draft probability.
+
+Exit adapter (`ExitAdapter`): a residual SiLU bottleneck on the *normed* early state,
+``n + up(silu(down(n)))`` with ``n = norm(h_exit)``, fed to the target's lm_head. It sits after
+the shared norm rather than before it so that the lm_head is read once per draft forward: by
+linearity ``lm_head(n + d) = lm_head(n) + W_head @ up(silu(down(n)))``, and ``W_head @ W_up``
+([vocab, rank]) is folded once per `begin`, so the adapter adds a rank-`rank` correction to the
+logits the view already computes instead of a second [vocab, hidden] product (on CPU a draft
+forward's cost is reading weights, and the lm_head is a large share of them for an early exit).
+``up`` starts at zero: an untrained adapter drafts exactly like the plain early exit.
+
+Choosing the exit layer (unless `exit_layer` fixes it or an adapter brings its own): on the first
+proposal, and again after `recalibrate()`, a short teacher-forced calibration on the last
+`calibrate_tokens` committed tokens (the prompt, on the first step), as LayerSkip picks its exit
+by agreement against cost. One forward of every layer gives the target's next-token choices and
+each layer's input state; for up to `calibrate_trials` evenly spaced candidate exits k, the
+target's norm + lm_head on the layer-k state give the agreement `a` (share of window positions
+where the exit picks the target's token), and the exit's cost `c` is its decoder-layer plus
+lm_head weights over the target's (a one-token forward on CPU is bound by reading weights). The
+exit with the best ``max_d (1 + a + ... + a^d) / (verify(d) + d * c)`` wins, verify(d) being
+`Context.verify_cost` or ``1 + 0.2 d`` without one. Cost: one full forward plus one lm_head pass
+per candidate over the window, once. A float `exit_layer` in (0, 1) skips calibration and exits
+after that fraction of the depth.
+
+KV for the shared layers: what is and is not computed twice.
+- The drafter's cache holds only layers ``0 .. exit_layer - 1`` (a first-k `LayerSubset` never
+  runs the later ones), at their own layer indices; for committed tokens these keys and values
+  equal the verifier's for the same layers.
+- Not recomputed by the drafter: a committed token already in its cache. Chain nodes it fed while
+  drafting (every level but the last) stay cached, so after a step it feeds only what it has not
+  seen: the last accepted node and the target's own next token (a tree's fed nodes are not one
+  sequence and are dropped, so its accepted path is fed again).
+- Recomputed, because drafters cannot reach the verifier's cache: the prompt's first `exit_layer`
+  layers (the verifier's prefill computed them), the root and the few committed tokens above,
+  and, on the verifier's side, layers ``0 .. exit_layer - 1`` for the chain nodes the drafter
+  already ran. The protocol hands drafters committed tokens only (`Context`), and the verifier's
+  cache also holds unaccepted nodes mid-step, so sharing needs a core change, not done here:
+  (1) `Context` gains a read-only view of the verifier's committed cache (after `commit`), e.g.
+  ``kv.layer_view(cache, layers)``: a cache whose first `exit_layer` layers alias the verifier's
+  committed key/value tensors and grow copy-on-append, so drafting never writes into the
+  verifier's storage and is rolled back by dropping the view; the drafter would then feed only
+  the root and its draft nodes, no prefill. (2) LayerSkip's cache reuse in verification: the
+  verifier would accept, per draft node, the drafter's layer-`exit_layer` state and its
+  ``0 .. exit_layer - 1`` keys/values (`Feedback`-like handover from `propose`), run layers
+  ``exit_layer ..`` only for those nodes, and splice the handed-over keys/values into its own
+  cache via `specdec.kv`; that needs the verifier to run a layer range from given states, i.e.
+  `LayerSubset`-style forwards instead of the model's own.
+
+Boundary: imports the core interface, `specdec.kv`, `specdec.trees`, the `LayerSubset` view and
+the checkpoint helpers; the adapter variant saves and loads as drafter kind ``"early-exit"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from specdec import kv
+from specdec.decode import resolve_packed_from
+from specdec.drafter import Context, Feedback
+from specdec.drafters import checkpoint
+from specdec.drafters import layers as views
+from specdec.packing import PackedRoute
+from specdec.trees import TokenTree, expand, tree_mask
+
+KIND = "early-exit"
+_MIN_WINDOW = 8  # fewer committed tokens say too little about the layers: wait for more
+_VERIFY_TOKEN_COST = 0.2  # verify(d) = 1 + 0.2 d without a measured curve (as LayerSkip)
+
+
+class ExitAdapter(nn.Module):
+    """``n -> n + up(silu(down(n)))`` on the target's normed state after `exit_layer` layers;
+    the target's lm_head follows. ``up`` starts at zero (the plain early exit)."""
+
+    def __init__(self, hidden_size: int, exit_layer: int, rank: int = 64):
+        super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("exit_layer", exit_layer), ("rank", rank)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ExitAdapter: {name} must be an int >= 1, got {value!r}")
+        self.hidden_size, self.exit_layer, self.rank = hidden_size, exit_layer, rank
+        self.down = nn.Linear(hidden_size, rank, bias=False)
+        self.up = nn.Linear(rank, hidden_size, bias=False)
+        nn.init.zeros_(self.up.weight)
+
+    def config(self) -> dict:
+        return {"hidden_size": self.hidden_size, "exit_layer": self.exit_layer, "rank": self.rank}
+
+    def bottleneck(self, normed: Tensor) -> Tensor:
+        """[..., hidden] -> [..., rank]: the input of ``up``."""
+        return F.silu(self.down(normed.to(self.down.weight.dtype)))
+
+    def forward(self, normed: Tensor) -> Tensor:
+        """[..., hidden] normed early state -> [..., hidden] the state the lm_head reads."""
+        return normed + self.up(self.bottleneck(normed)).to(normed.dtype)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    exit_layer: int  # the chosen number of layers before the exit
+    agreement: float  # its teacher-forced next-token agreement with the target on the window
+    value: float  # its expected speed over plain decoding, by the module docstring's cost model
+    window: int  # tokens it was measured on
+    # Every candidate tried, in order: (exit layer, agreement, value).
+    tried: list[tuple[int, float, float]] = field(default_factory=list, repr=False)
+
+
+class EarlyExit:
+    needs_hidden_states = False
+
+    def __init__(
+        self,
+        model,
+        *,
+        exit_layer: int | float | None = None,
+        adapter: ExitAdapter | None = None,
+        draft_tokens: int = 6,
+        topk: int = 1,
+        width: int | None = None,
+        budget: int | None = None,
+        min_confidence: float = 0.5,
+        calibrate_tokens: int = 64,
+        calibrate_trials: int = 8,
+        packed_from: int | None | str = "auto",
+        metadata: dict | None = None,
+    ):
+        """`model`: the target (the drafter runs its first layers; `begin` refuses any other
+        model). `exit_layer`: decoder layers run before the exit, an int in [1, num_layers]
+        (num_layers drafts with the whole target), a float in (0, 1) for that fraction of the
+        depth, or None to calibrate on the prompt (see the module docstring). `adapter`: a trained
+        `ExitAdapter`; it fixes the exit layer it was trained for. `draft_tokens`: draft depth.
+        ``topk = 1`` drafts a greedy chain; ``topk > 1`` a tree whose levels keep the `width` best
+        nodes, cut to `budget` nodes. `min_confidence`: stop drafting deeper once the best next
+        token is less likely than this (0: always `draft_tokens`). `calibrate_tokens`: the
+        calibration window (the most recent committed tokens). `calibrate_trials`: candidate exits
+        scored per calibration. `packed_from`: draft forwards over this many tokens or more use
+        the target's prepacked linears ("auto": the target's stored crossover; None: never).
+        `metadata`: the adapter checkpoint's training record, saved again by `save_pretrained`."""
+        if draft_tokens < 1 or topk < 1:
+            raise ValueError(f"EarlyExit: draft_tokens and topk must be >= 1, got {draft_tokens}, {topk}")
+        if not 0 <= min_confidence < 1:
+            raise ValueError(
+                f"EarlyExit: min_confidence must be in [0, 1) (0 = always draft draft_tokens), got {min_confidence}"
+            )
+        if calibrate_tokens < _MIN_WINDOW:
+            raise ValueError(f"EarlyExit: calibrate_tokens must be >= {_MIN_WINDOW}, got {calibrate_tokens}")
+        if calibrate_trials < 1:
+            raise ValueError(f"EarlyExit: calibrate_trials must be >= 1, got {calibrate_trials}")
+        views.check_faithful(model)
+        self.model = model
+        self.num_layers = views.LayerSubset(model, []).num_layers
+        self.draft_tokens, self.topk = draft_tokens, topk
+        self.width = 1 if topk == 1 else (width or topk)
+        self.budget = budget
+        self.min_confidence = min_confidence
+        self.calibrate_tokens, self.calibrate_trials = calibrate_tokens, calibrate_trials
+        self.packed_from = packed_from
+        self.metadata = dict(metadata or {})
+        self.adapter = adapter
+        self.calibration: Calibration | None = None
+        self._route = PackedRoute(model, None)
+        self._norm = model.get_decoder().norm  # the target's own final norm (LayerSubset checked it exists)
+        self._fold: Tensor | None = None  # [vocab, rank] lm_head weight @ adapter up weight
+        if adapter is not None:
+            self._check_adapter(adapter, exit_layer)
+            exit_layer = adapter.exit_layer
+        self._refold()
+        self.exit_layer: int | None = None  # None until calibrated
+        self._install(None if exit_layer is None else self._checked_exit(exit_layer))
+
+    # ---- exit layer and adapter ---------------------------------------------------------------
+    def _checked_exit(self, exit_layer) -> int:
+        n = self.num_layers
+        if isinstance(exit_layer, float) and not isinstance(exit_layer, bool):
+            if not 0 < exit_layer < 1:
+                raise ValueError(
+                    f"EarlyExit: a float exit_layer is a fraction of the depth in (0, 1), got {exit_layer}; "
+                    f"pass an int in [1, {n}] for a layer count"
+                )
+            return max(1, round(exit_layer * n))
+        if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 1 <= exit_layer <= n:
+            raise ValueError(
+                f"EarlyExit: exit_layer must be an int in [1, {n}] (the target has {n} decoder layers), a fraction "
+                f"in (0, 1), or None to calibrate; got {exit_layer!r}"
+            )
+        return exit_layer
+
+    def _check_adapter(self, adapter, exit_layer) -> None:
+        if not isinstance(adapter, ExitAdapter):
+            raise TypeError(f"EarlyExit: adapter must be an ExitAdapter, got {type(adapter).__name__}")
+        hidden = self.model.config.hidden_size
+        if adapter.hidden_size != hidden or not 1 <= adapter.exit_layer <= self.num_layers:
+            raise ValueError(
+                f"EarlyExit: the adapter was built for hidden size {adapter.hidden_size} at exit layer "
+                f"{adapter.exit_layer}, but the target has hidden size {hidden} and {self.num_layers} layers; "
+                "use an adapter trained for this target"
+            )
+        if exit_layer is not None and exit_layer != adapter.exit_layer:
+            raise ValueError(
+                f"EarlyExit: exit_layer={exit_layer!r} but the adapter was trained to exit after layer "
+                f"{adapter.exit_layer}; leave exit_layer unset when passing an adapter"
+            )
+
+    def _install(self, exit_layer: int | None) -> None:
+        self.exit_layer = exit_layer
+        self.view = views.LayerSubset(self.model, range(exit_layer or 0))
+        self.cache = self.view.new_cache()
+        self.cached = torch.zeros(0, dtype=torch.long)  # [c] the tokens whose keys/values are in self.cache
+
+    def _refold(self) -> None:
+        """Fold the adapter's ``up`` into the lm_head: [vocab, hidden] @ [hidden, rank]."""
+        if self.adapter is None:
+            self._fold = None
+            return
+        head = self.model.get_output_embeddings().weight
+        with torch.no_grad():
+            up = self.adapter.up.weight.to(device=head.device, dtype=head.dtype)
+            self._fold = head @ up  # [vocab, rank]
+
+    def recalibrate(self) -> None:
+        """Forget the calibrated exit; the next proposal chooses one again (no-op with an adapter or
+        a fixed exit_layer, whose exit is not calibrated)."""
+        if self.calibration is not None:
+            self.calibration = None
+            self._install(None)
+
+    @torch.no_grad()
+    def calibrate(self, input_ids: Tensor, verify_cost=None) -> Calibration:
+        """Choose and install the exit layer on the last `calibrate_tokens` of `input_ids` ([t]).
+        `verify_cost`: `Context.verify_cost` (None: ``1 + 0.2 n``)."""
+        if self.adapter is not None:
+            raise ValueError("EarlyExit.calibrate: the adapter fixes the exit layer it was trained for")
+        ids = input_ids.reshape(-1).long()[-self.calibrate_tokens :]  # [w]
+        w = ids.numel()
+        if w < 2:
+            raise ValueError(f"EarlyExit.calibrate: needs at least 2 tokens, got {w}")
+        n = self.num_layers
+        positions = torch.arange(w)
+        full_view = views.LayerSubset(self.model, range(n))
+        with self._route(w):
+            full = full_view(ids, positions, return_states=True)
+        reference = full.logits.argmax(-1)  # [w]
+        states = full.states  # [n + 1, w, hidden]: input of each layer, then the last output
+        verify = verify_cost or (lambda d: 1.0 + _VERIFY_TOKEN_COST * d)
+        full_weights = full_view.weights()
+        exit_only = views.LayerSubset(self.model, [])  # norm + lm_head on a given state
+
+        candidates = list(range(1, n)) or [1]  # exiting after every layer is the target itself
+        if len(candidates) > self.calibrate_trials:  # evenly spaced, each the middle of its share
+            m = self.calibrate_trials
+            candidates = sorted({candidates[round((j + 0.5) * len(candidates) / m - 0.5)] for j in range(m)})
+        tried: list[tuple[int, float, float]] = []
+        for k in candidates:
+            with self._route(w):
+                logits = exit_only(None, positions, hidden=states[k]).logits  # [w, vocab]
+            a = float((logits.argmax(-1) == reference).double().mean())
+            cost = views.LayerSubset(self.model, range(k)).weights() / full_weights  # one draft token, in target forwards
+            expected, best = 1.0, 0.0
+            for d in range(1, self.draft_tokens + 1):
+                expected += a**d
+                best = max(best, expected / (verify(d) + d * cost))
+            tried.append((k, a, best))
+        k, a, v = max(tried, key=lambda r: (r[2], -r[0]))  # ties: the cheaper exit
+        self.calibration = Calibration(k, a, v, w, tried)
+        self._install(k)
+        return self.calibration
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, directory, model, *, check_base_model: bool = True, **kwargs) -> EarlyExit:
+        """An exit adapter saved by `save_pretrained` (or `specdec train early-exit`), validated
+        against `model` (hidden size, vocabulary, layer count, base model name)."""
+        ckpt = checkpoint.load(directory, KIND, model, check_base_model=check_base_model)
+        try:
+            adapter = ExitAdapter(**ckpt.config)
+            adapter.load_state_dict(ckpt.tensors)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise checkpoint.CheckpointError(f"drafter checkpoint {str(directory)!r} is corrupt: its weights do not "
+                                             f"match its config ({e})") from None
+        adapter.to(device=model.device, dtype=model.dtype).eval()
+        return cls(model, adapter=adapter, metadata=ckpt.metadata, **kwargs)
+
+    @classmethod
+    def shipped(cls, model, **kwargs) -> EarlyExit:
+        """The exit adapter shipped with specdec for this model (`checkpoint.shipped`), or a clear error."""
+        return cls.from_pretrained(checkpoint.shipped(KIND, model), model, **kwargs)
+
+    def save_pretrained(self, directory) -> Path:
+        if self.adapter is None:
+            raise ValueError(
+                "EarlyExit.save_pretrained: this drafter has no adapter, so there is nothing to save; "
+                "rebuild it with EarlyExit(model, exit_layer=k)"
+            )
+        return checkpoint.save(directory, checkpoint.Checkpoint(
+            KIND, checkpoint.describe(self.model), self.adapter.config(), self.adapter.state_dict(), self.metadata))
+
+    # ---- drafter protocol -----------------------------------------------------------------------
+    def begin(self, target) -> None:
+        if target is not self.model:
+            raise ValueError(
+                f"EarlyExit: built on one {type(self.model).__name__} but asked to draft for another model "
+                f"({type(target).__name__}); it drafts with the target's own layers, so build EarlyExit(target) "
+                "with the model you decode with"
+            )
+        self._route = PackedRoute(self.model, resolve_packed_from(self.model, self.packed_from))
+        self._refold()  # the adapter may have been trained further since the last generation
+        self.cache = self.view.new_cache()
+        self.cached = torch.zeros(0, dtype=torch.long)
+
+    def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor | None, last_only: bool = False) -> Tensor:
+        with self._route(ids.numel()):
+            out = self.view(ids, positions, cache=self.cache, mask=mask, last_only=last_only,
+                            return_states=self.adapter is not None)
+        logits = out.logits  # [m, vocab] (or [1, vocab])
+        if self.adapter is not None:
+            early = out.states[-1][-1:] if last_only else out.states[-1]  # [m, hidden] before the norm
+            z = self.adapter.bottleneck(self._norm(early[None])[0])  # [m, rank]
+            logits = logits + F.linear(z.to(self._fold.dtype), self._fold)
+        return torch.log_softmax(logits.float(), dim=-1).cpu()  # [m, vocab]
+
+    @torch.no_grad()
+    def propose(self, ctx: Context) -> TokenTree:
+        ids = ctx.input_ids
+        depth = self.draft_tokens if ctx.max_depth is None else min(self.draft_tokens, ctx.max_depth)
+        if depth < 1:
+            return TokenTree.empty()
+        if self.exit_layer is None:
+            if ids.numel() < _MIN_WINDOW:
+                return TokenTree.empty()
+            self.calibrate(ids, ctx.verify_cost)
+        # Reconcile: keep the cached prefix that still agrees with the committed tokens, and at
+        # least one token to feed so the root's distribution comes out of this forward.
+        same = (self.cached[: ids.numel()] == ids[: self.cached.numel()]).long()
+        common = min(int(same.cumprod(0).sum()), ids.numel() - 1)
+        kv.drop_last(self.cache, self.cached.numel() - common)
+        t = ids.numel()
+
+        def step(tree: TokenTree, frontier: list[int]) -> Tensor:
+            if frontier == [-1]:
+                return self._forward(ids[common:], torch.arange(common, t), None, last_only=True)
+            rows = torch.tensor(frontier)
+            positions = t - 1 + tree.depths()[rows]
+            mask = tree_mask(tree, rows, frontier[0], t, self.model.dtype)
+            return self._forward(tree.tokens[rows], positions, mask)
+
+        tree = expand(
+            step, depth=depth, topk=self.topk, width=self.width, budget=self.budget, min_confidence=self.min_confidence
+        )
+        fed = self.view.cached(self.cache) - t  # tree nodes now in the draft cache (all but the last level)
+        # A chain's fed nodes extend the sequence and may be reused next step; a tree's do not.
+        reuse = min(fed, len(tree)) if self.width == 1 else 0
+        kv.drop_last(self.cache, fed - reuse)
+        self.cached = torch.cat([ids, tree.tokens[:reuse]])
+        return tree
+
+    def update(self, feedback: Feedback) -> None:
+        pass  # the cache is reconciled lazily in propose

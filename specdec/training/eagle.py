@@ -1,0 +1,198 @@
+"""EAGLE training with EAGLE-3's "training-time test": frozen target, one-layer feature head.
+
+Features are the target's last-layer states after the final norm, exactly what the verifier
+hands the drafter (stored by ``make-data --save-hidden-states`` or computed by the target).
+Pair p is (f_p, x_{p+1}) at position p; the head's output there is the predicted f_{p+1}, and
+the target's lm_head on it predicts x_{p+2} (`specdec.drafters.eagle` explains the alignment).
+
+Unrolled steps. Step 1 feeds every pair with the target's real features (teacher forcing, as in
+EAGLE-1). Step k > 1 feeds, at position p, the head's own step-(k-1) prediction of f_p with the
+true token x_{p+1}, so the head learns to draft from its own features (EAGLE-3's training-time
+test). Attention in step k mirrors a depth-k draft from anchor r = p - k + 1: real pairs at
+positions <= r (step 1's keys) and the same anchor's chain in steps 2..k (one key per step, on
+the diagonal); every step's keys stay in one cache, so the whole unroll is k layer forwards.
+
+Loss per step: smooth L1 between the predicted and the real feature (weight `feature_weight`,
+1 in EAGLE) + cross-entropy of the lm_head on the predicted feature against the target's own
+next token (weight `ce_weight`, 0.1 in EAGLE), at positions whose label is an answer token (the
+target's self-distilled output); step k is weighted ``step_decay ** (k - 1)``.
+
+Held-out evaluation, per depth d (an unroll of `eval_depth` steps): `acceptance[d]`, the chance
+that the head's top-1 token at depth d is the target's token given depths < d were right (a
+greedy chain's per-step acceptance), top-1 and top-k accuracy, the two losses, and the expected
+tokens per step of a greedy chain of depth `eval_depth`, ``1 + sum_d prod_{j<=d} acceptance[j]``.
+
+Boundary: the recipe for `specdec.training.train`; imports the Eagle drafter and the data module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from specdec import kv
+from specdec.drafters.eagle import Eagle, EagleHead, FrozenTarget, predict
+from specdec.training.data import Batch
+
+
+@dataclass
+class EagleArguments:
+    unroll: int = field(default=3, metadata={
+        "help": "training-time-test steps: step k drafts from the head's own step k-1 features (1: EAGLE-1 teacher forcing)"})
+    step_decay: float = field(default=0.8, metadata={"help": "step k's loss weight is step_decay^(k-1)"})
+    feature_weight: float = field(default=1.0, metadata={"help": "weight of the smooth-L1 feature regression"})
+    ce_weight: float = field(default=0.1, metadata={
+        "help": "weight of the cross-entropy of lm_head(predicted feature) against the target's next token"})
+    init_from_last_layer: bool = field(default=True, metadata={
+        "help": "start the head's decoder layer as a copy of the target's last layer (else fresh random weights)"})
+    eval_depth: int = field(default=6, metadata={"help": "draft depths measured by the held-out evaluation"})
+    eval_topk: int = field(default=5, metadata={"help": "k of the top-k accuracy reported per depth"})
+
+
+def unroll_mask(t: int, step: int, dtype: torch.dtype, device=None) -> Tensor:
+    """[1, 1, t, step * t] additive mask for step `step` (1-based) of the unroll over t positions:
+    query p sees real pairs q <= p - step + 1 and, in each later step j = 2..step, the key at
+    q = p - (step - j): its own anchor's chain."""
+    p = torch.arange(t, device=device)[:, None]
+    q = torch.arange(t, device=device)[None]
+    blocks = [q <= p - step + 1] + [q == p - (step - j) for j in range(2, step + 1)]
+    allowed = torch.cat(blocks, dim=1)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def _shift(x: Tensor, d: int) -> Tensor:
+    """[b, t] -> [b, t] with x[:, r + d] at r (False past the end)."""
+    return torch.cat([x[:, d:], torch.zeros_like(x[:, :d])], dim=1)
+
+
+class EagleRecipe:
+    kind = "eagle"
+    needs_hidden_states = True
+
+    def __init__(self, args: EagleArguments):
+        for name in ("unroll", "eval_depth", "eval_topk"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"eagle: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if not 0 < args.step_decay <= 1:
+            raise ValueError(f"eagle: --step-decay must be in (0, 1], got {args.step_decay}")
+        if args.feature_weight < 0 or args.ce_weight < 0 or args.feature_weight + args.ce_weight == 0:
+            raise ValueError("eagle: --feature-weight and --ce-weight must be >= 0 and not both 0")
+        self.args = args
+        self._head: EagleHead | None = None  # the unwrapped module, for its cache config
+        self._frozen: tuple[object, FrozenTarget] | None = None  # (target, its frozen parts)
+
+    def arguments(self) -> dict:
+        return asdict(self.args)
+
+    def build(self, target) -> EagleHead:
+        head = EagleHead.for_target(target, init_from_last_layer=self.args.init_from_last_layer)
+        if target.dtype not in (torch.float32, torch.float64):
+            head = head.float()  # half-precision targets: the head still trains in fp32
+        self._head = head
+        return head
+
+    def _frozen_of(self, target) -> FrozenTarget:
+        if self._frozen is None or self._frozen[0] is not target:
+            self._frozen = (target, FrozenTarget.of(target))
+        return self._frozen[1]
+
+    def _unroll(self, head, target, batch: Batch, steps: int) -> tuple[list[Tensor], Tensor]:
+        """Predicted features [b, t, H] of steps 1..`steps` (entry k - 1: step k's output at p is
+        its guess of f_{p+1}) and the real features [b, t, H]."""
+        frozen = self._frozen_of(target)
+        unwrapped = head if isinstance(head, EagleHead) else self._head  # a DDP wrapper has no config
+        dtype = next(head.parameters()).dtype
+        ids = batch.input_ids
+        b, t = ids.shape
+        real = batch.hidden_states.to(dtype)
+        tokens = F.pad(ids[:, 1:], (0, 1))  # x_{p+1} at p; the last position has none (never a label)
+        positions = torch.arange(t, device=ids.device)[None].expand(b, t)
+        cache = kv.new_cache(unwrapped)
+        feats, outs = real, []
+        for k in range(1, steps + 1):
+            out = predict(head, frozen, feats, tokens, positions, unroll_mask(t, k, dtype, ids.device), cache)
+            outs.append(out)
+            feats = F.pad(out[:, :-1], (0, 0, 1, 0))  # step k + 1 feeds at p the step-k guess of f_p (made at p - 1)
+        return outs, real
+
+    @staticmethod
+    def _valid(batch: Batch, step: int) -> Tensor:
+        """[b, t] positions p whose step-`step` output is scored: its anchor p - step + 1 exists
+        and the label x_{p+2} is an answer token."""
+        answer = batch.answer_mask
+        valid = torch.zeros_like(answer)
+        valid[:, step - 1 : -2] = answer[:, step + 1 :]
+        return valid
+
+    def loss(self, head, target, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        args = self.args
+        outs, real = self._unroll(head, target, batch, args.unroll)
+        frozen = self._frozen_of(target)
+        next_real = F.pad(real[:, 1:], (0, 0, 0, 1))  # f_{p+1} at p
+        labels = F.pad(batch.input_ids[:, 2:], (0, 2))  # x_{p+2} at p
+        total, parts = 0.0, {}
+        for k, out in enumerate(outs, 1):
+            valid = self._valid(batch, k)
+            if not valid.any():
+                continue
+            pred = out[valid]  # [n, H]
+            feature = F.smooth_l1_loss(pred, next_real[valid])
+            ce = F.cross_entropy(frozen.logits(pred).float(), labels[valid])
+            total = total + args.step_decay ** (k - 1) * (args.feature_weight * feature + args.ce_weight * ce)
+            parts[f"loss_feature{k}"] = float(feature.detach())
+            parts[f"loss_ce{k}"] = float(ce.detach())
+        if not torch.is_tensor(total):  # no answer tokens in this batch: a zero that still has a graph
+            total = sum(out.sum() for out in outs) * 0.0
+        return total, parts
+
+    def evaluate(self, head, target, batches: Iterator[Batch]) -> dict:
+        depth, r = self.args.eval_depth, self.args.eval_topk
+        frozen = self._frozen_of(target)
+        positions, top1, topr, reached, accepted = (torch.zeros(depth, dtype=torch.float64) for _ in range(5))
+        feature_sum, ce_sum = torch.zeros(depth, dtype=torch.float64), torch.zeros(depth, dtype=torch.float64)
+        for batch in batches:
+            outs, real = self._unroll(head, target, batch, depth)
+            next_real = F.pad(real[:, 1:], (0, 0, 0, 1))
+            labels = F.pad(batch.input_ids[:, 2:], (0, 2))
+            chain = torch.ones_like(batch.answer_mask)  # by anchor: the depths so far were all right
+            anchored = self._valid(batch, 1)  # by anchor r: the chain's first label x_{r+2} is an answer token
+            for d, out in enumerate(outs):
+                valid = self._valid(batch, d + 1)
+                logits = frozen.logits(out[valid]).float()  # [n, vocab], only where scored
+                truth = labels[valid]
+                rank = (logits > logits.gather(-1, truth[:, None])).sum(-1)  # [n]: 0 = top-1 is right
+                positions[d] += rank.numel()
+                top1[d] += float((rank == 0).sum())
+                topr[d] += float((rank < r).sum())
+                feature_sum[d] += float(F.smooth_l1_loss(out[valid], next_real[valid], reduction="none").mean(-1).sum())
+                ce_sum[d] += float(F.cross_entropy(logits, truth, reduction="sum"))
+                right = torch.zeros_like(valid)
+                right[valid] = rank == 0
+                # By anchor r = p - d: depth d + 1 of the chain from r is scored at p = r + d.
+                valid_a, right_a = _shift(valid, d) & anchored, _shift(right, d)
+                reached[d] += float((valid_a & chain).sum())
+                accepted[d] += float((valid_a & chain & right_a).sum())
+                chain = chain & right_a
+        if not positions.any():  # nothing held out (--eval-fraction 0)
+            return {"eval": {"positions": positions.long().tolist()}}
+        n = positions.clamp(min=1)
+        acceptance = accepted / reached.clamp(min=1)
+        return {
+            "eval": {
+                "positions": positions.long().tolist(),
+                "acceptance": acceptance.tolist(),
+                "top1": (top1 / n).tolist(),
+                f"top{r}": (topr / n).tolist(),
+                "loss_feature": (feature_sum / n).tolist(),
+                "loss_ce": (ce_sum / n).tolist(),
+                "expected_chain_tokens": float(1 + acceptance.cumprod(0).sum()),
+            },
+        }
+
+    def save(self, head, target, directory: Path, metadata: dict) -> Path:
+        return Eagle(target, head, metadata=metadata).save_pretrained(directory)
