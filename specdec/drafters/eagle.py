@@ -26,7 +26,8 @@ propose reconciles the cache with ``ctx.input_ids`` by common prefix (pair p sta
 ids[:p + 2] are unchanged), then adds the pairs whose features arrived in `ctx`. Features of
 steps in which `propose` was not called (a paused guard, a composition that skipped this drafter,
 the last step of an earlier Session turn) never arrive: those pairs are left out of the cache
-(the positions of the others stay true), which only makes drafts less informed, never wrong.
+(the positions of the others stay true), which only makes drafts less informed, never wrong;
+rows that arrive later for a span with such a hole (a fresh verifier's prefill) re-fill it.
 Tree nodes enter the cache during growth and leave it afterwards.
 
 Tree. `specdec.trees.expand` grows an EAGLE-2 dynamic tree: every level feeds the frontier
@@ -65,7 +66,8 @@ def _decoder_parts(model) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(last decoder layer, rotary embedding, final norm) of a Llama-layout causal LM."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     layers = getattr(decoder, "layers", None)
-    parts = {"layers": layers, "rotary_emb": getattr(decoder, "rotary_emb", None), "norm": getattr(decoder, "norm", None)}
+    parts = {"layers": layers, "rotary_emb": getattr(decoder, "rotary_emb", None),
+             "norm": getattr(decoder, "norm", None)}
     missing = [name for name, part in parts.items() if not isinstance(part, nn.Module)]
     if missing or not len(layers):
         raise ValueError(
@@ -290,6 +292,14 @@ class Eagle:
         if hidden is not None and hidden.shape[0] > 0:
             h = min(hidden.shape[0], t - 1)
             positions = torch.arange(t - 1 - h, t - 1)  # the rows' positions: the last is t - 2
+            covered = int((self._pos >= t - 1 - h).sum())
+            if last >= t - 1 - h and covered < last - (t - 1 - h) + 1:
+                # The rows fill a gap among cached pairs (e.g. a fresh verifier prefilled what
+                # this cache missed while paused): re-feed the whole span they cover.
+                kv.drop_last(self.cache, covered)
+                keep -= covered
+                self._pos, self._feats = self._pos[:keep], self._feats[:keep]
+                last = int(self._pos[-1]) if keep else -1
             new = positions > last  # rows already cached are skipped; rows beyond a gap still count
             if new.any():
                 return positions[new], hidden[-h:][new.to(hidden.device)].to(self._feats)

@@ -43,7 +43,8 @@ from specdec.training.data import Batch
 @dataclass
 class EagleArguments:
     unroll: int = field(default=3, metadata={
-        "help": "training-time-test steps: step k drafts from the head's own step k-1 features (1: EAGLE-1 teacher forcing)"})
+        "help": "training-time-test steps: step k drafts from the head's own step k-1 features "
+                "(1: EAGLE-1 teacher forcing)"})
     step_decay: float = field(default=0.8, metadata={"help": "step k's loss weight is step_decay^(k-1)"})
     feature_weight: float = field(default=1.0, metadata={"help": "weight of the smooth-L1 feature regression"})
     ce_weight: float = field(default=0.1, metadata={
@@ -62,7 +63,8 @@ def unroll_mask(t: int, step: int, dtype: torch.dtype, device=None) -> Tensor:
     q = torch.arange(t, device=device)[None]
     blocks = [q <= p - step + 1] + [q == p - (step - j) for j in range(2, step + 1)]
     allowed = torch.cat(blocks, dim=1)
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
 
 
 def _shift(x: Tensor, d: int) -> Tensor:

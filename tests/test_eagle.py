@@ -1,0 +1,409 @@
+"""EAGLE feature head: exactness, the feature/token alignment (oracle and trained heads), the head's
+cache across Session turns and guard pauses, tree sizing, checkpoints, and the training recipe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import random_prompt, reference, tiny_model
+from safetensors.torch import load_file, save_file
+from test_medusa import named_model
+from test_training import data_args, read_log, train_args, write_target
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+import specdec
+from specdec.drafter import Context, Feedback
+from specdec.drafters.checkpoint import CheckpointError
+from specdec.drafters.eagle import Eagle, EagleHead, FrozenTarget
+from specdec.models import load_model
+from specdec.training.cli import main
+from specdec.training.data import Batch, make_data, target_states
+from specdec.training.eagle import EagleArguments, EagleRecipe, unroll_mask
+from specdec.training.train import train
+
+
+def random_head(model, seed: int) -> EagleHead:
+    torch.manual_seed(seed)
+    head = EagleHead.for_target(model)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return head
+
+
+def run(model, prompt, drafter, max_new: int, guard=None):
+    stats = specdec.GenerationStats()
+    out = specdec.generate(model, prompt, drafter, max_new_tokens=max_new, eos_token_id=[], stats=stats, guard=guard)
+    return out, stats
+
+
+def states_of(model, ids: torch.Tensor) -> torch.Tensor:
+    """[t, H] the target's post-norm features of a [1, t] sequence."""
+    return target_states(model, Batch(ids, torch.ones_like(ids), torch.ones_like(ids).bool()))[0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen"])
+@pytest.mark.parametrize("kwargs", [{}, {"topk": 1}, {"topk": 3, "width": 2, "budget": 5, "depth": 4}])
+def test_random_head_is_exact(arch, kwargs):
+    model = tiny_model(arch)
+    for seed in range(2):
+        prompt = random_prompt(seed, 6)
+        ref = reference(model, prompt, 30)
+        out, stats = run(model, prompt, Eagle(model, random_head(model, seed), **kwargs), 30)
+        assert torch.equal(out, ref)
+        assert all(len(s.tree) > 0 for s in stats.steps[:-1])  # every step drafted
+
+
+class OracleHead(EagleHead):
+    """Finds each input pair among the reference sequence's pairs (feature f_p, token x_{p+1}) and
+    outputs f_{p+1}: right iff the drafter pairs features and tokens as training does. A pair that
+    is no reference pair (a wrong sibling, or a misaligned feed) gets a zero output."""
+
+    def __init__(self, model, ref: torch.Tensor):
+        base = EagleHead.for_target(model)
+        super().__init__(base.config, type(base.layer), type(base.rotary))
+        self.to(model.dtype)
+        self.ref, self.states = ref[0], states_of(model, ref)  # [L], [L, H]
+        self.table = model.get_input_embeddings().weight.detach()
+        frozen = FrozenTarget.of(model)
+        # Outputs that the final norm maps back to the reference features exactly: f = w * x /
+        # sqrt(mean(x^2) + eps) holds for x = s * f / w with s^2 = eps / (1 - mean((f / w)^2)).
+        unit = self.states / frozen.norm_weight
+        r = unit.pow(2).mean(-1, keepdim=True).clamp(max=1 - 1e-9)
+        self.pre_norm = unit * (frozen.norm_eps / (1 - r)).sqrt()  # [L, H]
+
+    def forward(self, features, embeds, position_ids, attention_mask, cache=None):
+        out = super().forward(features, embeds, position_ids, attention_mask, cache)  # keeps the cache in step
+        found = torch.zeros_like(out)
+        tokens = (embeds[0][:, None] - self.table[None]).norm(dim=-1).argmin(-1)  # [m]
+        dist = (features[0][:, None] - self.states[None]).norm(dim=-1)  # [m, L]
+        for row, p in enumerate(dist.argmin(-1).tolist()):
+            if float(dist[row, p]) < 1e-4 and p + 1 < len(self.ref) and int(tokens[row]) == int(self.ref[p + 1]):
+                found[0, row] = self.pre_norm[p + 1]
+        return found
+
+
+def assert_cache_holds_real_pairs(drafter: Eagle, model, ref: torch.Tensor) -> None:
+    """Every cached pair sits at its true position with the target's own feature there."""
+    pos = drafter._pos
+    assert pos.numel() > 0 and bool((pos[1:] > pos[:-1]).all())
+    assert torch.allclose(drafter._feats, states_of(model, ref)[pos], atol=1e-8)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen"])
+@pytest.mark.parametrize("prompt_len", [2, 7])
+def test_oracle_head_accepts_every_depth(arch, prompt_len):
+    """Off by one in either the feature rows or the tokens, the oracle would match nothing."""
+    model = tiny_model(arch)
+    prompt = random_prompt(11, prompt_len)
+    ref = reference(model, prompt, 50)
+    out, stats = run(model, prompt, Eagle(model, OracleHead(model, ref), depth=4, topk=1), 40)
+    assert torch.equal(out, ref[:, : prompt_len + 40])
+    assert all(len(s.accepted_nodes) == 4 for s in stats.steps[:-1])
+    out, stats = run(model, prompt, Eagle(model, OracleHead(model, ref), depth=4, topk=3, budget=None), 40)
+    assert torch.equal(out, ref[:, : prompt_len + 40])
+    assert all(len(s.accepted_nodes) == 4 for s in stats.steps[:-1])
+
+
+def test_one_token_prompt_drafts_nothing_first():
+    model = tiny_model("llama")
+    prompt = random_prompt(2, 1)
+    out, stats = run(model, prompt, Eagle(model, random_head(model, 0)), 12)
+    assert torch.equal(out, reference(model, prompt, 12))
+    assert len(stats.steps[0].tree) == 0 and len(stats.steps[1].tree) > 0
+
+
+def test_session_turns_keep_the_alignment():
+    """The second turn prefills only the new part of the prompt; the features of the first turn's
+    last step never arrive. The cache keeps only real pairs, and drafting stays aligned."""
+    model = tiny_model("qwen")
+    first = random_prompt(6, 5)
+    ref1 = reference(model, first, 12)
+    second = torch.cat([ref1, random_prompt(7, 4)], dim=1)
+    ref2 = reference(model, second, 24)
+    drafter = Eagle(model, OracleHead(model, ref2), depth=3, topk=1)
+    session = specdec.Session(model, drafter, guard=None, eos_token_id=[])
+    assert torch.equal(session.generate(first, max_new_tokens=12), ref1)
+    stats = specdec.GenerationStats()
+    out = session.generate(second, max_new_tokens=16, stats=stats)
+    assert torch.equal(out, ref2[:, : second.shape[1] + 16])
+    assert all(len(s.accepted_nodes) == 3 for s in stats.steps[:-1])
+    assert_cache_holds_real_pairs(drafter, model, ref2)
+    # A random head through the same two turns: exact.
+    session = specdec.Session(model, Eagle(model, random_head(model, 1)), guard=None, eos_token_id=[])
+    session.generate(first, max_new_tokens=12)
+    assert torch.equal(session.generate(second, max_new_tokens=16), ref2[:, : second.shape[1] + 16])
+
+
+class PausingGuard(specdec.Guard):
+    """Drafts for two steps, then pauses for two (propose is not called, its features are lost)."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = 0
+
+    def speculate(self) -> bool:
+        return self.steps // 2 % 2 == 0
+
+    def record(self, drafted: bool, tokens: int, seconds: float) -> None:
+        self.steps += 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen"])
+def test_guard_pauses_leave_gaps_but_stay_exact(arch):
+    model = tiny_model(arch)
+    prompt = random_prompt(3, 6)
+    ref = reference(model, prompt, 60)
+    drafter = Eagle(model, OracleHead(model, ref), depth=3, topk=2, budget=6)
+    out, stats = run(model, prompt, drafter, 50, guard=PausingGuard())
+    assert torch.equal(out, ref[:, : prompt.shape[1] + 50])
+    drafted = [s for s in stats.steps[:-1] if len(s.tree)]
+    assert len(drafted) < len(stats.steps) - 3 and all(len(s.accepted_nodes) == 3 for s in drafted)
+    assert_cache_holds_real_pairs(drafter, model, ref)
+    out, _ = run(model, prompt, Eagle(model, random_head(model, 2)), 50, guard=PausingGuard())
+    assert torch.equal(out, ref[:, : prompt.shape[1] + 50])
+
+
+def test_propose_from_context_alone():
+    """Features missing, repeated or cached: never a crash, and the same context gives the same tree."""
+    model = tiny_model("llama")
+    ids = random_prompt(0, 9)[0]
+    hidden = states_of(model, ids[None])[:-1]  # [8, H]: ids[:-1], as after the prefill
+    drafter = Eagle(model, random_head(model, 0), depth=3, topk=2)
+    drafter.begin(model)
+    assert len(drafter.propose(Context(ids, None))) == 0  # nothing cached, no features
+    first = drafter.propose(Context(ids, hidden))
+    again = drafter.propose(Context(ids, None))  # the root's pair is cached: fed again for its output
+    assert len(first) > 0 and torch.equal(first.tokens, again.tokens) and torch.equal(first.parents, again.parents)
+    assert torch.allclose(first.scores, again.scores)
+    assert len(drafter.propose(Context(ids, hidden[-1:]))) == len(first)  # only the newest row
+    fresh = Eagle(model, drafter.head, depth=3, topk=2)
+    gap = fresh.propose(Context(ids, hidden[-2:]))  # an earlier gap: drafts from the rows it has
+    assert len(gap) > 0 and fresh._pos.tolist() == [6, 7]
+    other = torch.cat([ids[:4], (ids[4:] + 1) % 90])  # diverges at 4: pairs from position 3 on are stale
+    fresh.propose(Context(ids, hidden))
+    fresh.propose(Context(other, None))
+    assert fresh._pos.tolist() == [0, 1, 2]
+    assert len(drafter.propose(Context(ids[:1], None))) == 0
+    assert len(drafter.propose(Context(ids, hidden, max_depth=0))) == 0
+    shallow = drafter.propose(Context(ids, hidden, max_depth=1))
+    assert int(shallow.depths().max()) == 1
+
+
+def test_tree_scores_and_sizing():
+    model = tiny_model("llama")
+    ids = random_prompt(1, 8)[0]
+    hidden = states_of(model, ids[None])[:-1]
+    drafter = Eagle(model, random_head(model, 0), depth=4, topk=4, budget=12)
+    drafter.begin(model)
+    tree = drafter.propose(Context(ids, hidden))
+    assert len(tree) == 12 and tree.draft_probs is None
+    scores = tree.scores
+    assert bool(((scores > 0) & (scores <= 1)).all())
+    assert all(scores[i] <= scores[p] for i, p in enumerate(tree.parents.tolist()) if p >= 0)
+    flat = drafter.propose(Context(ids, hidden, verify_cost=lambda n: 1.0))
+    assert len(flat) == 12  # free verification: keep every node
+    steep = drafter.propose(Context(ids, hidden, verify_cost=lambda n: 1.0 + n))
+    assert 1 <= len(steep) < 12
+    order = sorted(range(12), key=lambda i: (-float(scores[i]), i))
+    assert steep.tokens.tolist() == tree.subtree(order[: len(steep)]).tokens.tolist()
+    # Feedback that every proposal was fully accepted makes larger trees pay under the same curve.
+    before = len(drafter.propose(Context(ids, hidden, verify_cost=lambda n: 1.0 + 0.3 * n)))
+    deepest = tree.path_to(int(tree.depths().argmax()))
+    for _ in range(30):
+        drafter.update(Feedback(tree, deepest, torch.zeros(len(deepest) + 1, dtype=torch.long)))
+    assert drafter.acceptance_ratio > 1.5
+    assert len(drafter.propose(Context(ids, hidden, verify_cost=lambda n: 1.0 + 0.3 * n))) > before
+
+
+def test_argument_errors():
+    model = tiny_model("llama")
+    head = random_head(model, 0)
+    for kwargs, message in [({"depth": 0}, "depth"), ({"topk": 0}, "topk"), ({"width": 0}, "width"),
+                            ({"budget": 0}, "budget"), ({"min_confidence": 1.0}, "min_confidence"),
+                            ({"calibration_decay": 1.0}, "calibration_decay")]:
+        with pytest.raises(ValueError, match=message):
+            Eagle(model, head, **kwargs)
+    with pytest.raises(TypeError, match="EagleHead"):
+        Eagle(model, torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="hidden size"):
+        Eagle(named_model("x", hidden=48), head)
+    with pytest.raises(ValueError, match="Qwen2DecoderLayer"):
+        Eagle(tiny_model("qwen"), head)
+    assert tiny_model("llama").config.num_hidden_layers == 2  # the head's config is a copy
+
+
+def test_training_alignment_matches_drafting():
+    """A head fitted with the recipe's loss on the model's own greedy continuation is accepted when
+    the model generates it again: training pairs (f_p, x_{p+1}) as the drafter does."""
+    model = tiny_model("llama")
+    prompt = random_prompt(5, 8)
+    ref = reference(model, prompt, 60)
+    answer = torch.arange(ref.shape[1])[None] >= prompt.shape[1]
+    batch = Batch(ref, torch.ones_like(ref), answer)
+    batch.hidden_states = target_states(model, batch)
+    recipe = EagleRecipe(EagleArguments(unroll=2))
+    torch.manual_seed(0)
+    head = recipe.build(model)
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    for _ in range(120):
+        loss, _ = recipe.loss(head, model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(p.grad is None for p in model.parameters())  # the target stays frozen and untouched
+    head.eval()
+    with torch.no_grad():
+        metrics = recipe.evaluate(head, model, iter([batch]))["eval"]
+    assert metrics["acceptance"][0] > 0.8 and metrics["expected_chain_tokens"] > 3
+    _, untrained = run(model, prompt, Eagle(model, recipe.build(model), topk=1), 50)
+    out, stats = run(model, prompt, Eagle(model, head, topk=1), 50)
+    assert torch.equal(out, ref[:, : prompt.shape[1] + 50])
+    assert stats.mean_accepted > 3.0 and stats.mean_accepted > untrained.mean_accepted + 1.5
+
+
+def test_training_unroll_computes_what_drafting_computes():
+    """Step k of the training unroll at anchor t - 2 is the drafter's depth-k step of a chain: same
+    pairs, positions and attention, so the same draft probabilities (a token or position offset
+    on either side would change them)."""
+    model = tiny_model("qwen")
+    ids = random_prompt(8, 9)[0]
+    head = random_head(model, 4)
+    drafter = Eagle(model, head, depth=3, topk=1)
+    drafter.begin(model)
+    tree = drafter.propose(Context(ids, states_of(model, ids[None])[:-1]))
+    assert tree.is_chain and len(tree) == 3
+    seq = torch.cat([ids, tree.tokens[:2]])[None]  # the chain's tokens as the continuation
+    batch = Batch(seq, torch.ones_like(seq), torch.ones_like(seq).bool())
+    batch.hidden_states = target_states(model, batch)
+    outs, _ = EagleRecipe(EagleArguments())._unroll(head, model, batch, 3)
+    t = ids.numel()
+    frozen = FrozenTarget.of(model)
+    probs = [torch.softmax(frozen.logits(out[0, t - 2 + k]), -1)[tree.tokens[k]] for k, out in enumerate(outs)]
+    assert torch.allclose(torch.stack(probs).cumprod(0), tree.scores, rtol=1e-9)
+
+
+def test_unroll_mask_is_a_draft_from_each_anchor():
+    allowed = unroll_mask(5, 3, torch.float64) == 0  # [1, 1, 5, 15]
+    # Query p = 4 in step 3 drafts depth 3 from anchor 2: real pairs 0..2, step 2's key at 3, step 3's at 4.
+    assert allowed[0, 0, 4].nonzero().flatten().tolist() == [0, 1, 2, 5 + 3, 10 + 4]
+    assert (unroll_mask(4, 1, torch.float64) == 0)[0, 0].tolist() == torch.ones(4, 4).tril().bool().tolist()
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+
+def test_round_trip_gives_the_same_drafts(tmp_path):
+    model = tiny_model("qwen")
+    drafter = Eagle(model, random_head(model, 3), metadata={"training": {"steps": 7}})
+    drafter.save_pretrained(tmp_path / "e")
+    header = json.loads((tmp_path / "e" / "drafter_config.json").read_text())
+    assert header["drafter"] == "eagle" and header["config"]["decoder_layer"] == "Qwen2DecoderLayer"
+    loaded = Eagle.from_pretrained(tmp_path / "e", model, depth=3)
+    assert loaded.metadata["training"] == {"steps": 7} and loaded.depth == 3
+    prompt = random_prompt(4, 6)
+    a, sa = run(model, prompt, drafter, 20)
+    b, sb = run(model, prompt, Eagle.from_pretrained(tmp_path / "e", model), 20)
+    assert torch.equal(a, b)
+    for x, y in zip(sa.steps, sb.steps):
+        assert torch.equal(x.tree.tokens, y.tree.tokens) and torch.equal(x.tree.parents, y.tree.parents)
+
+
+def test_mismatched_target_is_refused(tmp_path):
+    base = named_model("base-a")
+    Eagle(base, random_head(base, 0)).save_pretrained(tmp_path / "e")
+    Eagle.from_pretrained(tmp_path / "e", base)
+    cases = [(named_model("base-a", hidden=48), "hidden_size=32"), (named_model("base-a", vocab=100), "vocab_size=96"),
+             (named_model("base-a", layers=3), "num_hidden_layers=2"), (named_model("base-b"), "base model 'base-a'")]
+    for other, message in cases:
+        with pytest.raises(CheckpointError, match=message):
+            Eagle.from_pretrained(tmp_path / "e", other)
+    Eagle.from_pretrained(tmp_path / "e", named_model("base-b"), check_base_model=False)
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, name_or_path="/x/base-a"))
+    message = "'LlamaDecoderLayer' layers but this model's layers are 'Qwen2DecoderLayer'"
+    with pytest.raises(CheckpointError, match=message):
+        Eagle.from_pretrained(tmp_path / "e", qwen)
+    weights = tmp_path / "e" / "drafter.safetensors"
+    tensors = load_file(str(weights))
+    tensors["fc.weight"] = tensors["fc.weight"][:, :10].contiguous()
+    save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match="do not match its config"):
+        Eagle.from_pretrained(tmp_path / "e", base)
+    with pytest.raises(CheckpointError, match="no shipped 'eagle' drafter"):
+        Eagle.shipped(named_model("base-b"))
+
+
+# ---- training -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eagle-training")
+    write_target(root / "tiny-target")
+    g = torch.Generator().manual_seed(0)
+    with open(root / "prompts.jsonl", "w") as f:
+        for i in range(10):
+            words = torch.randint(0, 90, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g)
+            f.write(json.dumps({"prompt": " ".join(f"w{int(w)}" for w in words)}) + "\n")
+    make_data(data_args(root, "data"))
+    make_data(data_args(root, "data-nohidden", save_hidden_states=False))
+    return root
+
+
+RECIPE = EagleArguments(unroll=2, eval_depth=3, eval_topk=3)
+
+
+def test_training_lowers_the_loss_and_resumes(workdir):
+    directory = train(train_args(workdir, workdir / "data", "run", learning_rate=1e-2), EagleRecipe(RECIPE))
+    log = read_log(workdir / "run")
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 * 0.8
+    assert {"loss_feature1", "loss_ce2"} <= set(log[0])
+    model = load_model(str(workdir / "tiny-target"))[0]
+    drafter = Eagle.from_pretrained(directory, model)
+    meta = drafter.metadata
+    assert meta["training"]["steps"] == 12 and meta["training"]["seconds"] > 0
+    assert meta["training"]["train_answer_tokens"] > 0 and meta["training"]["arguments"]["unroll"] == 2
+    ev = meta["eval"]
+    assert len(ev["acceptance"]) == 3 and "top3" in ev and ev["expected_chain_tokens"] >= 1.0
+    assert all(0 <= a <= 1 for a in ev["acceptance"])
+    prompt = torch.tensor([[2, 4, 10, 3, 2, 5]])
+    out, _ = run(model, prompt, drafter, 20)
+    assert torch.equal(out, reference(model, prompt, 20))
+    # Interrupted after step 8, resumed to 12: the same losses as the straight run.
+    train(train_args(workdir, workdir / "data", "part", learning_rate=1e-2, max_steps=8), EagleRecipe(RECIPE))
+    train(train_args(workdir, workdir / "data", "part", learning_rate=1e-2, resume=True), EagleRecipe(RECIPE))
+    resumed = [r["loss"] for r in read_log(workdir / "part") if "loss" in r]
+    assert resumed == pytest.approx(losses, rel=1e-5)
+
+
+def test_features_from_the_target_match_stored_ones(workdir):
+    """Without stored states the target computes the same (post-norm) features."""
+    stored = train(train_args(workdir, workdir / "data", "s", max_steps=2, save_steps=2), EagleRecipe(RECIPE))
+    computed = train(train_args(workdir, workdir / "data-nohidden", "c", max_steps=2, save_steps=2),
+                     EagleRecipe(RECIPE))
+    a = [r["loss"] for r in read_log(workdir / "s") if "loss" in r]
+    b = [r["loss"] for r in read_log(workdir / "c") if "loss" in r]
+    assert a == pytest.approx(b, rel=1e-2)  # stored states are fp16
+    assert stored.name == computed.name == "drafter"
+
+
+def test_cli_help_and_run(workdir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eagle", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(f in text for f in ["--unroll", "--step_decay", "--ce_weight", "--init_from_last_layer", "--resume"])
+    out = workdir / "cli"
+    assert main(["eagle", "--model", str(workdir / "tiny-target"), "--data", str(workdir / "data"), "--output-dir",
+                 str(out), "--max-steps", "2", "--batch-size", "2", "--unroll", "2", "--save-steps", "2"]) == 0
+    meta = json.loads((out / "drafter" / "drafter_config.json").read_text())["metadata"]
+    assert meta["training"]["command"].startswith("specdec train eagle --model")
+
+
+def test_recipe_argument_errors():
+    for kwargs, message in [({"unroll": 0}, "unroll"), ({"step_decay": 0}, "step-decay"),
+                            ({"feature_weight": 0, "ce_weight": 0}, "not both 0")]:
+        with pytest.raises(ValueError, match=message):
+            EagleRecipe(EagleArguments(**kwargs))
