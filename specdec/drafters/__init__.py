@@ -12,16 +12,18 @@ from typing import Any
 
 from specdec.drafters.compose import Fallback, Merge
 from specdec.drafters.draft_model import DraftModel
+from specdec.drafters.eagle import Eagle
 from specdec.drafters.jacobi import Jacobi
 from specdec.drafters.layer_skip import LayerSkip
 from specdec.drafters.lookahead import Lookahead
+from specdec.drafters.medusa import Medusa
 from specdec.drafters.prompt_lookup import PromptLookup
 from specdec.drafters.retrieval import Datastore, Retrieval
 from specdec.drafters.token_recycling import TokenRecycling
 
 __all__ = [
-    "DRAFTERS", "Datastore", "DraftModel", "Fallback", "Jacobi", "LayerSkip", "Lookahead", "Merge", "PromptLookup",
-    "Resources", "Retrieval", "TokenRecycling", "check_name", "datastore_dir", "make_drafter",
+    "DRAFTERS", "Datastore", "DraftModel", "Eagle", "Fallback", "Jacobi", "LayerSkip", "Lookahead", "Medusa", "Merge",
+    "PromptLookup", "Resources", "Retrieval", "TokenRecycling", "check_name", "datastore_dir", "load", "make_drafter",
 ]
 
 
@@ -67,9 +69,24 @@ DRAFTERS = {
     "jacobi": lambda r: Jacobi(),
     "retrieval": lambda r: Retrieval(_datastore(r)),
     "layer-skip": lambda r: LayerSkip(r.target),
+    "medusa": lambda r: load("medusa", r.target),
+    "eagle": lambda r: load("eagle", r.target),
     "draft-model": lambda r: DraftModel(_draft(r)),
     "draft-model-tree": lambda r: DraftModel(_draft(r), topk=2, width=2, budget=8),
 }
+
+
+# Trained drafters shipped inside the package (specdec/drafters/shipped/<base model>/<kind>/).
+TRAINED = {"medusa": Medusa, "eagle": Eagle}
+
+
+def load(kind: str, model, **kwargs):
+    """The trained `kind` drafter shipped for `model` (matched by its base model name), e.g.
+    ``load("medusa", model)``; a clear error lists what is shipped when nothing matches. Any
+    checkpoint directory loads with ``Medusa.from_pretrained(dir, model)`` (likewise the others)."""
+    if kind not in TRAINED:
+        raise ValueError(f"load: unknown trained drafter kind {kind!r}; choose from {', '.join(TRAINED)}")
+    return TRAINED[kind].shipped(model, **kwargs)
 
 
 def check_name(name: str) -> None:
