@@ -11,7 +11,7 @@ import specdec
 from specdec import kv
 from specdec.drafter import Context
 from specdec.drafters.layer_skip import LayerSkip
-from specdec.drafters.layers import LayerSubset, causal_mask, check_faithful
+from specdec.drafters.layer_view import LayerSubset, causal_mask, check_faithful
 from specdec.trees import TokenTree, tree_mask
 
 

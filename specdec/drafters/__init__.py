@@ -13,6 +13,7 @@ from typing import Any
 from specdec.drafters.compose import Fallback, Merge
 from specdec.drafters.draft_model import DraftModel
 from specdec.drafters.eagle import Eagle
+from specdec.drafters.early_exit import EarlyExit
 from specdec.drafters.jacobi import Jacobi
 from specdec.drafters.layer_skip import LayerSkip
 from specdec.drafters.lookahead import Lookahead
@@ -22,7 +23,7 @@ from specdec.drafters.retrieval import Datastore, Retrieval
 from specdec.drafters.token_recycling import TokenRecycling
 
 __all__ = [
-    "DRAFTERS", "Datastore", "DraftModel", "Eagle", "Fallback", "Jacobi", "LayerSkip", "Lookahead", "Medusa", "Merge",
+    "DRAFTERS", "Datastore", "DraftModel", "Eagle", "EarlyExit", "Fallback", "Jacobi", "LayerSkip", "Lookahead", "Medusa", "Merge",
     "PromptLookup", "Resources", "Retrieval", "TokenRecycling", "check_name", "datastore_dir", "load", "make_drafter",
 ]
 
@@ -71,13 +72,15 @@ DRAFTERS = {
     "layer-skip": lambda r: LayerSkip(r.target),
     "medusa": lambda r: load("medusa", r.target),
     "eagle": lambda r: load("eagle", r.target),
+    "early-exit": lambda r: load("early-exit", r.target),
+    "early-exit-untrained": lambda r: EarlyExit(r.target),
     "draft-model": lambda r: DraftModel(_draft(r)),
     "draft-model-tree": lambda r: DraftModel(_draft(r), topk=2, width=2, budget=8),
 }
 
 
 # Trained drafters shipped inside the package (specdec/drafters/shipped/<base model>/<kind>/).
-TRAINED = {"medusa": Medusa, "eagle": Eagle}
+TRAINED = {"medusa": Medusa, "eagle": Eagle, "early-exit": EarlyExit}
 
 
 def load(kind: str, model, **kwargs):

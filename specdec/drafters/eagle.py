@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from specdec import kv
 from specdec.drafter import Context, Feedback
 from specdec.drafters import checkpoint
-from specdec.drafters.layers import causal_mask
+from specdec.drafters.layer_view import causal_mask
 from specdec.trees import TokenTree, expand, tree_mask
 
 KIND = "eagle"

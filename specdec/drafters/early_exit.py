@@ -27,9 +27,12 @@ target's norm + lm_head on the layer-k state give the agreement `a` (share of wi
 where the exit picks the target's token), and the exit's cost `c` is its decoder-layer plus
 lm_head weights over the target's (a one-token forward on CPU is bound by reading weights). The
 exit with the best ``max_d (1 + a + ... + a^d) / (verify(d) + d * c)`` wins, verify(d) being
-`Context.verify_cost` or ``1 + 0.2 d`` without one. Cost: one full forward plus one lm_head pass
-per candidate over the window, once. A float `exit_layer` in (0, 1) skips calibration and exits
-after that fraction of the depth.
+`Context.verify_cost` or ``1 + 0.2 d`` without one. When even the best value is at most 1 (plain
+decoding), no exit is expected to pay and the drafter proposes nothing until `recalibrate()`;
+that is the usual verdict for a model never trained for early exit (SmolLM2-135M's exits agree
+with it on 0-7% of tokens up to two thirds of its depth), where a trained adapter is the way in.
+Cost: one full forward plus one lm_head pass per candidate over the window, once. A float
+`exit_layer` in (0, 1) skips calibration and exits after that fraction of the depth.
 
 KV for the shared layers: what is and is not computed twice.
 - The drafter's cache holds only layers ``0 .. exit_layer - 1`` (a first-k `LayerSubset` never
@@ -39,10 +42,12 @@ KV for the shared layers: what is and is not computed twice.
   drafting (every level but the last) stay cached, so after a step it feeds only what it has not
   seen: the last accepted node and the target's own next token (a tree's fed nodes are not one
   sequence and are dropped, so its accepted path is fed again).
-- Recomputed, because drafters cannot reach the verifier's cache: the prompt's first `exit_layer`
-  layers (the verifier's prefill computed them), the root and the few committed tokens above,
-  and, on the verifier's side, layers ``0 .. exit_layer - 1`` for the chain nodes the drafter
-  already ran. The protocol hands drafters committed tokens only (`Context`), and the verifier's
+- Computed twice, because drafters cannot reach the verifier's cache: the prompt's first
+  `exit_layer` layers (the verifier's prefill computed them, the drafter's first proposal does
+  again), each step's one or two committed tokens the drafter had not fed (the last accepted node
+  and the target's own token: the verifier ran them as tree node and root), and, on the
+  verifier's side, layers ``0 .. exit_layer - 1`` for the chain nodes the drafter already ran.
+  The protocol hands drafters committed tokens only (`Context`), and the verifier's
   cache also holds unaccepted nodes mid-step, so sharing needs a core change, not done here:
   (1) `Context` gains a read-only view of the verifier's committed cache (after `commit`), e.g.
   ``kv.layer_view(cache, layers)``: a cache whose first `exit_layer` layers alias the verifier's
@@ -72,7 +77,7 @@ from specdec import kv
 from specdec.decode import resolve_packed_from
 from specdec.drafter import Context, Feedback
 from specdec.drafters import checkpoint
-from specdec.drafters import layers as views
+from specdec.drafters import layer_view
 from specdec.packing import PackedRoute
 from specdec.trees import TokenTree, expand, tree_mask
 
@@ -116,6 +121,11 @@ class Calibration:
     # Every candidate tried, in order: (exit layer, agreement, value).
     tried: list[tuple[int, float, float]] = field(default_factory=list, repr=False)
 
+    @property
+    def pays_off(self) -> bool:
+        """Whether the chosen exit is expected to beat plain decoding (else the drafter proposes nothing)."""
+        return self.value > 1.0
+
 
 class EarlyExit:
     needs_hidden_states = False
@@ -158,9 +168,9 @@ class EarlyExit:
             raise ValueError(f"EarlyExit: calibrate_tokens must be >= {_MIN_WINDOW}, got {calibrate_tokens}")
         if calibrate_trials < 1:
             raise ValueError(f"EarlyExit: calibrate_trials must be >= 1, got {calibrate_trials}")
-        views.check_faithful(model)
+        layer_view.check_faithful(model)
         self.model = model
-        self.num_layers = views.LayerSubset(model, []).num_layers
+        self.num_layers = layer_view.LayerSubset(model, []).num_layers
         self.draft_tokens, self.topk = draft_tokens, topk
         self.width = 1 if topk == 1 else (width or topk)
         self.budget = budget
@@ -215,7 +225,7 @@ class EarlyExit:
 
     def _install(self, exit_layer: int | None) -> None:
         self.exit_layer = exit_layer
-        self.view = views.LayerSubset(self.model, range(exit_layer or 0))
+        self.view = layer_view.LayerSubset(self.model, range(exit_layer or 0))
         self.cache = self.view.new_cache()
         self.cached = torch.zeros(0, dtype=torch.long)  # [c] the tokens whose keys/values are in self.cache
 
@@ -248,14 +258,14 @@ class EarlyExit:
             raise ValueError(f"EarlyExit.calibrate: needs at least 2 tokens, got {w}")
         n = self.num_layers
         positions = torch.arange(w)
-        full_view = views.LayerSubset(self.model, range(n))
+        full_view = layer_view.LayerSubset(self.model, range(n))
         with self._route(w):
             full = full_view(ids, positions, return_states=True)
         reference = full.logits.argmax(-1)  # [w]
         states = full.states  # [n + 1, w, hidden]: input of each layer, then the last output
         verify = verify_cost or (lambda d: 1.0 + _VERIFY_TOKEN_COST * d)
         full_weights = full_view.weights()
-        exit_only = views.LayerSubset(self.model, [])  # norm + lm_head on a given state
+        exit_only = layer_view.LayerSubset(self.model, [])  # norm + lm_head on a given state
 
         candidates = list(range(1, n)) or [1]  # exiting after every layer is the target itself
         if len(candidates) > self.calibrate_trials:  # evenly spaced, each the middle of its share
@@ -266,7 +276,7 @@ class EarlyExit:
             with self._route(w):
                 logits = exit_only(None, positions, hidden=states[k]).logits  # [w, vocab]
             a = float((logits.argmax(-1) == reference).double().mean())
-            cost = views.LayerSubset(self.model, range(k)).weights() / full_weights  # one draft token, in target forwards
+            cost = layer_view.LayerSubset(self.model, range(k)).weights() / full_weights  # one draft token, in target forwards
             expected, best = 1.0, 0.0
             for d in range(1, self.draft_tokens + 1):
                 expected += a**d
@@ -340,6 +350,8 @@ class EarlyExit:
             if ids.numel() < _MIN_WINDOW:
                 return TokenTree.empty()
             self.calibrate(ids, ctx.verify_cost)
+        if self.calibration is not None and not self.calibration.pays_off:
+            return TokenTree.empty()
         # Reconcile: keep the cached prefix that still agrees with the committed tokens, and at
         # least one token to feed so the root's distribution comes out of this forward.
         same = (self.cached[: ids.numel()] == ids[: self.cached.numel()]).long()

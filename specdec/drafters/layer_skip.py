@@ -52,7 +52,7 @@ from torch import Tensor
 from specdec import kv
 from specdec.decode import resolve_packed_from
 from specdec.drafter import Context, Feedback
-from specdec.drafters import layers as views
+from specdec.drafters import layer_view
 from specdec.packing import PackedRoute
 from specdec.trees import TokenTree, expand, tree_mask
 
@@ -111,9 +111,9 @@ class LayerSkip:
             raise ValueError(f"LayerSkip: calibrate_trials must be >= 1, got {calibrate_trials}")
         if not 0 < max_skip_ratio < 1:
             raise ValueError(f"LayerSkip: max_skip_ratio must be in (0, 1), got {max_skip_ratio}")
-        views.check_faithful(model)
+        layer_view.check_faithful(model)
         self.model = model
-        self.num_layers = views.LayerSubset(model, []).num_layers
+        self.num_layers = layer_view.LayerSubset(model, []).num_layers
         self.draft_tokens, self.topk = draft_tokens, topk
         self.width = 1 if topk == 1 else (width or topk)
         self.budget = budget
@@ -141,7 +141,7 @@ class LayerSkip:
     def _install(self, skip: tuple[int, ...] | None) -> None:
         self.skip = skip
         kept = [i for i in range(self.num_layers) if skip is None or i not in skip]
-        self.view = views.LayerSubset(self.model, kept)
+        self.view = layer_view.LayerSubset(self.model, kept)
         self.cache = self.view.new_cache()
         self.cached = torch.zeros(0, dtype=torch.long)  # [c] the tokens whose keys/values are in self.cache
 
@@ -160,16 +160,16 @@ class LayerSkip:
         positions = torch.arange(w)
         n = self.num_layers
         with self._route(w):
-            full = views.LayerSubset(self.model, range(n))(ids, positions, return_states=True)
+            full = layer_view.LayerSubset(self.model, range(n))(ids, positions, return_states=True)
         reference = full.logits.argmax(-1)  # [w]
         states = full.states  # [n + 1, w, hidden]: input of each layer, then the last output
         middle = list(range(1, n - 1))
         verify = verify_cost or (lambda d: 1.0 + _VERIFY_TOKEN_COST * d)
-        full_weights = views.LayerSubset(self.model, range(n)).weights()
+        full_weights = layer_view.LayerSubset(self.model, range(n)).weights()
 
         def value(skip: tuple[int, ...], a: float) -> float:
             kept = [i for i in range(n) if i not in skip]
-            cost = views.LayerSubset(self.model, kept).weights() / full_weights  # one draft token, in target forwards
+            cost = layer_view.LayerSubset(self.model, kept).weights() / full_weights  # one draft token, in target forwards
             expected, best = 1.0, 0.0
             for d in range(1, self.draft_tokens + 1):
                 expected += a**d
@@ -185,7 +185,7 @@ class LayerSkip:
             first = skip[0]
             kept = [i for i in range(first, n) if i not in skip]
             with self._route(w):
-                out = views.LayerSubset(self.model, kept)(None, positions, hidden=states[first])
+                out = layer_view.LayerSubset(self.model, kept)(None, positions, hidden=states[first])
             a = float((out.logits.argmax(-1) == reference).double().mean())
             seen[skip] = a, value(skip, a)
             tried.append((skip, *seen[skip]))

@@ -1,4 +1,4 @@
-"""``specdec train <make-data|medusa>``: argument parsing for the training commands.
+"""``specdec train <make-data|medusa|eagle|early-exit|draft-model>``: argument parsing for the training commands.
 
 Each command's arguments are dataclasses parsed by `transformers.HfArgumentParser`, so
 ``--help`` lists every field with its help text and default. The same entry point runs under

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from specdec.drafters.early_exit import EarlyExit, ExitAdapter
-from specdec.drafters.layers import LayerSubset
+from specdec.drafters import layer_view
 from specdec.training.data import Batch
 
 
@@ -92,7 +92,7 @@ class EarlyExitRecipe:
     @torch.no_grad()
     def _examples(self, target, batch: Batch, exit_layer: int, full: bool) -> Examples:
         """The labelled positions of every row, each row run alone (no padding reaches the layers)."""
-        view = LayerSubset(target, range(target.config.num_hidden_layers if full else exit_layer))
+        view = layer_view.LayerSubset(target, range(target.config.num_hidden_layers if full else exit_layer))
         norm = target.get_decoder().norm
         labelled = next_token_positions(batch)
         normed, labels, logits = [], [], []
