@@ -205,6 +205,7 @@ def check_feedback(rec):
     """Invariants of every feedback a recorder inside a Merge got during greedy generation."""
     for proposal, fb in rec.records:
         own = fb.tree
+        proposal = TokenTree.empty() if proposal is None else proposal  # feedback on a step it was not asked
         assert len(own) <= len(proposal) and set(paths(own)) <= set(paths(proposal))  # a kept subtree
         acc = fb.accepted_nodes
         assert [int(own.parents[a]) for a in acc] == ([-1] + acc)[: len(acc)]  # a path from the root
@@ -355,7 +356,8 @@ def test_merge_learns_to_prefer_the_oracle_under_a_small_budget():
     # At the 0.5 prior the two tie and the junk drafter (listed first) takes half the budget.
     assert len(stats.steps[0].accepted_nodes) == 2 and len(junk.records[0][1].tree) == 2
     assert all(len(s.accepted_nodes) == DEPTH for s in stats.steps[2:-1])
-    assert all(len(fb.tree) == 0 for _, fb in junk.records[2:])  # proposed, but dropped by the budget
+    # proposed, but dropped by the budget (on the last step the oracle's short tree leaves room)
+    assert all(len(fb.tree) == 0 for _, fb in junk.records[2:-1])
     assert m.acceptance(0) < 0.3 and m.acceptance(1) > 0.9
 
 

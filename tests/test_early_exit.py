@@ -16,7 +16,7 @@ from specdec import kv
 from specdec.drafter import Context
 from specdec.drafters.checkpoint import CheckpointError
 from specdec.drafters.early_exit import EarlyExit, ExitAdapter
-from specdec.drafters.layers import LayerSubset
+from specdec.drafters.layer_view import LayerSubset
 
 MAX_NEW = 24
 

@@ -355,8 +355,8 @@ def test_cli_datastore_build(tmp_path, tokenizer_dir, capsys):
     assert "--field" in capsys.readouterr().err
     assert main(["datastore", "rebuild", "--corpus", str(corpus), "--out", str(out)]) == 2
     assert "unknown action" in capsys.readouterr().err
-    assert main(["datastore", "build", "--corpus", str(corpus)]) == 2
-    assert "--out" in capsys.readouterr().err
+    assert main(["datastore", "build", "--out", str(out)]) == 2  # without --out: the model's default datastore
+    assert "--corpus" in capsys.readouterr().err
     assert main(args[:-1] + [str(tokenizer_dir)] + ["--field", "turns"]) == 2  # not a datastore directory
     assert "holds no datastore" in capsys.readouterr().err
     assert Datastore.open(out).meta["documents"] == 1  # the failed runs left it alone
