@@ -1,12 +1,16 @@
 """Tiny random models built in-process (no downloads), float64 so argmax near-ties cannot flip
-between a batched tree forward and an incremental one."""
+between a batched tree forward and an incremental one; the helpers drafter tests share (a greedy
+speculative run with its stats, the check that a drafter leaves the target as it found it)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
 import torch
+
+import specdec
 
 VOCAB = 96
 
@@ -62,6 +66,36 @@ def random_prompt(seed: int, length: int, vocab: int = VOCAB) -> torch.Tensor:
     return torch.randint(0, vocab - 1, (1, length), generator=g)
 
 
+def repetitive(seed: int) -> torch.Tensor:
+    """[1, 21]: 8 random tokens, their first 5, then the 8 again, so drafters that look up what
+    followed earlier n-grams find continuations."""
+    base = random_prompt(seed, 8)
+    return torch.cat([base, base[:, :5], base], dim=1)
+
+
 @pytest.fixture
 def llama():
     return tiny_model("llama")
+
+
+def run(model, prompt: torch.Tensor, drafter, max_new: int, **kwargs):
+    """Greedy `specdec.generate` with no EOS and, unless `guard` is given, no guard (so every step
+    drafts): (output [1, t + max_new], its `GenerationStats`)."""
+    stats = specdec.GenerationStats()
+    kwargs.setdefault("guard", None)
+    out = specdec.generate(model, prompt, drafter, max_new_tokens=max_new, eos_token_id=[], stats=stats, **kwargs)
+    return out, stats
+
+
+@contextlib.contextmanager
+def leaves_untouched(model):
+    """Asserts, after the block, that it changed none of `model`'s weights, its config, or the
+    attribute names of any of its modules (drafters may not set attributes on the target)."""
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    config = model.config.to_dict()
+    attrs = {name: sorted(vars(m)) for name, m in model.named_modules()}
+    yield
+    assert model.config.to_dict() == config
+    assert {name: sorted(vars(m)) for name, m in model.named_modules()} == attrs
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), k

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_prompt, reference
+from conftest import random_prompt, reference, run
 from safetensors.torch import load_file
 from torch import Tensor
-from test_training import write_target
+from test_training import write_prompts, write_target
 
-import specdec
 from specdec.cli import main as specdec_main
 from specdec.drafters import DraftModel
 from specdec.drafters.early_exit import EarlyExit
@@ -47,11 +46,7 @@ def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
     write_target(root / "tiny-target")
     write_draft(root / "tiny-target", root / "tiny-draft")
-    g = torch.Generator().manual_seed(1)
-    with open(root / "prompts.jsonl", "w") as f:
-        for i in range(NUM_PROMPTS):
-            words = torch.randint(0, 90, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g)
-            f.write(json.dumps({"prompt": " ".join(f"w{int(w)}" for w in words)}) + "\n")
+    write_prompts(root / "prompts.jsonl", NUM_PROMPTS, seed=1)
     make_data(MakeDataArguments(model=str(root / "tiny-target"), prompts=str(root / "prompts.jsonl"),
                                 output_dir=str(root / "data"), max_new_tokens=16, batch_size=5, shard_size=10))
     return root
@@ -104,7 +99,7 @@ def test_early_exit_training_learns_and_saves_a_loadable_exact_drafter(workdir, 
     assert ev["top1_without_adapter"] == pytest.approx(float((plain == labels).double().mean()))
     assert ev["top1"] == pytest.approx(float((adapted == labels).double().mean()))
     prompt = random_prompt(4, 10, vocab=96)
-    out, stats = run(model, prompt, drafter)
+    out, stats = run(model, prompt, drafter, 20)
     assert torch.equal(out, reference(model, prompt, 20))
     assert stats.mean_accepted > 1.0
 
@@ -121,12 +116,6 @@ def held_out(workdir: Path, forward) -> tuple[Tensor, Tensor]:
             outs.append(forward(ids)[start - 1 : -1])
             labels.append(ids[start:])
     return torch.cat(outs), torch.cat(labels)
-
-
-def run(model, prompt, drafter, max_new=20):
-    stats = specdec.GenerationStats()
-    out = specdec.generate(model, prompt, drafter, max_new_tokens=max_new, eos_token_id=[], stats=stats, guard=None)
-    return out, stats
 
 
 def test_early_exit_resume_continues_exactly(workdir, exit_run):
@@ -189,7 +178,7 @@ def test_distillation_lowers_the_loss_and_saves_a_usable_draft_model(workdir, di
                                               reduction="batchmean"))
         assert ev[name]["top1"] == pytest.approx(top1) and ev[name]["kl"] == pytest.approx(kl, rel=1e-4), name
     prompt = random_prompt(5, 10, vocab=96)
-    out, _ = run(target, prompt, DraftModel(draft, num_tokens=3))
+    out, _ = run(target, prompt, DraftModel(draft, num_tokens=3), 20)
     assert torch.equal(out, reference(target, prompt, 20))
 
 

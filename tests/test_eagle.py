@@ -7,10 +7,15 @@ import json
 
 import pytest
 import torch
-from conftest import random_prompt, reference, tiny_model
+from conftest import random_prompt, reference, run, tiny_model
 from safetensors.torch import load_file, save_file
-from test_medusa import named_model
-from test_training import data_args, read_log, train_args, write_target
+from test_medusa import (
+    assert_drafts_from_the_second_step,
+    assert_refuses_other_targets,
+    assert_same_drafts,
+    named_model,
+)
+from test_training import data_args, read_log, train_args, write_prompts, write_target
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import specdec
@@ -30,12 +35,6 @@ def random_head(model, seed: int) -> EagleHead:
     for p in head.parameters():
         torch.nn.init.normal_(p, std=0.3)
     return head
-
-
-def run(model, prompt, drafter, max_new: int, guard=None):
-    stats = specdec.GenerationStats()
-    out = specdec.generate(model, prompt, drafter, max_new_tokens=max_new, eos_token_id=[], stats=stats, guard=guard)
-    return out, stats
 
 
 def states_of(model, ids: torch.Tensor) -> torch.Tensor:
@@ -108,10 +107,7 @@ def test_oracle_head_accepts_every_depth(arch, prompt_len):
 
 def test_one_token_prompt_drafts_nothing_first():
     model = tiny_model("llama")
-    prompt = random_prompt(2, 1)
-    out, stats = run(model, prompt, Eagle(model, random_head(model, 0)), 12)
-    assert torch.equal(out, reference(model, prompt, 12))
-    assert len(stats.steps[0].tree) == 0 and len(stats.steps[1].tree) > 0
+    assert_drafts_from_the_second_step(model, Eagle(model, random_head(model, 0)))
 
 
 def test_session_turns_keep_the_alignment():
@@ -301,24 +297,13 @@ def test_round_trip_gives_the_same_drafts(tmp_path):
     assert header["drafter"] == "eagle" and header["config"]["decoder_layer"] == "Qwen2DecoderLayer"
     loaded = Eagle.from_pretrained(tmp_path / "e", model, depth=3)
     assert loaded.metadata["training"] == {"steps": 7} and loaded.depth == 3
-    prompt = random_prompt(4, 6)
-    a, sa = run(model, prompt, drafter, 20)
-    b, sb = run(model, prompt, Eagle.from_pretrained(tmp_path / "e", model), 20)
-    assert torch.equal(a, b)
-    for x, y in zip(sa.steps, sb.steps):
-        assert torch.equal(x.tree.tokens, y.tree.tokens) and torch.equal(x.tree.parents, y.tree.parents)
+    assert_same_drafts(model, drafter, Eagle.from_pretrained(tmp_path / "e", model))
 
 
 def test_mismatched_target_is_refused(tmp_path):
     base = named_model("base-a")
     Eagle(base, random_head(base, 0)).save_pretrained(tmp_path / "e")
-    Eagle.from_pretrained(tmp_path / "e", base)
-    cases = [(named_model("base-a", hidden=48), "hidden_size=32"), (named_model("base-a", vocab=100), "vocab_size=96"),
-             (named_model("base-a", layers=3), "num_hidden_layers=2"), (named_model("base-b"), "base model 'base-a'")]
-    for other, message in cases:
-        with pytest.raises(CheckpointError, match=message):
-            Eagle.from_pretrained(tmp_path / "e", other)
-    Eagle.from_pretrained(tmp_path / "e", named_model("base-b"), check_base_model=False)
+    assert_refuses_other_targets(base, lambda model, **kw: Eagle.from_pretrained(tmp_path / "e", model, **kw))
     qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, name_or_path="/x/base-a"))
     message = "'LlamaDecoderLayer' layers but this model's layers are 'Qwen2DecoderLayer'"
@@ -340,11 +325,7 @@ def test_mismatched_target_is_refused(tmp_path):
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("eagle-training")
     write_target(root / "tiny-target")
-    g = torch.Generator().manual_seed(0)
-    with open(root / "prompts.jsonl", "w") as f:
-        for i in range(10):
-            words = torch.randint(0, 90, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g)
-            f.write(json.dumps({"prompt": " ".join(f"w{int(w)}" for w in words)}) + "\n")
+    write_prompts(root / "prompts.jsonl", 10, seed=0)
     make_data(data_args(root, "data"))
     make_data(data_args(root, "data-nohidden", save_hidden_states=False))
     return root

@@ -3,13 +3,13 @@ the folded adapter against its plain formula, calibration, cache reconciliation,
 
 from __future__ import annotations
 
-import copy
 import importlib.metadata
 import json
 
 import pytest
 import torch
-from conftest import random_prompt, reference, tiny_model
+from conftest import leaves_untouched, random_prompt, reference, run, tiny_model
+from test_layer_skip import assert_cache_stays_reconciled, assert_drafts_what_the_target_says, identity_layers
 
 import specdec
 from specdec import kv
@@ -28,12 +28,6 @@ def random_adapter(model, exit_layer: int, seed: int = 0, rank: int = 8) -> Exit
     return adapter.to(model.dtype)
 
 
-def run(model, prompt, drafter, max_new=MAX_NEW):
-    stats = specdec.GenerationStats()
-    out = specdec.generate(model, prompt, drafter, max_new_tokens=max_new, eos_token_id=[], stats=stats, guard=None)
-    return out, stats
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen"])
 @pytest.mark.parametrize(
     "kwargs",
@@ -48,7 +42,7 @@ def test_exact(arch, kwargs):
     if "adapter" in kwargs:
         kwargs["adapter"] = random_adapter(model, kwargs["adapter"])
     drafter = EarlyExit(model, min_confidence=0.0, **kwargs)
-    out, stats = run(model, prompt, drafter)
+    out, stats = run(model, prompt, drafter, MAX_NEW)
     assert torch.equal(out, reference(model, prompt, MAX_NEW))
     assert all(len(s.tree) > 0 for s in stats.steps[:-1])  # every step drafted
     assert any(len(s.accepted_nodes) < len(s.tree) for s in stats.steps)  # a real draft: some rejections
@@ -64,15 +58,7 @@ def test_exiting_after_every_layer_drafts_what_the_target_says(arch, with_adapte
     adapter = ExitAdapter(model.config.hidden_size, 3, rank=4).to(model.dtype) if with_adapter else None
     drafter = EarlyExit(model, exit_layer=None if with_adapter else 3, adapter=adapter, draft_tokens=4,
                         min_confidence=0.0)
-    prompt = random_prompt(6, 7)
-    out, stats = run(model, prompt, drafter, max_new=23)
-    assert torch.equal(out, reference(model, prompt, 23))
-    produced = 0
-    for step in stats.steps:
-        assert len(step.tree) == min(4, 23 - produced - 1)
-        assert step.accepted_nodes == list(range(len(step.tree)))
-        produced += len(step.new_tokens)
-    assert stats.mean_accepted == 23 / 5  # four steps of 5 tokens, then 3
+    assert_drafts_what_the_target_says(model, drafter)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen"])
@@ -97,28 +83,19 @@ def test_the_folded_adapter_is_lm_head_of_adapter_of_norm(arch):
     torch.testing.assert_close(more, torch.log_softmax(expect.float(), -1), rtol=0, atol=1e-6)
 
 
-def identity_layers(model, layers):
-    """A copy of `model` whose `layers` add nothing to the residual stream (zero output projections)."""
-    model = copy.deepcopy(model)
-    for name, param in model.named_parameters():
-        if any(f"layers.{i}." in name for i in layers) and ("o_proj" in name or "down_proj" in name):
-            param.data.zero_()
-    return model
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen"])
 def test_calibrated_exit_is_exact_and_declines_when_nothing_pays(arch):
     model = identity_layers(tiny_model(arch, layers=6, seed=3), [3, 4, 5])
     prompt = random_prompt(8, 12)
     drafter = EarlyExit(model, min_confidence=0.0)
-    out, stats = run(model, prompt, drafter)
+    out, stats = run(model, prompt, drafter, MAX_NEW)
     assert torch.equal(out, reference(model, prompt, MAX_NEW))
     assert drafter.calibration.pays_off and drafter.exit_layer == drafter.calibration.exit_layer == 3
     assert all(len(s.tree) > 0 for s in stats.steps[:-1]) and stats.mean_accepted > 3  # exit 3 is the target here
     # A random model's early exits agree too rarely for any to beat plain decoding: no drafts.
     model = tiny_model(arch, layers=4)
     drafter = EarlyExit(model, min_confidence=0.0)
-    out, stats = run(model, prompt, drafter)
+    out, stats = run(model, prompt, drafter, MAX_NEW)
     assert torch.equal(out, reference(model, prompt, MAX_NEW))
     assert not drafter.calibration.pays_off and drafter.calibration.value <= 1.0
     assert all(len(s.tree) == 0 for s in stats.steps)
@@ -179,29 +156,16 @@ def test_arguments_are_validated():
 def test_draft_cache_stays_reconciled(kwargs):
     model = tiny_model(layers=4)
     drafter = EarlyExit(model, min_confidence=0.0, **kwargs)
-    _, stats = run(model, random_prompt(4, 9), drafter, max_new=30)
-    assert any(len(s.accepted_nodes) < len(s.tree) for s in stats.steps)  # there were rejections
-    held = drafter.cached
-    assert drafter.view.cached(drafter.cache) == held.numel()
+    assert_cache_stays_reconciled(model, drafter)
     assert all(kv.length(drafter.cache, i) == 0 for i in range(kwargs["exit_layer"], 4))  # later layers never ran
-    nxt = torch.tensor([3])
-    incremental = drafter.view(nxt, torch.tensor([held.numel()]), cache=drafter.cache).logits[-1]
-    fresh = drafter.view(torch.cat([held, nxt]), torch.arange(held.numel() + 1)).logits[-1]
-    torch.testing.assert_close(incremental, fresh, rtol=0, atol=1e-9)
 
 
 def test_the_target_is_left_untouched():
     model = tiny_model("qwen", layers=4)
-    params = {k: v.clone() for k, v in model.state_dict().items()}
-    config = model.config.to_dict()
-    attrs = {name: sorted(vars(m)) for name, m in model.named_modules()}
-    for drafter in (EarlyExit(model), EarlyExit(model, exit_layer=1),
-                    EarlyExit(model, adapter=random_adapter(model, 2), topk=2, min_confidence=0.0)):
-        run(model, random_prompt(9, 12), drafter)
-    assert model.config.to_dict() == config
-    assert {name: sorted(vars(m)) for name, m in model.named_modules()} == attrs
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, params[k]), k
+    with leaves_untouched(model):
+        for drafter in (EarlyExit(model), EarlyExit(model, exit_layer=1),
+                        EarlyExit(model, adapter=random_adapter(model, 2), topk=2, min_confidence=0.0)):
+            run(model, random_prompt(9, 12), drafter, MAX_NEW)
 
 
 def test_checkpoint_round_trip_and_mismatches(tmp_path):
@@ -213,7 +177,7 @@ def test_checkpoint_round_trip_and_mismatches(tmp_path):
     for name, tensor in drafter.adapter.state_dict().items():
         assert torch.equal(loaded.adapter.state_dict()[name], tensor)
     prompt = random_prompt(3, 10)
-    out, _ = run(model, prompt, loaded)
+    out, _ = run(model, prompt, loaded, MAX_NEW)
     assert torch.equal(out, reference(model, prompt, MAX_NEW))
 
     with pytest.raises(CheckpointError, match="num_hidden_layers=4"):

@@ -4,15 +4,16 @@ import copy
 
 import pytest
 import torch
-from conftest import random_prompt, reference, tiny_model
+from conftest import leaves_untouched, random_prompt, reference, run, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import specdec
 from specdec import kv
 from specdec.drafter import Context
 from specdec.drafters.layer_skip import LayerSkip
 from specdec.drafters.layer_view import LayerSubset, causal_mask, check_faithful
 from specdec.trees import TokenTree, tree_mask
+
+MAX_NEW = 24
 
 
 def target_logits(model, ids, positions, cache, mask=None):
@@ -119,13 +120,6 @@ def test_arguments_are_validated():
         LayerSkip(model, skip=[1]).begin(tiny_model(layers=3, seed=1))
 
 
-def run(model, prompt, drafter, max_new=24, **kw):
-    stats = specdec.GenerationStats()
-    kw.setdefault("guard", None)
-    out = specdec.generate(model, prompt, drafter, max_new_tokens=max_new, eos_token_id=[], stats=stats, **kw)
-    return out, stats
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen"])
 @pytest.mark.parametrize(
     "kwargs",
@@ -136,26 +130,32 @@ def test_exact(arch, kwargs):
     model = tiny_model(arch, layers=4)
     prompt = random_prompt(5, 12)
     drafter = LayerSkip(model, **kwargs)
-    out, stats = run(model, prompt, drafter)
-    assert torch.equal(out, reference(model, prompt, 24))
+    out, stats = run(model, prompt, drafter, MAX_NEW)
+    assert torch.equal(out, reference(model, prompt, MAX_NEW))
     assert drafter.skip is not None and 0 not in drafter.skip and 3 not in drafter.skip
     if "skip" not in kwargs:
         assert drafter.calibration is not None and drafter.calibration.skip == drafter.skip
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen"])
-def test_no_skipped_layer_drafts_what_the_target_says(arch):
-    """skip=[] drafts with the whole target: every drafted token must be accepted, every step."""
-    model = tiny_model(arch, layers=3)
-    drafter = LayerSkip(model, skip=[], draft_tokens=4, min_confidence=0.0)
-    out, stats = run(model, random_prompt(6, 7), drafter, max_new=23)
-    assert torch.equal(out, reference(model, random_prompt(6, 7), 23))
+def assert_drafts_what_the_target_says(model, drafter) -> None:
+    """`drafter` (4 tokens deep, no confidence cut-off) drafts the target's own greedy tokens:
+    every step drafts as deep as the 23 new tokens leave room for, and all of it is accepted."""
+    prompt = random_prompt(6, 7)
+    out, stats = run(model, prompt, drafter, 23)
+    assert torch.equal(out, reference(model, prompt, 23))
     produced = 0
     for step in stats.steps:
         assert len(step.tree) == min(4, 23 - produced - 1)
         assert step.accepted_nodes == list(range(len(step.tree)))
         produced += len(step.new_tokens)
     assert stats.mean_accepted == 23 / 5  # four steps of 5 tokens, then 3
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen"])
+def test_no_skipped_layer_drafts_what_the_target_says(arch):
+    """skip=[] drafts with the whole target: every drafted token must be accepted, every step."""
+    model = tiny_model(arch, layers=3)
+    assert_drafts_what_the_target_says(model, LayerSkip(model, skip=[], draft_tokens=4, min_confidence=0.0))
 
 
 def identity_layers(model, layers):
@@ -192,11 +192,10 @@ def test_calibration_waits_for_context_and_recalibrates():
     assert drafter.calibration is not first
 
 
-@pytest.mark.parametrize("kwargs", [dict(skip=[1]), dict(skip=[2], topk=2, draft_tokens=3)])
-def test_draft_cache_stays_reconciled(kwargs):
-    model = tiny_model(layers=4)
-    drafter = LayerSkip(model, min_confidence=0.0, **kwargs)
-    _, stats = run(model, random_prompt(4, 9), drafter, max_new=30)
+def assert_cache_stays_reconciled(model, drafter) -> None:
+    """After a run with rejections, a `LayerSubset` drafter's cache holds exactly the tokens it
+    says (`drafter.cached`): one more token fed on it gives a fresh forward's logits."""
+    _, stats = run(model, random_prompt(4, 9), drafter, 30)
     assert any(len(s.accepted_nodes) < len(s.tree) for s in stats.steps)  # there were rejections
     held = drafter.cached
     assert drafter.view.cached(drafter.cache) == held.numel()
@@ -206,14 +205,14 @@ def test_draft_cache_stays_reconciled(kwargs):
     torch.testing.assert_close(incremental, fresh, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("kwargs", [dict(skip=[1]), dict(skip=[2], topk=2, draft_tokens=3)])
+def test_draft_cache_stays_reconciled(kwargs):
+    model = tiny_model(layers=4)
+    assert_cache_stays_reconciled(model, LayerSkip(model, min_confidence=0.0, **kwargs))
+
+
 def test_the_target_is_left_untouched():
     model = tiny_model("qwen", layers=4)
-    params = {k: v.clone() for k, v in model.state_dict().items()}
-    config = model.config.to_dict()
-    attrs = {name: sorted(vars(m)) for name, m in model.named_modules()}
-    for drafter in (LayerSkip(model), LayerSkip(model, skip=[1, 2], topk=2)):
-        run(model, random_prompt(9, 12), drafter)
-    assert model.config.to_dict() == config
-    assert {name: sorted(vars(m)) for name, m in model.named_modules()} == attrs
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, params[k]), k
+    with leaves_untouched(model):
+        for drafter in (LayerSkip(model), LayerSkip(model, skip=[1, 2], topk=2)):
+            run(model, random_prompt(9, 12), drafter, MAX_NEW)

@@ -3,23 +3,12 @@ selection under the budget and the cost curve, persistence across calls and a vo
 
 import pytest
 import torch
-from conftest import VOCAB, random_prompt, reference, tiny_model
+from conftest import VOCAB, random_prompt, reference, repetitive, run, tiny_model
 
-import specdec
 from specdec.drafter import Context, Feedback
 from specdec.drafters.lookahead import Lookahead, TokenTrie
 
-
-def run(model, prompt, drafter, max_new=40, **kw):
-    stats = specdec.GenerationStats()
-    kw.setdefault("guard", None)
-    out = specdec.generate(model, prompt, drafter, max_new_tokens=max_new, eos_token_id=[], stats=stats, **kw)
-    return out, stats
-
-
-def repetitive(seed):
-    base = random_prompt(seed, 8)
-    return torch.cat([base, base[:, :5], base], dim=1)
+MAX_NEW = 40
 
 
 def contents(trie):
@@ -39,8 +28,8 @@ def test_exact_and_accepting(arch):
     drafter = Lookahead()  # one drafter for every prompt: the trie carries over
     for seed in range(3):
         for prompt, is_repetitive in ((random_prompt(seed, 8), False), (repetitive(seed), True)):
-            out, stats = run(model, prompt, drafter)
-            assert torch.equal(out, reference(model, prompt, 40)), (seed, is_repetitive)
+            out, stats = run(model, prompt, drafter, MAX_NEW)
+            assert torch.equal(out, reference(model, prompt, MAX_NEW)), (seed, is_repetitive)
             if is_repetitive:
                 assert stats.mean_accepted > 1.0, seed
 
@@ -49,7 +38,7 @@ def test_exact_with_the_guard_and_small_settings():
     model = tiny_model("llama", attn="eager")
     prompt = repetitive(4)
     drafter = Lookahead(branch_length=3, max_prefix=2, budget=4, max_trie_nodes=100)
-    assert torch.equal(run(model, prompt, drafter, guard=True)[0], reference(model, prompt, 40))
+    assert torch.equal(run(model, prompt, drafter, MAX_NEW, guard=True)[0], reference(model, prompt, MAX_NEW))
     assert drafter.trie.size <= 100
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_prompt, reference, tiny_model
+from conftest import random_prompt, reference, run, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import specdec
@@ -29,12 +29,6 @@ def random_heads(model, seed: int, num_heads: int = K, own: bool = False) -> Med
     for p in heads.parameters():
         torch.nn.init.normal_(p, std=0.5)
     return heads.to(model.dtype)
-
-
-def run(model, prompt, drafter, max_new: int):
-    stats = specdec.GenerationStats()
-    out = specdec.generate(model, prompt, drafter, max_new_tokens=max_new, eos_token_id=[], stats=stats, guard=None)
-    return out, stats
 
 
 ACCURACY = [[0.5, 0.2, 0.1], [0.4, 0.2, 0.1], [0.3, 0.2, 0.1]]
@@ -91,12 +85,18 @@ def test_oracle_heads_accept_every_depth(arch, prompt_len):
     assert stats.mean_accepted > K
 
 
-def test_one_token_prompt_drafts_nothing_first():
-    model = tiny_model("llama")
+def assert_drafts_from_the_second_step(model, drafter) -> None:
+    """A one-token prompt: a drafter reading the target's hidden states has none before the first
+    verification, so it drafts nothing on the first step and something on the second; exact."""
     prompt = random_prompt(2, 1)
-    out, stats = run(model, prompt, Medusa(model, random_heads(model, 0)), 12)
+    out, stats = run(model, prompt, drafter, 12)
     assert torch.equal(out, reference(model, prompt, 12))
     assert len(stats.steps[0].tree) == 0 and len(stats.steps[1].tree) > 0
+
+
+def test_one_token_prompt_drafts_nothing_first():
+    model = tiny_model("llama")
+    assert_drafts_from_the_second_step(model, Medusa(model, random_heads(model, 0)))
 
 
 def test_session_turns_keep_the_alignment():
@@ -202,6 +202,29 @@ def named_model(name: str, hidden: int = 32, vocab: int = 96, layers: int = 2):
     return LlamaForCausalLM(cfg).eval()
 
 
+def assert_same_drafts(model, drafter, loaded) -> None:
+    """`loaded` (`drafter` saved and loaded again) drafts the same trees and gives the same output."""
+    prompt = random_prompt(4, 6)
+    a, sa = run(model, prompt, drafter, 20)
+    b, sb = run(model, prompt, loaded, 20)
+    assert torch.equal(a, b)
+    for x, y in zip(sa.steps, sb.steps):
+        assert torch.equal(x.tree.tokens, y.tree.tokens) and torch.equal(x.tree.parents, y.tree.parents)
+
+
+def assert_refuses_other_targets(base, load) -> None:
+    """`load(model, **kwargs)` reads a checkpoint saved for `base` (``named_model("base-a")``): it
+    takes `base`, refuses a model differing in hidden size, vocabulary, layer count or name (naming
+    the field), and takes another name with ``check_base_model=False``."""
+    load(base)
+    cases = [(named_model("base-a", hidden=48), "hidden_size=32"), (named_model("base-a", vocab=100), "vocab_size=96"),
+             (named_model("base-a", layers=3), "num_hidden_layers=2"), (named_model("base-b"), "base model 'base-a'")]
+    for other, message in cases:
+        with pytest.raises(CheckpointError, match=message):
+            load(other)
+    load(named_model("base-b"), check_base_model=False)
+
+
 def test_round_trip_gives_the_same_drafts(tmp_path):
     model = tiny_model("qwen")
     drafter = Medusa(model, random_heads(model, 3, own=True), accuracy=ACCURACY, metadata={"training": {"steps": 7}})
@@ -209,25 +232,14 @@ def test_round_trip_gives_the_same_drafts(tmp_path):
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["drafter.safetensors", "drafter_config.json"]
     loaded = Medusa.from_pretrained(tmp_path / "m", model)
     assert loaded.metadata["training"] == {"steps": 7} and loaded.accuracy.tolist() == ACCURACY
-    prompt = random_prompt(4, 6)
-    a, sa = run(model, prompt, drafter, 20)
-    b, sb = run(model, prompt, loaded, 20)
-    assert torch.equal(a, b)
-    for x, y in zip(sa.steps, sb.steps):
-        assert torch.equal(x.tree.tokens, y.tree.tokens) and torch.equal(x.tree.parents, y.tree.parents)
+    assert_same_drafts(model, drafter, loaded)
     Medusa.from_pretrained(tmp_path / "m", model, tree="chain-3")  # kwargs reach the constructor
 
 
 def test_mismatched_target_is_refused(tmp_path):
     base = named_model("base-a")
     Medusa(base, random_heads(base, 0).float()).save_pretrained(tmp_path / "m")
-    Medusa.from_pretrained(tmp_path / "m", base)
-    cases = [(named_model("base-a", hidden=48), "hidden_size=32"), (named_model("base-a", vocab=100), "vocab_size=96"),
-             (named_model("base-a", layers=3), "num_hidden_layers=2"), (named_model("base-b"), "base model 'base-a'")]
-    for other, message in cases:
-        with pytest.raises(CheckpointError, match=message):
-            Medusa.from_pretrained(tmp_path / "m", other)
-    Medusa.from_pretrained(tmp_path / "m", named_model("base-b"), check_base_model=False)
+    assert_refuses_other_targets(base, lambda model, **kw: Medusa.from_pretrained(tmp_path / "m", model, **kw))
 
 
 def test_corrupt_or_missing_checkpoint(tmp_path):

@@ -4,23 +4,13 @@ data-driven size, persistence across calls and a vocabulary change."""
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, random_prompt, reference, tiny_model
+from conftest import VOCAB, random_prompt, reference, repetitive, run, tiny_model
 
 import specdec
 from specdec.drafter import Context, Feedback
 from specdec.drafters.token_recycling import DEFAULT_TEMPLATE, TokenRecycling
 
-
-def run(model, prompt, drafter, max_new=40, **kw):
-    stats = specdec.GenerationStats()
-    kw.setdefault("guard", None)
-    out = specdec.generate(model, prompt, drafter, max_new_tokens=max_new, eos_token_id=[], stats=stats, **kw)
-    return out, stats
-
-
-def repetitive(seed):
-    base = random_prompt(seed, 8)
-    return torch.cat([base, base[:, :5], base], dim=1)
+MAX_NEW = 40
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen"])
@@ -29,8 +19,8 @@ def test_exact_and_accepting(arch):
     drafter = TokenRecycling()  # one drafter for every prompt: the table carries over
     for seed in range(3):
         for prompt, is_repetitive in ((random_prompt(seed, 8), False), (repetitive(seed), True)):
-            ref = reference(model, prompt, 40)
-            out, stats = run(model, prompt, drafter)
+            ref = reference(model, prompt, MAX_NEW)
+            out, stats = run(model, prompt, drafter, MAX_NEW)
             assert torch.equal(out, ref), (seed, is_repetitive)
             if is_repetitive:
                 assert stats.mean_accepted > 1.0, seed
@@ -40,8 +30,8 @@ def test_exact_and_accepting(arch):
 def test_exact_with_the_guard_and_a_fresh_drafter():
     model = tiny_model("qwen", attn="eager")
     prompt = repetitive(5)
-    out, _ = run(model, prompt, TokenRecycling(topk=4, max_nodes=8), guard=True)
-    assert torch.equal(out, reference(model, prompt, 40))
+    out, _ = run(model, prompt, TokenRecycling(topk=4, max_nodes=8), MAX_NEW, guard=True)
+    assert torch.equal(out, reference(model, prompt, MAX_NEW))
 
 
 def fresh(**kw):

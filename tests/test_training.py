@@ -47,15 +47,22 @@ def write_target(directory: Path) -> None:
     tok.save_pretrained(directory)
 
 
+def write_prompts(path: Path, n: int, seed: int, ids: bool = False) -> None:
+    """`n` prompts of 2 to 8 random words of `write_target`'s vocabulary, one JSON line each
+    (with an "id" field too if `ids`)."""
+    g = torch.Generator().manual_seed(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            words = torch.randint(0, 90, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g)
+            row = {"id": i} if ids else {}
+            f.write(json.dumps({**row, "prompt": " ".join(f"w{int(w)}" for w in words)}) + "\n")
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("training")
     write_target(root / "tiny-target")
-    g = torch.Generator().manual_seed(0)
-    with open(root / "prompts.jsonl", "w") as f:
-        for i in range(NUM_PROMPTS + 2):
-            words = torch.randint(0, 90, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g)
-            f.write(json.dumps({"id": i, "prompt": " ".join(f"w{int(w)}" for w in words)}) + "\n")
+    write_prompts(root / "prompts.jsonl", NUM_PROMPTS + 2, seed=0, ids=True)
     return root
 
 

@@ -6,12 +6,15 @@ layer count), the drafter's constructor config and free-form metadata (how it wa
 measured accuracy). Loading checks the target first and refuses a mismatch with a message that
 names both sides, because a drafter trained on another model still yields exact output but
 would be silently useless. Saving is atomic: the files are written into a temporary directory
-next to the destination and renamed into place, so a crash never leaves a half-written drafter.
+next to the destination and renamed into place, so a crash never leaves a half-written drafter
+(`write_directory`, which the draft-model training recipe uses for its saved models too).
 
 Shipped drafters live in ``specdec/drafters/shipped/<base model>/<kind>/``; `shipped()` finds
 the one matching a loaded model.
 
-Boundary: files and validation only; the drafter classes build themselves from a `Checkpoint`.
+Boundary: files and validation only; the drafter classes build themselves from a `Checkpoint`
+(`instantiate` loads the saved weights into the module a drafter builds from the saved config, and
+reports a mismatch as a corrupt checkpoint).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -31,6 +35,7 @@ CONFIG_NAME = "drafter_config.json"
 WEIGHTS_NAME = "drafter.safetensors"
 FORMAT_VERSION = 1
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+M = TypeVar("M")
 
 
 class CheckpointError(ValueError):
@@ -64,20 +69,19 @@ def describe(model) -> dict:
     }
 
 
-def save(directory, checkpoint: Checkpoint) -> Path:
-    """Write `checkpoint` to `directory` atomically, replacing what was there."""
+def write_directory(directory, fill: Callable[[Path], None]) -> Path:
+    """Create or replace `directory` atomically: `fill` writes the contents into a temporary
+    sibling directory, which is then renamed into place. Shared by drafter checkpoints and the
+    draft models `specdec train draft-model` saves."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     old = None
     try:
-        header = {"format_version": FORMAT_VERSION, "drafter": checkpoint.kind, "target": checkpoint.target,
-                  "config": checkpoint.config, "metadata": checkpoint.metadata}
-        (staged / CONFIG_NAME).write_text(json.dumps(header, indent=2) + "\n")
-        save_file({k: v.detach().contiguous().cpu() for k, v in checkpoint.tensors.items()}, str(staged / WEIGHTS_NAME))
+        fill(staged)
         if directory.exists():
-            # Two renames: the old drafter moves aside before the new one moves in, so the
-            # destination is always either the whole old checkpoint or the whole new one.
+            # Two renames: the old directory moves aside before the new one moves in, so the
+            # destination is always either the whole old contents or the whole new ones.
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
             os.rename(directory, old / "d")
         os.rename(staged, directory)
@@ -90,6 +94,18 @@ def save(directory, checkpoint: Checkpoint) -> Path:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return directory
+
+
+def save(directory, checkpoint: Checkpoint) -> Path:
+    """Write `checkpoint` to `directory` atomically, replacing what was there."""
+
+    def fill(staged: Path) -> None:
+        header = {"format_version": FORMAT_VERSION, "drafter": checkpoint.kind, "target": checkpoint.target,
+                  "config": checkpoint.config, "metadata": checkpoint.metadata}
+        (staged / CONFIG_NAME).write_text(json.dumps(header, indent=2) + "\n")
+        save_file({k: v.detach().contiguous().cpu() for k, v in checkpoint.tensors.items()}, str(staged / WEIGHTS_NAME))
+
+    return write_directory(directory, fill)
 
 
 def _read_header(directory: Path) -> dict:
@@ -148,6 +164,19 @@ def load(directory, kind: str, model, *, check_base_model: bool = True) -> Check
         raise CheckpointError(f"{where} is corrupt: {WEIGHTS_NAME} cannot be read ({e}); "
                               "re-save it with save_pretrained or retrain it") from None
     return Checkpoint(kind, header["target"], header["config"], tensors, header.get("metadata") or {})
+
+
+def instantiate(ckpt: Checkpoint, build: Callable[..., M], directory) -> M:
+    """``build(**ckpt.config)`` with `ckpt.tensors` loaded into it (an `nn.Module` constructor);
+    a config the constructor refuses, or weights that do not fit it, mean `directory` holds a
+    corrupt checkpoint."""
+    try:
+        module = build(**ckpt.config)
+        module.load_state_dict(ckpt.tensors)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"drafter checkpoint {str(directory)!r} is corrupt: its weights do not "
+                              f"match its config ({e})") from None
+    return module
 
 
 def available(root: Path = SHIPPED_DIR) -> list[tuple[str, str]]:

@@ -3,7 +3,8 @@
 The draft model keeps its own KV cache. Before each proposal it reconciles that cache against
 the committed tokens by their common prefix (as HF's assisted generation does), so rejections
 need no protocol. Trees are grown with `specdec.trees.expand` (EAGLE-2 style); each growth step
-feeds the whole frontier through the draft model in one forward with a tree mask.
+feeds the whole frontier through the draft model in one forward with a tree mask. Both steps are
+`specdec.drafters.cached_drafting`, shared with the self-speculative drafters.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from torch import Tensor
 from specdec import kv
 from specdec.decode import resolve_packed_from
 from specdec.drafter import Context, Feedback
+from specdec.drafters import cached_drafting
 from specdec.packing import PackedRoute
-from specdec.trees import TokenTree, expand, tree_mask
+from specdec.trees import TokenTree
 
 
 def _vocab_size(model) -> int:
@@ -79,31 +81,10 @@ class DraftModel:
         depth = self.num_tokens if ctx.max_depth is None else min(self.num_tokens, ctx.max_depth)
         if depth < 1:
             return TokenTree.empty()
-        # Reconcile: keep the cached prefix that still agrees with the committed tokens, and at
-        # least one token to feed so the root's distribution comes out of this forward.
-        same = (self.cached[: ids.numel()] == ids[: self.cached.numel()]).long()
-        common = min(int(same.cumprod(0).sum()), ids.numel() - 1)
-        kv.drop_last(self.cache, self.cached.numel() - common)
-        t = ids.numel()
-
-        def step(tree: TokenTree, frontier: list[int]) -> Tensor:
-            if frontier == [-1]:
-                logq = self._forward(ids[common:], torch.arange(common, t), None, last_only=True)
-                return logq
-            rows = torch.tensor(frontier)
-            positions = t - 1 + tree.depths()[rows]
-            mask = tree_mask(tree, rows, frontier[0], t, self.model.dtype)
-            return self._forward(tree.tokens[rows], positions, mask)
-
-        tree = expand(
-            step, depth=depth, topk=self.topk, width=self.width, budget=self.budget, min_confidence=self.min_confidence
+        tree, self.cached = cached_drafting.draft(
+            self._forward, self.cache, self.cached, ids, depth=depth, topk=self.topk, width=self.width,
+            budget=self.budget, min_confidence=self.min_confidence, dtype=self.model.dtype,
         )
-        fed = kv.length(self.cache) - t  # tree nodes now in the draft cache (all but the last level)
-        # A chain's fed nodes extend the sequence and may be reused next step (those the budget
-        # kept); a tree's fed nodes are not one sequence, so they go.
-        reuse = min(fed, len(tree)) if self.width == 1 else 0
-        kv.drop_last(self.cache, fed - reuse)
-        self.cached = torch.cat([ids, tree.tokens[:reuse]])
         return tree
 
     def update(self, feedback: Feedback) -> None:

@@ -6,8 +6,9 @@ early-exit heads).
 The draft is the target run through a `LayerSubset` of layers ``0 .. exit_layer - 1``: no second
 model and no copied weights. It drafts a greedy chain (or, with ``topk > 1``, a dynamic top-k
 tree via `specdec.trees.expand`) with its own KV cache, reconciled against ``ctx.input_ids`` by
-common prefix before every proposal, stops deeper drafting once its best next token is less
-likely than `min_confidence`, and scores nodes by cumulative draft probability.
+common prefix before every proposal (`cached_drafting`, shared with `DraftModel`), stops deeper
+drafting once its best next token is less likely than `min_confidence`, and scores nodes by
+cumulative draft probability.
 
 Exit adapter (`ExitAdapter`): a residual SiLU bottleneck on the *normed* early state,
 ``n + up(silu(down(n)))`` with ``n = norm(h_exit)``, fed to the target's lm_head. It sits after
@@ -60,8 +61,9 @@ KV for the shared layers: what is and is not computed twice.
   cache via `specdec.kv`; that needs the verifier to run a layer range from given states, i.e.
   `LayerSubset`-style forwards instead of the model's own.
 
-Boundary: imports the core interface, `specdec.kv`, `specdec.trees`, the `LayerSubset` view and
-the checkpoint helpers; the adapter variant saves and loads as drafter kind ``"early-exit"``.
+Boundary: imports the core interface, `specdec.trees`, the `LayerSubset` view, the shared
+`cached_drafting` step and the checkpoint helpers; the adapter variant saves and loads as drafter
+kind ``"early-exit"``.
 """
 
 from __future__ import annotations
@@ -73,13 +75,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from specdec import kv
 from specdec.decode import resolve_packed_from
 from specdec.drafter import Context, Feedback
+from specdec.drafters import cached_drafting
 from specdec.drafters import checkpoint
 from specdec.drafters import layer_view
 from specdec.packing import PackedRoute
-from specdec.trees import TokenTree, expand, tree_mask
+from specdec.trees import TokenTree
 
 KIND = "early-exit"
 _MIN_WINDOW = 8  # fewer committed tokens say too little about the layers: wait for more
@@ -293,12 +295,7 @@ class EarlyExit:
         """An exit adapter saved by `save_pretrained` (or `specdec train early-exit`), validated
         against `model` (hidden size, vocabulary, layer count, base model name)."""
         ckpt = checkpoint.load(directory, KIND, model, check_base_model=check_base_model)
-        try:
-            adapter = ExitAdapter(**ckpt.config)
-            adapter.load_state_dict(ckpt.tensors)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise checkpoint.CheckpointError(f"drafter checkpoint {str(directory)!r} is corrupt: its weights do not "
-                                             f"match its config ({e})") from None
+        adapter = checkpoint.instantiate(ckpt, ExitAdapter, directory)
         adapter.to(device=model.device, dtype=model.dtype).eval()
         return cls(model, adapter=adapter, metadata=ckpt.metadata, **kwargs)
 
@@ -352,29 +349,11 @@ class EarlyExit:
             self.calibrate(ids, ctx.verify_cost)
         if self.calibration is not None and not self.calibration.pays_off:
             return TokenTree.empty()
-        # Reconcile: keep the cached prefix that still agrees with the committed tokens, and at
-        # least one token to feed so the root's distribution comes out of this forward.
-        same = (self.cached[: ids.numel()] == ids[: self.cached.numel()]).long()
-        common = min(int(same.cumprod(0).sum()), ids.numel() - 1)
-        kv.drop_last(self.cache, self.cached.numel() - common)
-        t = ids.numel()
-
-        def step(tree: TokenTree, frontier: list[int]) -> Tensor:
-            if frontier == [-1]:
-                return self._forward(ids[common:], torch.arange(common, t), None, last_only=True)
-            rows = torch.tensor(frontier)
-            positions = t - 1 + tree.depths()[rows]
-            mask = tree_mask(tree, rows, frontier[0], t, self.model.dtype)
-            return self._forward(tree.tokens[rows], positions, mask)
-
-        tree = expand(
-            step, depth=depth, topk=self.topk, width=self.width, budget=self.budget, min_confidence=self.min_confidence
+        tree, self.cached = cached_drafting.draft(
+            self._forward, self.cache, self.cached, ids, depth=depth, topk=self.topk, width=self.width,
+            budget=self.budget, min_confidence=self.min_confidence, dtype=self.model.dtype,
+            cache_length=self.view.cached,
         )
-        fed = self.view.cached(self.cache) - t  # tree nodes now in the draft cache (all but the last level)
-        # A chain's fed nodes extend the sequence and may be reused next step; a tree's do not.
-        reuse = min(fed, len(tree)) if self.width == 1 else 0
-        kv.drop_last(self.cache, fed - reuse)
-        self.cached = torch.cat([ids, tree.tokens[:reuse]])
         return tree
 
     def update(self, feedback: Feedback) -> None:

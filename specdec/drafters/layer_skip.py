@@ -4,9 +4,9 @@
 The drafter is the target itself run through a `LayerSubset` that leaves out a skip set of decoder
 layers: no second model, no training, no extra weights. It drafts a greedy chain (or, with
 ``topk > 1``, a dynamic top-k tree via `specdec.trees.expand`) with its own KV cache, reconciled
-against ``ctx.input_ids`` by common prefix before every proposal (the pattern of `DraftModel`),
-and stops early once its best next token is less likely than `min_confidence` (SWIFT's
-confidence-aware drafting). Scores are the cumulative draft probabilities `expand` gives.
+against ``ctx.input_ids`` by common prefix before every proposal (`cached_drafting`, shared with
+`DraftModel`), and stops early once its best next token is less likely than `min_confidence`
+(SWIFT's confidence-aware drafting). Scores are the cumulative draft probabilities `expand` gives.
 
 Choosing the skip set (unless ``skip=[...]`` fixes it): on the first proposal for this model, and
 again after `recalibrate()`, a bounded search runs teacher-forced over the last `calibrate_tokens`
@@ -49,12 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from specdec import kv
 from specdec.decode import resolve_packed_from
 from specdec.drafter import Context, Feedback
+from specdec.drafters import cached_drafting
 from specdec.drafters import layer_view
 from specdec.packing import PackedRoute
-from specdec.trees import TokenTree, expand, tree_mask
+from specdec.trees import TokenTree
 
 _MIN_WINDOW = 8  # fewer committed tokens say too little about the layers: wait for more
 _VERIFY_TOKEN_COST = 0.2  # verify(d) = 1 + 0.2 d without a measured curve (stock fp32 linears here)
@@ -252,29 +252,11 @@ class LayerSkip:
             if ids.numel() < _MIN_WINDOW:
                 return TokenTree.empty()
             self.calibrate(ids, ctx.verify_cost)
-        # Reconcile: keep the cached prefix that still agrees with the committed tokens, and at
-        # least one token to feed so the root's distribution comes out of this forward.
-        same = (self.cached[: ids.numel()] == ids[: self.cached.numel()]).long()
-        common = min(int(same.cumprod(0).sum()), ids.numel() - 1)
-        kv.drop_last(self.cache, self.cached.numel() - common)
-        t = ids.numel()
-
-        def step(tree: TokenTree, frontier: list[int]) -> Tensor:
-            if frontier == [-1]:
-                return self._forward(ids[common:], torch.arange(common, t), None, last_only=True)
-            rows = torch.tensor(frontier)
-            positions = t - 1 + tree.depths()[rows]
-            mask = tree_mask(tree, rows, frontier[0], t, self.model.dtype)
-            return self._forward(tree.tokens[rows], positions, mask)
-
-        tree = expand(
-            step, depth=depth, topk=self.topk, width=self.width, budget=self.budget, min_confidence=self.min_confidence
+        tree, self.cached = cached_drafting.draft(
+            self._forward, self.cache, self.cached, ids, depth=depth, topk=self.topk, width=self.width,
+            budget=self.budget, min_confidence=self.min_confidence, dtype=self.model.dtype,
+            cache_length=self.view.cached,
         )
-        fed = self.view.cached(self.cache) - t  # tree nodes now in the draft cache (all but the last level)
-        # A chain's fed nodes extend the sequence and may be reused next step; a tree's do not.
-        reuse = min(fed, len(tree)) if self.width == 1 else 0
-        kv.drop_last(self.cache, fed - reuse)
-        self.cached = torch.cat([ids, tree.tokens[:reuse]])
         return tree
 
     def update(self, feedback: Feedback) -> None:

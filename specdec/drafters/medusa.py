@@ -156,12 +156,7 @@ class Medusa:
         """Heads saved by `save_pretrained` (or `specdec train medusa`), validated against
         `model`; the saved accuracy table calibrates the tree unless `tree=` is given."""
         ckpt = checkpoint.load(directory, KIND, model, check_base_model=check_base_model)
-        try:
-            heads = MedusaHeads(**ckpt.config)
-            heads.load_state_dict(ckpt.tensors)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise checkpoint.CheckpointError(f"drafter checkpoint {str(directory)!r} is corrupt: its weights do not "
-                                             f"match its config ({e})") from None
+        heads = checkpoint.instantiate(ckpt, MedusaHeads, directory)
         heads.to(device=model.device, dtype=model.dtype)
         kwargs.setdefault("accuracy", ckpt.metadata.get("accuracy"))
         return cls(model, heads, metadata=ckpt.metadata, **kwargs)

@@ -15,17 +15,15 @@ draft's tokenizer, written into a temporary sibling and renamed into place), loa
 argmax) and KL of the draft before and after training, with how it was trained (time, data size,
 arguments) as `specdec.training.train` gives it.
 
-Boundary: the recipe for `specdec.training.train`; imports the core (model loading) and the data
-module, no drafter: the result is an ordinary model.
+Boundary: the recipe for `specdec.training.train`; imports the core (model loading), the data
+module and the checkpoint module's atomic directory writer, no drafter: the result is an ordinary
+model.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from specdec.drafters import checkpoint
 from specdec.models import load_model
 from specdec.training.data import Batch
 
@@ -167,23 +166,10 @@ class DraftModelRecipe:
 def _save_atomically(directory: Path, model, tokenizer, report: dict) -> Path:
     """`save_pretrained` into a temporary sibling, renamed into place; the old directory moves aside
     first, so the destination is always a whole model."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    old = None
-    try:
+
+    def fill(staged: Path) -> None:
         model.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
         (staged / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-            os.rename(directory, old / "d")
-        os.rename(staged, directory)
-    except BaseException:
-        if old is not None and not directory.exists():
-            os.rename(old / "d", directory)
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return directory
+
+    return checkpoint.write_directory(directory, fill)

@@ -1,0 +1,77 @@
+"""One proposal of a drafter that runs a causal LM (or part of one) with its own KV cache.
+
+Shared by `DraftModel` (a second, smaller model), `LayerSkip` and `EarlyExit` (the target run
+through a `LayerSubset`). The cache is an optimisation reconciled against the committed tokens
+before every proposal, as HF's assisted generation does: it keeps the longest prefix of the
+tokens it holds that still agrees with ``ctx.input_ids`` (but feeds at least the last committed
+token again, so the root's distribution comes out of this proposal's first forward), so
+rejections need no protocol. A greedy chain or a dynamic top-k tree is then grown with
+`specdec.trees.expand` (EAGLE-2 style), each growth step feeding the whole frontier in one
+forward with a tree mask. Afterwards a chain's fed nodes stay cached, since they extend the
+sequence and may be accepted (those the budget kept); a tree's fed nodes are not one sequence
+and are dropped.
+
+Boundary: owns no model, cache or state. The drafter passes its forward (which appends the keys
+and values of the tokens it is given to the cache), its cache, the tokens that cache holds and
+its tree knobs, and keeps what `draft` returns; the drafter validates its knobs, clamps the
+depth to ``ctx.max_depth`` and decides whether to draft at all. Cache edits go through
+`specdec.kv`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from specdec import kv
+from specdec.trees import TokenTree, expand, tree_mask
+
+# forward(ids [m], positions [m], mask [1, 1, m, slots] additive or None, last_only) ->
+# [m, vocab] log-probs ([1, vocab] with last_only), the m tokens' keys/values appended to the cache.
+Forward = Callable[[Tensor, Tensor, Tensor | None, bool], Tensor]
+
+
+def draft(
+    forward: Forward,
+    cache,
+    cached: Tensor,
+    ids: Tensor,
+    *,
+    depth: int,
+    topk: int,
+    width: int,
+    budget: int | None,
+    min_confidence: float,
+    dtype: torch.dtype,
+    cache_length: Callable[[object], int] = kv.length,
+) -> tuple[TokenTree, Tensor]:
+    """Grow a draft after the committed tokens `ids` ([t], t >= 1) and return it with the tokens
+    `cache` holds afterwards ([c], the drafter's next `cached`). `cached` ([c]): the tokens whose
+    keys/values `cache` holds now. `depth`, `topk`, `width`, `budget`, `min_confidence`: as
+    `specdec.trees.expand` (``width == 1`` is a chain). `dtype`: the tree masks' dtype (the
+    model's). `cache_length`: slots `cache` holds (a layer-subset cache asks one of its own
+    layers, as `LayerSubset.cached` does)."""
+    # Reconcile: keep the cached prefix that still agrees with the committed tokens, and at
+    # least one token to feed so the root's distribution comes out of this forward.
+    same = (cached[: ids.numel()] == ids[: cached.numel()]).long()
+    common = min(int(same.cumprod(0).sum()), ids.numel() - 1)
+    kv.drop_last(cache, cached.numel() - common)
+    t = ids.numel()
+
+    def step(tree: TokenTree, frontier: list[int]) -> Tensor:
+        if frontier == [-1]:
+            return forward(ids[common:], torch.arange(common, t), None, True)  # [1, vocab]
+        rows = torch.tensor(frontier)
+        positions = t - 1 + tree.depths()[rows]
+        mask = tree_mask(tree, rows, frontier[0], t, dtype)
+        return forward(tree.tokens[rows], positions, mask, False)  # [len(frontier), vocab]
+
+    tree = expand(step, depth=depth, topk=topk, width=width, budget=budget, min_confidence=min_confidence)
+    fed = cache_length(cache) - t  # tree nodes now in the cache (all but the last level)
+    # A chain's fed nodes extend the sequence and may be reused next step (those the budget
+    # kept); a tree's fed nodes are not one sequence, so they go.
+    reuse = min(fed, len(tree)) if width == 1 else 0
+    kv.drop_last(cache, fed - reuse)
+    return tree, torch.cat([ids, tree.tokens[:reuse]])
