@@ -281,7 +281,8 @@ def generate(
         t0 = time.perf_counter()
         # 1. Propose: a tree under the root (the last committed token). Nodes deeper than
         #    remaining - 1 could only yield tokens past max_new_tokens.
-        if drafter is None or remaining == 1 or (guard is not None and not guard.speculate()):
+        asked = drafter is not None and remaining > 1 and (guard is None or guard.speculate())
+        if not asked:
             tree = TokenTree.empty()
         else:
             tree = drafter.propose(Context(ids, hidden, remaining - 1, cost)).truncate(remaining - 1)
@@ -326,7 +327,9 @@ def generate(
         step = StepInfo(tree, path, emitted, t1 - t0, t2 - t1, time.perf_counter() - t2)
         stats.steps.append(step)
         if guard is not None and drafter is not None:
-            guard.record(len(tree) > 0, len(emitted), step.draft_s + step.verify_s + step.overhead_s)
+            # A step the drafter was asked for counts as speculative even when it proposed
+            # nothing: its drafting time is part of what speculation costs.
+            guard.record(asked, len(emitted), step.draft_s + step.verify_s + step.overhead_s)
         if on_step is not None:
             on_step(step)
 

@@ -3,9 +3,10 @@
 Users of speculative decoding report runs slower than plain decoding when the drafter is poor
 or drafting is dear. The guard compares two running averages of seconds per committed token,
 both measured in this process: steps that speculated (draft + verify + overhead) and plain steps
-(a forward over the root alone). Plain steps happen when a drafter has nothing to propose, while
-the guard pauses drafting, and as a forced probe every `probe_every` speculative steps until a
-plain reference exists (and again when it is `refresh` steps old). When speculating costs more
+(a forward over the root alone, the drafter not asked). Plain steps happen while the guard
+pauses drafting, as a forced probe every `probe_every` speculative steps until a plain reference
+exists (and again when it is `refresh` steps old), and for the last token. A step whose drafter
+was asked but proposed nothing is speculative: the drafting it cost is what is being judged. When speculating costs more
 per token than plain decoding by more than `margin`, drafting pauses for `pause` steps, doubling
 on each consecutive failure up to `max_pause`, then resumes to re-probe.
 
@@ -48,7 +49,7 @@ class Guard:
         return not (stale and self._spec_steps >= self.probe_every)  # else: a forced plain probe
 
     def record(self, drafted: bool, tokens: int, seconds: float) -> None:
-        """One finished step: whether it carried a draft, the tokens it committed, its wall time."""
+        """One finished step: whether the drafter was asked, the tokens it committed, its wall time."""
         per_token = seconds / max(1, tokens)
         if not drafted:
             self.plain_s = _ema(self.plain_s, per_token, self.alpha)

@@ -50,6 +50,14 @@ def _committed_only(feedback: Feedback, k: int) -> Feedback:
     return Feedback(TokenTree.empty(), [], feedback.new_tokens, _rows(feedback.target_topk, [0], k))
 
 
+def _best_size(scores: Tensor, verify_cost) -> int:
+    """n in [1, len] maximising (1 + sum of the n best scores) / verify_cost(n); the n best are
+    ancestor-closed because merged scores never rise from parent to child."""
+    best = scores.sort(descending=True, stable=True).values.cumsum(0)  # [n]
+    values = [(1 + float(best[n - 1])) / verify_cost(n) for n in range(1, best.numel() + 1)]
+    return 1 + max(range(len(values)), key=values.__getitem__)
+
+
 class Merge:
     """Every drafter proposes from the same context; their trees merge into one trie
     (`specdec.trees.merge`), cut to the `budget` best nodes (None: keep every node).
@@ -59,8 +67,11 @@ class Merge:
     0.5, decayed by `decay` per step): the chance that one of its nodes is accepted given the
     path to its parent was. A drafter whose proposal the budget dropped entirely has its rate
     drift back toward the prior, so it is re-tried once the others look no better than 0.5.
-    The budget is a plain argument rather than derived from ``ctx.verify_cost``: the parts
-    already size their own trees by that curve, and the cap only bounds their union.
+    Size: each part sizes its own tree for itself, but their union costs more to verify than
+    either, so with ``budget=None`` and a measured cost curve (``ctx.verify_cost``) the merged
+    tree is cut to the n best nodes that maximise expected tokens per unit of verify time,
+    ``(1 + sum of the n best scores) / verify_cost(n)`` (the same rule the parts use); an int
+    `budget` caps it further. Without a curve (and budget None) every node is kept.
 
     The merged tree carries no `draft_probs` (a path may come from several drafters, each with
     its own q). That stays lossless under `specdec.Speculative`: with draft_probs None every
@@ -132,6 +143,10 @@ class Merge:
             for j, t in enumerate(trees)
         ]
         merged, index = merge(trees, scores, self.budget)
+        if ctx.verify_cost is not None and len(merged) > 1:
+            size = _best_size(merged.scores, ctx.verify_cost)
+            if size < len(merged):
+                merged, index = merge(trees, scores, size)
         self._last = (trees, index, merged)
         return merged
 
