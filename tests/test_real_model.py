@@ -86,8 +86,8 @@ def test_cli_generate_and_errors(capsys):
     assert "no-such-model" in capsys.readouterr().err
     assert main(["generate", "--drafter", "draft-model", "hi"]) == 2  # needs --draft-model
     assert "--draft-model" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["generate", "--drafter", "nope", "hi"])
+    assert main(["generate", "--drafter", "prompt-lookup+nope", "hi"]) == 2  # names compose; each part is checked
+    assert "unknown drafter 'nope'" in capsys.readouterr().err
 
 
 def test_bench_refuses_bad_questions(tmp_path):
