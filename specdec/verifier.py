@@ -49,12 +49,11 @@ class Verifier:
         already cached for a common prefix are kept, but at least one token is fed so the first
         step has fresh hidden states. Returns the fed tokens' hidden states ([m, hidden]) when
         requested."""
-        kv.drop_last(self.cache, kv.length(self.cache) - self.prefix_len)  # the last tree, if any
         want = input_ids[:-1]
         n = min(want.numel(), self.prefix_len)
         same = (self.prefix[:n] == want[:n]).long().cumprod(0)
         common = min(int(same.sum()), max(0, want.numel() - 1))
-        kv.drop_last(self.cache, self.prefix_len - common)
+        kv.drop_last(self.cache, kv.length(self.cache) - common)  # also the last tree's slots, if any
         self.prefix, self._scored = want.clone(), None
         hidden = None
         if want.numel() > common:

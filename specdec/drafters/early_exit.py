@@ -84,8 +84,6 @@ from specdec.packing import PackedRoute
 from specdec.trees import TokenTree
 
 KIND = "early-exit"
-_MIN_WINDOW = 8  # fewer committed tokens say too little about the layers: wait for more
-_VERIFY_TOKEN_COST = 0.2  # verify(d) = 1 + 0.2 d without a measured curve (as LayerSkip)
 
 
 class ExitAdapter(nn.Module):
@@ -166,8 +164,8 @@ class EarlyExit:
             raise ValueError(
                 f"EarlyExit: min_confidence must be in [0, 1) (0 = always draft draft_tokens), got {min_confidence}"
             )
-        if calibrate_tokens < _MIN_WINDOW:
-            raise ValueError(f"EarlyExit: calibrate_tokens must be >= {_MIN_WINDOW}, got {calibrate_tokens}")
+        if calibrate_tokens < layer_view.MIN_WINDOW:
+            raise ValueError(f"EarlyExit: calibrate_tokens must be >= {layer_view.MIN_WINDOW}, got {calibrate_tokens}")
         if calibrate_trials < 1:
             raise ValueError(f"EarlyExit: calibrate_trials must be >= 1, got {calibrate_trials}")
         layer_view.check_faithful(model)
@@ -265,7 +263,6 @@ class EarlyExit:
             full = full_view(ids, positions, return_states=True)
         reference = full.logits.argmax(-1)  # [w]
         states = full.states  # [n + 1, w, hidden]: input of each layer, then the last output
-        verify = verify_cost or (lambda d: 1.0 + _VERIFY_TOKEN_COST * d)
         full_weights = full_view.weights()
         exit_only = layer_view.LayerSubset(self.model, [])  # norm + lm_head on a given state
 
@@ -279,10 +276,7 @@ class EarlyExit:
                 logits = exit_only(None, positions, hidden=states[k]).logits  # [w, vocab]
             a = float((logits.argmax(-1) == reference).double().mean())
             cost = layer_view.LayerSubset(self.model, range(k)).weights() / full_weights  # one draft token, in target forwards
-            expected, best = 1.0, 0.0
-            for d in range(1, self.draft_tokens + 1):
-                expected += a**d
-                best = max(best, expected / (verify(d) + d * cost))
+            best = layer_view.draft_value(a, cost, self.draft_tokens, verify_cost)
             tried.append((k, a, best))
         k, a, v = max(tried, key=lambda r: (r[2], -r[0]))  # ties: the cheaper exit
         self.calibration = Calibration(k, a, v, w, tried)
@@ -344,7 +338,7 @@ class EarlyExit:
         if depth < 1:
             return TokenTree.empty()
         if self.exit_layer is None:
-            if ids.numel() < _MIN_WINDOW:
+            if ids.numel() < layer_view.MIN_WINDOW:
                 return TokenTree.empty()
             self.calibrate(ids, ctx.verify_cost)
         if self.calibration is not None and not self.calibration.pays_off:

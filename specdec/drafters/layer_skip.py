@@ -56,8 +56,6 @@ from specdec.drafters import layer_view
 from specdec.packing import PackedRoute
 from specdec.trees import TokenTree
 
-_MIN_WINDOW = 8  # fewer committed tokens say too little about the layers: wait for more
-_VERIFY_TOKEN_COST = 0.2  # verify(d) = 1 + 0.2 d without a measured curve (stock fp32 linears here)
 
 
 @dataclass(frozen=True)
@@ -105,8 +103,8 @@ class LayerSkip:
             raise ValueError(
                 f"LayerSkip: min_confidence must be in [0, 1) (0 = always draft draft_tokens), got {min_confidence}"
             )
-        if calibrate_tokens < _MIN_WINDOW:
-            raise ValueError(f"LayerSkip: calibrate_tokens must be >= {_MIN_WINDOW}, got {calibrate_tokens}")
+        if calibrate_tokens < layer_view.MIN_WINDOW:
+            raise ValueError(f"LayerSkip: calibrate_tokens must be >= {layer_view.MIN_WINDOW}, got {calibrate_tokens}")
         if calibrate_trials < 1:
             raise ValueError(f"LayerSkip: calibrate_trials must be >= 1, got {calibrate_trials}")
         if not 0 < max_skip_ratio < 1:
@@ -164,17 +162,12 @@ class LayerSkip:
         reference = full.logits.argmax(-1)  # [w]
         states = full.states  # [n + 1, w, hidden]: input of each layer, then the last output
         middle = list(range(1, n - 1))
-        verify = verify_cost or (lambda d: 1.0 + _VERIFY_TOKEN_COST * d)
         full_weights = layer_view.LayerSubset(self.model, range(n)).weights()
 
         def value(skip: tuple[int, ...], a: float) -> float:
             kept = [i for i in range(n) if i not in skip]
             cost = layer_view.LayerSubset(self.model, kept).weights() / full_weights  # one draft token, in target forwards
-            expected, best = 1.0, 0.0
-            for d in range(1, self.draft_tokens + 1):
-                expected += a**d
-                best = max(best, expected / (verify(d) + d * cost))
-            return best
+            return layer_view.draft_value(a, cost, self.draft_tokens, verify_cost)
 
         tried: list[tuple[tuple[int, ...], float, float]] = []
         seen: dict[tuple[int, ...], tuple[float, float]] = {}
@@ -249,7 +242,7 @@ class LayerSkip:
         if depth < 1:
             return TokenTree.empty()
         if self.skip is None:
-            if ids.numel() < _MIN_WINDOW:
+            if ids.numel() < layer_view.MIN_WINDOW:
                 return TokenTree.empty()
             self.calibrate(ids, ctx.verify_cost)
         tree, self.cached = cached_drafting.draft(

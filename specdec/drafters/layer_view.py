@@ -177,3 +177,22 @@ def check_faithful(model, num_tokens: int = 6) -> None:
             f"(max logit error {err:.3g} > {tol:.3g}); its forward does more than embed -> layers -> norm -> "
             "lm_head, so layer-subset drafters do not support it"
         )
+
+
+# Calibration of self-drafting (LayerSkip, EarlyExit): the value of drafting with a view.
+MIN_WINDOW = 8  # fewer committed tokens say too little about the layers: wait for more
+VERIFY_TOKEN_COST = 0.2  # verify(d) = 1 + 0.2 d without a measured curve (stock fp32 linears here)
+
+
+def draft_value(agreement: float, draft_cost: float, max_depth: int, verify_cost=None) -> float:
+    """Expected tokens per unit of time (target forwards) of drafting a chain through a view,
+    best over depths 1..max_depth: ``max_d (1 + a + ... + a^d) / (verify(d) + d * draft_cost)``,
+    with `agreement` a the chance a draft token matches the target, `draft_cost` one draft
+    token's cost in target forwards and verify(d) `verify_cost` (the measured curve) or
+    ``1 + VERIFY_TOKEN_COST * d``. Below 1, plain decoding is faster."""
+    verify = verify_cost or (lambda d: 1.0 + VERIFY_TOKEN_COST * d)
+    expected, best = 1.0, 0.0
+    for d in range(1, max_depth + 1):
+        expected += agreement**d
+        best = max(best, expected / (verify(d) + d * draft_cost))
+    return best
