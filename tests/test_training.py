@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import reference, run
 from safetensors.torch import load_file
 
 from specdec.drafters.medusa import Medusa
@@ -174,6 +175,32 @@ def test_resume_continues_exactly(workdir, dataset, trained):
     a, b = load_file(str(trained / "drafter.safetensors")), load_file(str(resumed / "drafter.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert partial == resumed
+
+
+def test_medusa2_joint_training_ships_its_adapted_target(workdir, dataset, tmp_path):
+    from specdec.drafters import checkpoint
+    from specdec.drafters.medusa import adapted_target
+
+    args = MedusaArguments(num_heads=2, eval_topk=3, tree_budget=6, joint=True, lora_rank=4, base_weight=0.5)
+    directory = train(train_args(workdir, dataset, "medusa2", max_steps=6, learning_rate=1e-2), MedusaRecipe(args))
+    log = [r for r in read_log(workdir / "medusa2") if "loss" in r]
+    assert len(log) == 6 and all(r["loss_kl"] >= 0 for r in log) and log[0]["loss_kl"] == pytest.approx(0, abs=1e-6)
+    model, _ = load_model(str(workdir / "tiny-target"))
+    before = checkpoint.fingerprint(model)
+    with pytest.raises(checkpoint.CheckpointError, match="adapted_target"):
+        Medusa.from_pretrained(directory, model)  # the heads read the adapted decoder's states
+    adapted = adapted_target(directory, model)
+    assert checkpoint.fingerprint(model) == before  # the original is untouched
+    drafter = Medusa.from_pretrained(directory, adapted)
+    meta = drafter.metadata["eval"]
+    assert 0 <= meta["original_top1_agreement"] <= 1 and meta["kl_to_original"] >= 0
+    prompt = torch.tensor([[2, 4, 10, 11, 12, 3, 2, 5]])
+    assert torch.equal(run(adapted, prompt, drafter, 20)[0], reference(adapted, prompt, 20))
+    saved = load_file(str(drafter.save_pretrained(tmp_path / "again") / "drafter.safetensors"))
+    assert any(k.startswith("backbone_lora.") for k in saved) and any(k.startswith("blocks.") for k in saved)
+    plain = train(train_args(workdir, dataset, "medusa1-small", max_steps=1), MedusaRecipe(RECIPE))
+    with pytest.raises(checkpoint.CheckpointError, match="Medusa-1"):
+        adapted_target(plain, model)
 
 
 def test_cli_help_and_run(workdir, dataset, capsys):

@@ -69,6 +69,17 @@ def describe(model) -> dict:
     }
 
 
+def fingerprint(model) -> list[float]:
+    """[sum, sum of absolute values] of the decoder's weights in float64: tells a target whose
+    decoder was fine-tuned (a Medusa-2 checkpoint's LoRA merged in) from the original."""
+    params = [p.detach().double() for p in model.get_decoder().parameters()]
+    return [float(sum(p.sum() for p in params)), float(sum(p.abs().sum() for p in params))]
+
+
+def same_fingerprint(a, b) -> bool:
+    return all(abs(x - y) <= 1e-9 * max(1.0, abs(x), abs(y)) for x, y in zip(a, b, strict=True))
+
+
 def write_directory(directory, fill: Callable[[Path], None]) -> Path:
     """Create or replace `directory` atomically: `fill` writes the contents into a temporary
     sibling directory, which is then renamed into place. Shared by drafter checkpoints and the

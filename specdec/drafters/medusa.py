@@ -11,6 +11,13 @@ Heads (Medusa-1): each head is `num_layers` residual blocks ``x + SiLU(W x)`` fo
 target's own lm_head (shared, frozen, never copied) or, optionally, its own. The blocks start at
 zero, so an untrained head repeats the target's next-token guess.
 
+Medusa-2 (joint training, `specdec train medusa --joint`): the heads trained together with LoRA
+adapters on the target's decoder, so they read the states of the *adapted* target. Such a
+checkpoint carries the adapter (tensors under ``backbone_lora.``) and the adapted decoder's
+fingerprint; `adapted_target(directory, model)` merges the adapter into a copy of the model, and
+the drafter refuses any other target. Output is exact with respect to the adapted model, whose
+training keeps it close to the original (a KL term), not token-identical to the original.
+
 Tree: a static shape (list of paths of ranks, `specdec.trees.presets`) filled with each head's
 top-k tokens; a node's score is the product of its path's head probabilities. With a measured
 accuracy table (from training) the default shape is calibrated from it and sized by the
@@ -21,6 +28,8 @@ Boundary: imports the core interface, `specdec.trees` and the checkpoint helpers
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -36,6 +45,7 @@ from specdec.trees.presets import calibrated, cut, preset, validate
 KIND = "medusa"
 DEFAULT_TREE = "medusa-16"  # without an accuracy table: Medusa's tree cut to a CPU-sized verify
 DEFAULT_BUDGET = 32  # most nodes of a calibrated tree
+LORA_PREFIX = "backbone_lora."  # a Medusa-2 checkpoint's decoder adapter tensors
 
 
 class ResBlock(nn.Module):
@@ -92,6 +102,38 @@ class MedusaHeads(nn.Module):
         return F.linear(feats.to(lm_weight.dtype), lm_weight, lm_bias)
 
 
+def lora_config(backbone: dict):
+    """The peft `LoraConfig` a Medusa-2 checkpoint's metadata["backbone"]["lora"] describes."""
+    from peft import LoraConfig
+
+    return LoraConfig(**backbone["lora"], lora_dropout=0.0, bias="none")
+
+
+def adapted_target(directory, model):
+    """Medusa-2: a copy of `model` with the checkpoint's jointly trained LoRA merged into its
+    decoder, the target those heads read (`model` itself is left untouched)."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    ckpt = checkpoint.load(directory, KIND, model)
+    backbone = ckpt.metadata.get("backbone")
+    if not backbone:
+        raise checkpoint.CheckpointError(f"drafter checkpoint {str(directory)!r} holds Medusa-1 heads (trained on the "
+                                         "unchanged target): use the model itself as the target")
+    lora = {k[len(LORA_PREFIX):]: v for k, v in ckpt.tensors.items() if k.startswith(LORA_PREFIX)}
+    adapted = copy.deepcopy(model)
+    decoder = get_peft_model(adapted.get_decoder(), lora_config(backbone))  # injects into the copy's decoder
+    unexpected = set_peft_model_state_dict(decoder, {k: v.to(model.dtype) for k, v in lora.items()}).unexpected_keys
+    if unexpected or not lora:
+        raise checkpoint.CheckpointError(f"drafter checkpoint {str(directory)!r} is corrupt: its adapter tensors "
+                                         f"({sorted(unexpected)[:3] or 'none'}) do not fit the model")
+    decoder.merge_and_unload()  # in place: the copy's decoder layers get the merged weights back as plain Linear
+    if not checkpoint.same_fingerprint(checkpoint.fingerprint(adapted), backbone["fingerprint"]):
+        raise checkpoint.CheckpointError(f"drafter checkpoint {str(directory)!r}: merging its adapter into this model "
+                                         "does not give the decoder it was trained with; load it with the model it "
+                                         "was trained for")
+    return adapted
+
+
 def lm_head_of(model) -> tuple[Tensor, Tensor | None]:
     """The target's output projection as frozen tensors sharing its storage (no copy, no grad)."""
     head = model.get_output_embeddings()
@@ -105,7 +147,7 @@ class Medusa:
     def __init__(
         self, model, heads: MedusaHeads, *, tree: str | Sequence[Sequence[int]] | None = None,
         budget: int | None = None, accuracy: Tensor | Sequence[Sequence[float]] | None = None,
-        metadata: dict | None = None,
+        metadata: dict | None = None, backbone_lora: dict[str, Tensor] | None = None,
     ):
         """`tree`: a preset name (`specdec.trees.presets.PRESETS`), a list of rank paths, or None:
         calibrated from `accuracy` when given (re-sized each generation from the target's
@@ -114,14 +156,21 @@ class Medusa:
         first `budget` paths, which always form a tree; a calibrated tree defaults to 32).
         `accuracy`: [num_heads, ranks] measured chance that head d's rank-r token is right
         given the heads before it were (training writes it into the checkpoint). `metadata`:
-        the checkpoint's training record, saved again by `save_pretrained`."""
+        the checkpoint's training record, saved again by `save_pretrained`. `backbone_lora`: a
+        Medusa-2 checkpoint's decoder adapter (peft state dict), kept to be saved again; its
+        metadata["backbone"] names the adapted target, and `model` must be that target."""
         if not isinstance(heads, MedusaHeads):
             raise TypeError(f"Medusa: heads must be a MedusaHeads, got {type(heads).__name__}")
         if budget is not None and (not isinstance(budget, int) or budget < 1):
             raise ValueError(f"Medusa: budget must be an int >= 1 or None, got {budget!r}")
         self.model, self.heads, self.budget = model, heads, budget
-        self._check(model)
         self.metadata = dict(metadata or {})
+        self.backbone_lora = dict(backbone_lora or {})
+        if self.backbone_lora and "backbone" not in self.metadata:
+            raise ValueError("Medusa: backbone_lora needs metadata['backbone'] (its LoRA config and the adapted "
+                             "decoder's fingerprint), as `specdec train medusa --joint` writes it")
+        self._checked = None  # the target last validated (the fingerprint costs a pass over the weights)
+        self._check(model)
         self.accuracy = None
         if accuracy is not None:
             self.accuracy = torch.as_tensor(accuracy, dtype=torch.float64)
@@ -149,6 +198,14 @@ class Medusa:
         if self.heads.vocab_size is not None and self.heads.vocab_size != vocab:
             raise ValueError(f"Medusa: the heads' own lm_heads have {self.heads.vocab_size} tokens but the target's "
                              f"vocabulary has {vocab}; use heads trained for this target")
+        backbone = self.metadata.get("backbone")
+        if backbone and target is not self._checked:
+            if not checkpoint.same_fingerprint(checkpoint.fingerprint(target), backbone["fingerprint"]):
+                raise checkpoint.CheckpointError(
+                    "Medusa: these heads were trained jointly with LoRA adapters on the target's decoder (Medusa-2), "
+                    "and this target is not the adapted one; pass `specdec.drafters.medusa.adapted_target(checkpoint_dir, "
+                    "model)` as the target (its outputs are exactly the adapted model's)")
+            self._checked = target
 
     # ---- checkpoints -----------------------------------------------------------------------
     @classmethod
@@ -156,10 +213,12 @@ class Medusa:
         """Heads saved by `save_pretrained` (or `specdec train medusa`), validated against
         `model`; the saved accuracy table calibrates the tree unless `tree=` is given."""
         ckpt = checkpoint.load(directory, KIND, model, check_base_model=check_base_model)
-        heads = checkpoint.instantiate(ckpt, MedusaHeads, directory)
+        lora = {k[len(LORA_PREFIX):]: v for k, v in ckpt.tensors.items() if k.startswith(LORA_PREFIX)}
+        rest = {k: v for k, v in ckpt.tensors.items() if not k.startswith(LORA_PREFIX)}
+        heads = checkpoint.instantiate(dataclasses.replace(ckpt, tensors=rest), MedusaHeads, directory)
         heads.to(device=model.device, dtype=model.dtype)
         kwargs.setdefault("accuracy", ckpt.metadata.get("accuracy"))
-        return cls(model, heads, metadata=ckpt.metadata, **kwargs)
+        return cls(model, heads, metadata=ckpt.metadata, backbone_lora=lora, **kwargs)
 
     @classmethod
     def shipped(cls, model, **kwargs) -> Medusa:
@@ -167,8 +226,9 @@ class Medusa:
         return cls.from_pretrained(checkpoint.shipped(KIND, model), model, **kwargs)
 
     def save_pretrained(self, directory) -> Path:
+        tensors = {**self.heads.state_dict(), **{LORA_PREFIX + k: v for k, v in self.backbone_lora.items()}}
         return checkpoint.save(directory, checkpoint.Checkpoint(
-            KIND, checkpoint.describe(self.model), self.heads.config(), self.heads.state_dict(), self.metadata))
+            KIND, checkpoint.describe(self.model), self.heads.config(), tensors, self.metadata))
 
     # ---- drafting --------------------------------------------------------------------------
     def shape(self, verify_cost: Callable[[int], float] | None = None) -> list[tuple[int, ...]]:

@@ -23,7 +23,7 @@ from specdec.training.train import TrainArguments, train
 
 COMMANDS = {
     "make-data": ("self-distil training data: the target answers prompts (resumable)", (MakeDataArguments,)),
-    "medusa": ("train Medusa-1 heads on make-data output (frozen target)", (TrainArguments, MedusaArguments)),
+    "medusa": ("train Medusa heads on make-data output (frozen target; --joint: Medusa-2 with a LoRA-adapted target)", (TrainArguments, MedusaArguments)),
     "eagle": ("train an EAGLE feature head (unrolled training-time test) on make-data output (frozen target)",
               (TrainArguments, EagleArguments)),
     "early-exit": ("train an early-exit adapter on make-data output (frozen target)", (TrainArguments, EarlyExitArguments)),

@@ -1,4 +1,5 @@
-"""Medusa-1 training: frozen target, K heads, per-head cross-entropy with decay.
+"""Medusa training: Medusa-1 (frozen target, K heads, per-head cross-entropy with decay) and
+Medusa-2 (`--joint`: the heads and LoRA adapters on the target's decoder train together).
 
 Head k (1-based) on the target state at position p learns the token at p + 1 + k (the target's
 own generated token there: the data is self-distilled), and only where that token is part of
@@ -9,20 +10,30 @@ head k + 1's rank-r token is right at positions where the heads before it all ha
 token in their top-k, i.e. where a tree would have reached that depth. The drafter's calibrated
 tree is built from that table.
 
+Medusa-2 (``--joint``): the decoder of a copy of the target gets LoRA adapters (peft, every
+linear layer) and the heads read its states, so the backbone learns to help the heads. The
+loss adds ``base_weight * KL(p_original || p_adapted)`` at every answer position (Medusa-2's
+self-distillation: the original target's next-token distribution, from the stored states,
+keeps the adapted model's own predictions where they were). The evaluation also reports the
+adapted model's top-1 agreement with the original and that KL: speculative output is exact for
+the adapted model, which is what `specdec.drafters.medusa.adapted_target` rebuilds.
+
 Boundary: the recipe for `specdec.training.train`; imports the Medusa drafter and the data module.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from specdec.drafters.medusa import Medusa, MedusaHeads, lm_head_of
+from specdec.drafters import checkpoint
+from specdec.drafters.medusa import Medusa, MedusaHeads, lm_head_of, lora_config
 from specdec.training.data import Batch
 from specdec.trees import optimal_shape
 
@@ -37,6 +48,33 @@ class MedusaArguments:
     eval_topk: int = field(default=10, metadata={"help": "ranks measured per head in the accuracy table"})
     tree_budget: int = field(default=32, metadata={"help": "node budget of the calibrated tree whose expected "
                                                           "accepted tokens per step is reported"})
+    joint: bool = field(default=False, metadata={
+        "help": "Medusa-2: also train LoRA adapters on the target's decoder (the drafter then needs the adapted "
+                "target, see specdec.drafters.medusa.adapted_target)"})
+    lora_rank: int = field(default=16, metadata={"help": "--joint: LoRA rank r"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "--joint: LoRA scale alpha (updates scaled by alpha / r)"})
+    base_weight: float = field(default=1.0, metadata={
+        "help": "--joint: weight of KL(original || adapted) next-token distributions, which keeps the adapted "
+                "model's predictions those of the original"})
+
+
+class JointMedusa(nn.Module):
+    """Medusa-2's trainable module: the heads and a LoRA-adapted copy of the target's decoder."""
+
+    def __init__(self, heads: MedusaHeads, backbone: nn.Module):
+        super().__init__()
+        self.heads, self.backbone = heads, backbone
+
+    def forward(self, batch: Batch, rows: Tensor, lm_weight: Tensor, lm_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(adapted states [b, t, hidden], head logits [n, K, vocab] at the n `rows` [b, t])."""
+        states = self.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        return states, self.heads(states[rows], lm_weight, lm_bias)
+
+
+def kl_to_original(original: Tensor, adapted: Tensor) -> Tensor:
+    """[n] KL(softmax(original) || softmax(adapted)) per row of [n, vocab] logits."""
+    return F.kl_div(F.log_softmax(adapted.float(), -1), F.log_softmax(original.float(), -1), log_target=True,
+                    reduction="none").sum(-1)
 
 
 def shifted_targets(batch: Batch, num_heads: int) -> tuple[Tensor, Tensor]:
@@ -59,7 +97,11 @@ class MedusaRecipe:
             raise ValueError("medusa: --num-heads, --num-layers and --eval-topk must be >= 1")
         if not 0 < args.decay <= 1:
             raise ValueError(f"medusa: --decay must be in (0, 1], got {args.decay}")
+        if args.joint and (args.lora_rank < 1 or args.lora_alpha <= 0 or args.base_weight < 0):
+            raise ValueError(f"medusa --joint: --lora-rank must be >= 1, --lora-alpha > 0 and --base-weight >= 0, got "
+                             f"{args.lora_rank}, {args.lora_alpha}, {args.base_weight}")
         self.args = args
+        self.lora = {"r": args.lora_rank, "lora_alpha": args.lora_alpha, "target_modules": "all-linear"}
 
     def arguments(self) -> dict:
         return asdict(self.args)
@@ -69,30 +111,56 @@ class MedusaRecipe:
         heads = MedusaHeads(target.config.hidden_size, self.args.num_heads, self.args.num_layers,
                             vocab if self.args.own_lm_head else None)
         heads.init_lm_heads(lm_head_of(target)[0])
-        return heads.to(target.device)
+        if not self.args.joint:
+            return heads.to(target.device)
+        from peft import get_peft_model
 
-    def _logits(self, heads, target, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        decoder = copy.deepcopy(target.get_decoder()).float()  # a copy: the frozen target stays the original
+        decoder.requires_grad_(False)
+        return JointMedusa(heads, get_peft_model(decoder, lora_config({"lora": self.lora}))).to(target.device)
+
+    def _logits(self, module, target, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Logits [n, K, vocab] at the n positions where some head has a label, with their
-        targets and validity [n, K]."""
+        targets and validity [n, K], and the states [b, t, hidden] the heads read."""
         targets, valid = shifted_targets(batch, self.args.num_heads)
         rows = valid.any(-1)  # [b, t]; skipping the rest keeps the [n, K, vocab] logits small
-        return heads(batch.hidden_states[rows], *lm_head_of(target)), targets[rows], valid[rows]
+        if self.args.joint:
+            states, logits = module(batch, rows, *lm_head_of(target))
+        else:
+            states = batch.hidden_states
+            logits = module(states[rows], *lm_head_of(target))
+        return logits, targets[rows], valid[rows], states
 
-    def loss(self, heads, target, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        logits, targets, valid = self._logits(heads, target, batch)
+    def _kl(self, target, batch: Batch, states: Tensor) -> tuple[Tensor, Tensor]:
+        """Medusa-2: [m] KL(original || adapted) and top-1 agreement at the m answer positions."""
+        mask = F.pad(batch.answer_mask[:, 1:], (0, 1), value=False)  # the next token is an answer token
+        original = F.linear(batch.hidden_states[mask].to(states.dtype), *lm_head_of(target))  # [m, vocab]
+        adapted = F.linear(states[mask], *lm_head_of(target))
+        return kl_to_original(original, adapted), original.argmax(-1) == adapted.argmax(-1)
+
+    def loss(self, module, target, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        logits, targets, valid, states = self._logits(module, target, batch)
         n, k, vocab = logits.shape
         ce = F.cross_entropy(logits.reshape(n * k, vocab).float(), targets.reshape(-1), reduction="none").view(n, k)
         per_head = (ce * valid).sum(0) / valid.sum(0).clamp(min=1)  # [K]
         weights = self.args.decay ** torch.arange(k, device=per_head.device, dtype=per_head.dtype)
-        return (weights * per_head).sum(), {f"loss_head{i + 1}": float(v) for i, v in enumerate(per_head.detach())}
+        total, parts = (weights * per_head).sum(), {f"loss_head{i + 1}": float(v) for i, v in enumerate(per_head.detach())}
+        if self.args.joint:
+            kl = self._kl(target, batch, states)[0].mean()
+            total, parts["loss_kl"] = total + self.args.base_weight * kl, float(kl.detach())
+        return total, parts
 
     def evaluate(self, heads, target, batches: Iterator[Batch]) -> dict:
         k, r = self.args.num_heads, self.args.eval_topk
         positions, top1, topr, reached = (torch.zeros(k, dtype=torch.float64) for _ in range(4))
         ce_sum = torch.zeros(k, dtype=torch.float64)
         table = torch.zeros(k, r, dtype=torch.float64)
+        kl_sum = agree = answers = 0.0
         for batch in batches:
-            logits, targets, valid = self._logits(heads, target, batch)
+            logits, targets, valid, states = self._logits(heads, target, batch)
+            if self.args.joint:
+                kl, same = self._kl(target, batch, states)
+                kl_sum, agree, answers = kl_sum + float(kl.sum()), agree + float(same.sum()), answers + kl.numel()
             logits, targets, valid = logits.float().cpu(), targets.cpu(), valid.cpu()
             truth = logits.gather(-1, targets[..., None])  # [n, K, 1]
             rank = (logits > truth).sum(-1)  # [n, K]: 0 = the head's top token is right
@@ -110,8 +178,10 @@ class MedusaRecipe:
             return {"eval": {"positions": positions.long().tolist()}}
         accuracy = table / reached.clamp(min=1)[:, None]  # [K, r]
         shape = optimal_shape(accuracy, self.args.tree_budget)
+        joint = {"original_top1_agreement": agree / max(answers, 1), "kl_to_original": kl_sum / max(answers, 1)}
         return {
             "eval": {
+                **(joint if self.args.joint else {}),
                 "positions": positions.long().tolist(),
                 "loss": (ce_sum / positions.clamp(min=1)).tolist(),
                 "top1": (top1 / positions.clamp(min=1)).tolist(),
@@ -122,5 +192,14 @@ class MedusaRecipe:
             "accuracy": accuracy.tolist(),
         }
 
-    def save(self, heads, target, directory: Path, metadata: dict) -> Path:
-        return Medusa(target, heads, accuracy=metadata.get("accuracy"), metadata=metadata).save_pretrained(directory)
+    def save(self, module, target, directory: Path, metadata: dict) -> Path:
+        if not self.args.joint:
+            return Medusa(target, module, accuracy=metadata.get("accuracy"), metadata=metadata).save_pretrained(directory)
+        from peft import get_peft_model_state_dict
+
+        lora = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(module.backbone).items()}
+        adapted = copy.deepcopy(target)  # the target the heads read: the adapter merged into its decoder
+        adapted.get_decoder().load_state_dict(copy.deepcopy(module.backbone).merge_and_unload().state_dict())
+        metadata = {**metadata, "backbone": {"lora": self.lora, "fingerprint": checkpoint.fingerprint(adapted)}}
+        return Medusa(adapted, module.heads, accuracy=metadata.get("accuracy"), metadata=metadata,
+                      backbone_lora=lora).save_pretrained(directory)
