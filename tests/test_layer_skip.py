@@ -9,6 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from specdec import kv
 from specdec.drafter import Context
+from specdec.drafters.draft_model import DraftModel
+from specdec.drafters.early_exit import EarlyExit
 from specdec.drafters.layer_skip import LayerSkip
 from specdec.drafters.layer_view import LayerSubset, causal_mask, check_faithful
 from specdec.trees import TokenTree, tree_mask
@@ -192,16 +194,17 @@ def test_calibration_waits_for_context_and_recalibrates():
     assert drafter.calibration is not first
 
 
-def assert_cache_stays_reconciled(model, drafter) -> None:
+def assert_cache_stays_reconciled(model, drafter, prompt_length: int = 9) -> None:
     """After a run with rejections, a `LayerSubset` drafter's cache holds exactly the tokens it
-    says (`drafter.cached`): one more token fed on it gives a fresh forward's logits."""
-    _, stats = run(model, random_prompt(4, 9), drafter, 30)
+    says (`drafter.cached`, from position `drafter.start`): one more token fed on it gives a
+    fresh forward's logits."""
+    _, stats = run(model, random_prompt(4, prompt_length), drafter, 30)
     assert any(len(s.accepted_nodes) < len(s.tree) for s in stats.steps)  # there were rejections
-    held = drafter.cached
+    held, start = drafter.cached, drafter.start
     assert drafter.view.cached(drafter.cache) == held.numel()
     nxt = torch.tensor([3])
-    incremental = drafter.view(nxt, torch.tensor([held.numel()]), cache=drafter.cache).logits[-1]
-    fresh = drafter.view(torch.cat([held, nxt]), torch.arange(held.numel() + 1)).logits[-1]
+    incremental = drafter.view(nxt, torch.tensor([start + held.numel()]), cache=drafter.cache).logits[-1]
+    fresh = drafter.view(torch.cat([held, nxt]), torch.arange(start, start + held.numel() + 1)).logits[-1]
     torch.testing.assert_close(incremental, fresh, rtol=0, atol=1e-9)
 
 
@@ -209,6 +212,31 @@ def assert_cache_stays_reconciled(model, drafter) -> None:
 def test_draft_cache_stays_reconciled(kwargs):
     model = tiny_model(layers=4)
     assert_cache_stays_reconciled(model, LayerSkip(model, min_confidence=0.0, **kwargs))
+
+
+@pytest.mark.parametrize("kwargs", [dict(skip=[1]), dict(skip=[2], topk=2, draft_tokens=3)])
+def test_a_window_keeps_the_prompt_head_out_of_the_draft_cache(kwargs):
+    model = tiny_model(layers=4)
+    drafter = LayerSkip(model, min_confidence=0.0, window=8, **kwargs)
+    assert_cache_stays_reconciled(model, drafter, prompt_length=40)
+    assert drafter.start == 40 - 8  # fed the prompt's last 8 tokens, then grew with the sequence
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        LayerSkip(model, window=0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: LayerSkip(m, skip=[1], window=5, min_confidence=0.0),
+    lambda m: EarlyExit(m, exit_layer=2, window=5, min_confidence=0.0),
+    lambda m: DraftModel(tiny_model(seed=3, layers=4), num_tokens=3, topk=2, window=5),
+], ids=["layer-skip", "early-exit", "draft-model"])
+def test_windowed_drafters_are_exact_across_turns(make):
+    model = tiny_model(layers=4)
+    drafter = make(model)
+    first = random_prompt(7, 30)
+    out = run(model, first, drafter, MAX_NEW)[0]
+    assert torch.equal(out, reference(model, first, MAX_NEW))
+    for follow_up in (torch.cat([out, random_prompt(8, 12)], dim=1), random_prompt(9, 4)):  # a new turn, a new chat
+        assert torch.equal(run(model, follow_up, drafter, MAX_NEW)[0], reference(model, follow_up, MAX_NEW))
 
 
 def test_the_target_is_left_untouched():

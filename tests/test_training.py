@@ -203,6 +203,19 @@ def test_medusa2_joint_training_ships_its_adapted_target(workdir, dataset, tmp_p
         adapted_target(plain, model)
 
 
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+def test_bf16_mixed_precision_trains(workdir, dataset, kind):
+    from specdec.training.eagle import EagleArguments, EagleRecipe
+
+    recipe = MedusaRecipe(RECIPE) if kind == "medusa" else EagleRecipe(EagleArguments(unroll=2, eval_depth=2))
+    train(train_args(workdir, dataset, f"bf16-{kind}", max_steps=8, mixed_precision="bf16"), recipe)
+    losses = [r["loss"] for r in read_log(workdir / f"bf16-{kind}") if "loss" in r]
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-2:]) < sum(losses[:2])
+    with pytest.raises(ValueError, match="--mixed-precision"):
+        train(train_args(workdir, dataset, "bf16-bad", mixed_precision="int8"), recipe)
+
+
 def test_cli_help_and_run(workdir, dataset, capsys):
     for command, fields in (("make-data", ["--max_new_tokens", "--save_hidden_states", "--limit", "--field"]),
                             ("medusa", ["--num_heads", "--decay", "--resume", "--save_steps", "--seed"])):

@@ -11,6 +11,12 @@ forward with a tree mask. Afterwards a chain's fed nodes stay cached, since they
 sequence and may be accepted (those the budget kept); a tree's fed nodes are not one sequence
 and are dropped.
 
+Window (optional): a drafter may attend to only the most recent committed tokens. When more than
+`window` committed tokens would have to be fed at once (a long prompt, a new turn), the cache is
+rebuilt from the last `window` of them, at their true positions; afterwards it grows with the
+sequence as usual. The draft then guesses from a truncated context: cheaper to start on long
+prompts (a self-drafting view's prefill costs most of the target's own), the output exact anyway.
+
 Boundary: owns no model, cache or state. The drafter passes its forward (which appends the keys
 and values of the tokens it is given to the cache), its cache, the tokens that cache holds and
 its tree knobs, and keeps what `draft` returns; the drafter validates its knobs, clamps the
@@ -46,32 +52,42 @@ def draft(
     min_confidence: float,
     dtype: torch.dtype,
     cache_length: Callable[[object], int] = kv.length,
-) -> tuple[TokenTree, Tensor]:
+    start: int = 0,
+    window: int | None = None,
+) -> tuple[TokenTree, Tensor, int]:
     """Grow a draft after the committed tokens `ids` ([t], t >= 1) and return it with the tokens
-    `cache` holds afterwards ([c], the drafter's next `cached`). `cached` ([c]): the tokens whose
-    keys/values `cache` holds now. `depth`, `topk`, `width`, `budget`, `min_confidence`: as
+    `cache` holds afterwards ([c], the drafter's next `cached`) and the position of the first of
+    them (the next `start`). `cached` ([c]): the tokens whose keys/values `cache` holds now, from
+    position `start`. `window`: the most committed tokens fed at once (None: all). `depth`, `topk`, `width`, `budget`, `min_confidence`: as
     `specdec.trees.expand` (``width == 1`` is a chain). `dtype`: the tree masks' dtype (the
     model's). `cache_length`: slots `cache` holds (a layer-subset cache asks one of its own
     layers, as `LayerSubset.cached` does)."""
     # Reconcile: keep the cached prefix that still agrees with the committed tokens, and at
     # least one token to feed so the root's distribution comes out of this forward.
-    same = (cached[: ids.numel()] == ids[: cached.numel()]).long()
-    common = min(int(same.cumprod(0).sum()), ids.numel() - 1)
-    kv.drop_last(cache, cached.numel() - common)
     t = ids.numel()
+    if start >= t:  # the committed sequence is shorter than where the cache starts: start over
+        start, common = 0, 0
+    else:  # the cache holds keys/values of cached = ids[start:] as they were; keep what still agrees
+        seen = ids[start:]
+        same = (cached[: seen.numel()] == seen[: cached.numel()]).long()
+        common = min(int(same.cumprod(0).sum()), seen.numel() - 1)
+    if window is not None and t - (start + common) > window:
+        common, start = 0, t - window  # too much to feed: rebuild from the last `window` tokens
+    kv.drop_last(cache, cached.numel() - common)
+    held = t - start  # committed tokens in the cache once the prefix is fed
 
     def step(tree: TokenTree, frontier: list[int]) -> Tensor:
         if frontier == [-1]:
-            return forward(ids[common:], torch.arange(common, t), None, True)  # [1, vocab]
+            return forward(ids[start + common :], torch.arange(start + common, t), None, True)  # [1, vocab]
         rows = torch.tensor(frontier)
         positions = t - 1 + tree.depths()[rows]
-        mask = tree_mask(tree, rows, frontier[0], t, dtype)
+        mask = tree_mask(tree, rows, frontier[0], held, dtype)
         return forward(tree.tokens[rows], positions, mask, False)  # [len(frontier), vocab]
 
     tree = expand(step, depth=depth, topk=topk, width=width, budget=budget, min_confidence=min_confidence)
-    fed = cache_length(cache) - t  # tree nodes now in the cache (all but the last level)
+    fed = cache_length(cache) - held  # tree nodes now in the cache (all but the last level)
     # A chain's fed nodes extend the sequence and may be reused next step (those the budget
     # kept); a tree's fed nodes are not one sequence, so they go.
     reuse = min(fed, len(tree)) if width == 1 else 0
     kv.drop_last(cache, fed - reuse)
-    return tree, torch.cat([ids, tree.tokens[:reuse]])
+    return tree, torch.cat([ids[start:], tree.tokens[:reuse]]), start

@@ -29,7 +29,7 @@ class DraftModel:
 
     def __init__(
         self, model, *, num_tokens: int = 5, topk: int = 1, width: int | None = None, budget: int | None = None,
-        packed_from: int | None | str = "auto", min_confidence: float = 0.0,
+        packed_from: int | None | str = "auto", window: int | None = None, min_confidence: float = 0.0,
     ):
         """`num_tokens`: draft depth. ``topk = 1`` drafts a greedy chain; ``topk > 1`` grows a tree
         whose every level keeps the `width` (default `topk`) best nodes by cumulative draft
@@ -37,7 +37,11 @@ class DraftModel:
         forwards over k >= this many tokens use packed linears, as the verifier's do ("auto": the
         draft model's stored cost curve, see `specdec profile`; None: never). `min_confidence`: stop
         drafting deeper once the draft model's best next token is less likely than this (0: always
-        draft `num_tokens`; HF assisted generation's default cut-off is 0.4)."""
+        draft `num_tokens`; HF assisted generation's default cut-off is 0.4).
+        `window`: when the draft (re)starts on more than this many committed tokens (a long
+        prompt, a new turn), it reads only the last `window` of them (None: all)."""
+        if window is not None and window < 1:
+            raise ValueError(f"DraftModel: window must be >= 1 or None, got {window}")
         if not 0 <= min_confidence < 1:
             raise ValueError(f"DraftModel: min_confidence must be in [0, 1), got {min_confidence}")
         if num_tokens < 1 or topk < 1:
@@ -47,10 +51,12 @@ class DraftModel:
         self.width = 1 if topk == 1 else (width or topk)
         self.budget = budget
         self.packed_from = packed_from
+        self.window = window
         self.min_confidence = min_confidence
         self._route = PackedRoute(model, None)
         self.cache = kv.new_cache(model)
         self.cached = torch.zeros(0, dtype=torch.long)  # [c] the tokens whose keys/values are in self.cache
+        self.start = 0  # the position of self.cached[0]
 
     def begin(self, target) -> None:
         if _vocab_size(target) != _vocab_size(self.model):
@@ -81,9 +87,10 @@ class DraftModel:
         depth = self.num_tokens if ctx.max_depth is None else min(self.num_tokens, ctx.max_depth)
         if depth < 1:
             return TokenTree.empty()
-        tree, self.cached = cached_drafting.draft(
+        tree, self.cached, self.start = cached_drafting.draft(
             self._forward, self.cache, self.cached, ids, depth=depth, topk=self.topk, width=self.width,
             budget=self.budget, min_confidence=self.min_confidence, dtype=self.model.dtype,
+            start=self.start, window=self.window,
         )
         return tree
 

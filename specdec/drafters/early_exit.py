@@ -144,6 +144,7 @@ class EarlyExit:
         calibrate_tokens: int = 64,
         calibrate_trials: int = 8,
         packed_from: int | None | str = "auto",
+        window: int | None = 256,
         metadata: dict | None = None,
     ):
         """`model`: the target (the drafter runs its first layers; `begin` refuses any other
@@ -157,7 +158,12 @@ class EarlyExit:
         calibration window (the most recent committed tokens). `calibrate_trials`: candidate exits
         scored per calibration. `packed_from`: draft forwards over this many tokens or more use
         the target's prepacked linears ("auto": the target's stored crossover; None: never).
-        `metadata`: the adapter checkpoint's training record, saved again by `save_pretrained`."""
+        `metadata`: the adapter checkpoint's training record, saved again by `save_pretrained`.
+        `window`: when the draft (re)starts on more than this many committed tokens (a long
+        prompt, a new turn), it reads only the last `window` of them (None: all);
+        the view's prefill costs most of a target forward."""
+        if window is not None and window < 1:
+            raise ValueError(f"EarlyExit: window must be >= 1 or None, got {window}")
         if draft_tokens < 1 or topk < 1:
             raise ValueError(f"EarlyExit: draft_tokens and topk must be >= 1, got {draft_tokens}, {topk}")
         if not 0 <= min_confidence < 1:
@@ -177,6 +183,7 @@ class EarlyExit:
         self.min_confidence = min_confidence
         self.calibrate_tokens, self.calibrate_trials = calibrate_tokens, calibrate_trials
         self.packed_from = packed_from
+        self.window = window
         self.metadata = dict(metadata or {})
         self.adapter = adapter
         self.calibration: Calibration | None = None
@@ -228,6 +235,7 @@ class EarlyExit:
         self.view = layer_view.LayerSubset(self.model, range(exit_layer or 0))
         self.cache = self.view.new_cache()
         self.cached = torch.zeros(0, dtype=torch.long)  # [c] the tokens whose keys/values are in self.cache
+        self.start = 0  # the position of self.cached[0]
 
     def _refold(self) -> None:
         """Fold the adapter's ``up`` into the lm_head: [vocab, hidden] @ [hidden, rank]."""
@@ -319,6 +327,7 @@ class EarlyExit:
         self._refold()  # the adapter may have been trained further since the last generation
         self.cache = self.view.new_cache()
         self.cached = torch.zeros(0, dtype=torch.long)
+        self.start = 0  # the position of self.cached[0]
 
     def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor | None, last_only: bool = False) -> Tensor:
         with self._route(ids.numel()):
@@ -343,9 +352,10 @@ class EarlyExit:
             self.calibrate(ids, ctx.verify_cost)
         if self.calibration is not None and not self.calibration.pays_off:
             return TokenTree.empty()
-        tree, self.cached = cached_drafting.draft(
+        tree, self.cached, self.start = cached_drafting.draft(
             self._forward, self.cache, self.cached, ids, depth=depth, topk=self.topk, width=self.width,
             budget=self.budget, min_confidence=self.min_confidence, dtype=self.model.dtype,
+            start=self.start, window=self.window,
             cache_length=self.view.cached,
         )
         return tree

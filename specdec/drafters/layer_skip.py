@@ -85,6 +85,7 @@ class LayerSkip:
         calibrate_trials: int = 8,
         max_skip_ratio: float = 0.6,
         packed_from: int | None | str = "auto",
+        window: int | None = 256,
         seed: int = 0,
     ):
         """`model`: the target (the drafter runs part of it; `begin` refuses any other model).
@@ -96,7 +97,12 @@ class LayerSkip:
         committed tokens). `calibrate_trials`: candidate skip sets scored per calibration.
         `max_skip_ratio`: most of the middle layers the search may skip. `packed_from`: the
         drafter's forwards over this many tokens or more use the target's prepacked linears
-        ("auto": the target's stored crossover; None: never). `seed`: the search's random swaps."""
+        ("auto": the target's stored crossover; None: never). `seed`: the search's random swaps.
+        `window`: when the draft (re)starts on more than this many committed tokens (a long
+        prompt, a new turn), it reads only the last `window` of them (None: all);
+        the view's prefill costs most of a target forward."""
+        if window is not None and window < 1:
+            raise ValueError(f"LayerSkip: window must be >= 1 or None, got {window}")
         if draft_tokens < 1 or topk < 1:
             raise ValueError(f"LayerSkip: draft_tokens and topk must be >= 1, got {draft_tokens}, {topk}")
         if not 0 <= min_confidence < 1:
@@ -119,6 +125,7 @@ class LayerSkip:
         self.calibrate_tokens, self.calibrate_trials = calibrate_tokens, calibrate_trials
         self.max_skip_ratio = max_skip_ratio
         self.packed_from = packed_from
+        self.window = window
         self.seed = seed
         self.calibration: Calibration | None = None
         self._route = PackedRoute(model, None)
@@ -142,6 +149,7 @@ class LayerSkip:
         self.view = layer_view.LayerSubset(self.model, kept)
         self.cache = self.view.new_cache()
         self.cached = torch.zeros(0, dtype=torch.long)  # [c] the tokens whose keys/values are in self.cache
+        self.start = 0  # the position of self.cached[0]
 
     def recalibrate(self) -> None:
         """Forget the skip set; the next proposal chooses one again on the then-committed tokens."""
@@ -229,6 +237,7 @@ class LayerSkip:
         self._route = PackedRoute(self.model, resolve_packed_from(self.model, self.packed_from))
         self.cache = self.view.new_cache()
         self.cached = torch.zeros(0, dtype=torch.long)
+        self.start = 0  # the position of self.cached[0]
 
     def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor | None, last_only: bool = False) -> Tensor:
         with self._route(ids.numel()):
@@ -245,9 +254,10 @@ class LayerSkip:
             if ids.numel() < layer_view.MIN_WINDOW:
                 return TokenTree.empty()
             self.calibrate(ids, ctx.verify_cost)
-        tree, self.cached = cached_drafting.draft(
+        tree, self.cached, self.start = cached_drafting.draft(
             self._forward, self.cache, self.cached, ids, depth=depth, topk=self.topk, width=self.width,
             budget=self.budget, min_confidence=self.min_confidence, dtype=self.model.dtype,
+            start=self.start, window=self.window,
             cache_length=self.view.cached,
         )
         return tree

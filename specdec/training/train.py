@@ -63,6 +63,9 @@ class TrainArguments:
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
     seed: int = field(default=0, metadata={"help": "seeds initialisation, data split and data order"})
     dtype: str = field(default="float32", metadata={"help": "target dtype: float32, bfloat16 or float16"})
+    mixed_precision: str = field(default="no", metadata={
+        "help": "no, bf16 or fp16: run the loss under accelerate's autocast (weights and optimizer stay fp32); bf16 "
+                "is 2-3x faster on CPUs with AVX512-BF16 or AMX, where the lm_head matmuls dominate"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads per process"})
 
 
@@ -158,11 +161,13 @@ def train(args: TrainArguments, recipe: Recipe, command: str | None = None) -> P
     for name in ("max_steps", "batch_size", "save_steps", "log_steps", "max_length"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"--mixed-precision must be no, bf16 or fp16, got {args.mixed_precision!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     # Without a GPU, processes started by `accelerate launch --multi_gpu` must be told to use
     # CPU DDP (gloo); otherwise each would silently train alone and overwrite the others' files.
-    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision=args.mixed_precision)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise RuntimeError(f"launched as {launched} processes but accelerate joined {accelerator.num_processes}; "
@@ -201,7 +206,8 @@ def train(args: TrainArguments, recipe: Recipe, command: str | None = None) -> P
         order = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(args.seed + epoch))]
         first = (i * world + rank) * args.batch_size
         batch = _batch(ds, order[first : first + args.batch_size], args, recipe, target, accelerator.device)
-        loss, parts = recipe.loss(module, target, batch)
+        with accelerator.autocast():  # also covers what a recipe computes outside the module (frozen lm_head)
+            loss, parts = recipe.loss(module, target, batch)
         accelerator.backward(loss)
         if args.max_grad_norm > 0:
             accelerator.clip_grad_norm_(module.parameters(), args.max_grad_norm)
