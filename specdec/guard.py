@@ -1,8 +1,10 @@
 """The no-slowdown guard: speculation has to beat plain decoding, as measured, or it pauses.
 
 Users of speculative decoding report runs slower than plain decoding when the drafter is poor
-or drafting is dear. The guard compares two running averages of seconds per committed token,
-both measured in this process: steps that speculated (draft + verify + overhead) and plain steps
+or drafting is dear. The guard compares two running rates of seconds per committed token,
+both measured in this process (each a running average of seconds over a running average of
+tokens, so a step that commits four tokens weighs four times one that commits one, as in the
+wall clock): steps that speculated (draft + verify + overhead) and plain steps
 (a forward over the root alone, the drafter not asked). Plain steps happen while the guard
 pauses drafting, as a forced probe every `probe_every` speculative steps until a plain reference
 exists (and again when it is `refresh` steps old), and for the last token. A step whose drafter
@@ -30,6 +32,8 @@ class Guard:
     # State, kept across generate() calls when the same Guard is passed again.
     spec_s: float | None = field(default=None, repr=False)  # seconds per token while speculating
     plain_s: float | None = field(default=None, repr=False)  # seconds per token decoding plainly
+    _spec: tuple[float, float] | None = field(default=None, repr=False)  # running (seconds, tokens) per step
+    _plain: tuple[float, float] | None = field(default=None, repr=False)
     _since_plain: int = field(default=0, repr=False)  # steps since the last plain measurement
     _paused: int = field(default=0, repr=False)  # plain steps left in the current pause
     _failures: int = field(default=0, repr=False)
@@ -50,18 +54,20 @@ class Guard:
 
     def record(self, drafted: bool, tokens: int, seconds: float) -> None:
         """One finished step: whether the drafter was asked, the tokens it committed, its wall time."""
-        per_token = seconds / max(1, tokens)
+        step = (seconds, max(1, tokens))
         if not drafted:
-            self.plain_s = _ema(self.plain_s, per_token, self.alpha)
+            self._plain = _ema(self._plain, step, self.alpha)
+            self.plain_s = self._plain[0] / self._plain[1]
             self._since_plain = 0
             if self._paused > 0:
                 self._paused -= 1
                 if self._paused == 0:
-                    self._spec_steps, self.spec_s = 0, None  # judge the next window afresh
+                    self._spec_steps, self._spec, self.spec_s = 0, None, None  # judge the next window afresh
             return
         self._since_plain += 1
         self._spec_steps += 1
-        self.spec_s = _ema(self.spec_s, per_token, self.alpha)
+        self._spec = _ema(self._spec, step, self.alpha)
+        self.spec_s = self._spec[0] / self._spec[1]
         if self.plain_s is None or self._spec_steps < self.probe_every:
             return
         if self.spec_s > self.plain_s * (1 + self.margin):
@@ -71,5 +77,5 @@ class Guard:
             self._failures = 0
 
 
-def _ema(old: float | None, new: float, alpha: float) -> float:
-    return new if old is None else (1 - alpha) * old + alpha * new
+def _ema(old: tuple[float, float] | None, new: tuple[float, float], alpha: float) -> tuple[float, float]:
+    return new if old is None else tuple((1 - alpha) * o + alpha * n for o, n in zip(old, new))
