@@ -47,6 +47,21 @@ def test_exact_on_real_model(smollm, make):
         assert torch.equal(out, ref), prompt
 
 
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+def test_shipped_trained_drafters_load_and_are_exact(smollm, kind):
+    """The heads shipped in specdec/drafters/shipped/smollm2-135m/ load by name, carry how they
+    were trained, and draft (guard off) exactly what model.generate says."""
+    model, tokenizer = smollm
+    drafter = specdec.drafters.load(kind, model)
+    assert drafter.metadata["training"]["command"].startswith(f"specdec train {kind} --model smollm2-135m")
+    ids = encode_chat(tokenizer, [{"role": "user", "content": PROMPTS[1]}])
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False)
+    stats = specdec.GenerationStats()
+    out = specdec.generate(model, ids, drafter, max_new_tokens=40, stats=stats, guard=None)
+    assert torch.equal(out, ref)
+    assert stats.mean_accepted > 1.2  # trained: well above one token per forward
+
+
 def test_bench_end_to_end(smollm, tmp_path):
     model, tokenizer = smollm
     questions = tmp_path / "q.jsonl"
