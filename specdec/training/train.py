@@ -155,6 +155,7 @@ def _resume(accelerator, out: Path) -> tuple[int, float]:
 def train(args: TrainArguments, recipe: Recipe, command: str | None = None) -> Path:
     """Train `recipe`'s drafter on `args.data`; returns the saved drafter's directory."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
@@ -167,6 +168,9 @@ def train(args: TrainArguments, recipe: Recipe, command: str | None = None) -> P
         torch.set_num_threads(args.threads)
     # Without a GPU, processes started by `accelerate launch --multi_gpu` must be told to use
     # CPU DDP (gloo); otherwise each would silently train alone and overwrite the others' files.
+    # accelerate keeps one process-wide state; a second train() in the same process (another
+    # --mixed-precision) must configure it afresh. The distributed setup (PartialState) stays.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision=args.mixed_precision)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
