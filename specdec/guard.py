@@ -30,8 +30,6 @@ class Guard:
     margin: float = 0.0  # tolerated slowdown, as a fraction of the plain time per token
     alpha: float = 0.25  # weight of the newest step in the running averages
     # State, kept across generate() calls when the same Guard is passed again.
-    spec_s: float | None = field(default=None, repr=False)  # seconds per token while speculating
-    plain_s: float | None = field(default=None, repr=False)  # seconds per token decoding plainly
     _spec: tuple[float, float] | None = field(default=None, repr=False)  # running (seconds, tokens) per step
     _plain: tuple[float, float] | None = field(default=None, repr=False)
     _since_plain: int = field(default=0, repr=False)  # steps since the last plain measurement
@@ -45,6 +43,16 @@ class Guard:
                 "Guard: probe_every, refresh, pause and max_pause must be >= 1, 0 < alpha <= 1 and margin >= 0"
             )
 
+    @property
+    def spec_s(self) -> float | None:
+        """Seconds per committed token while speculating (None before a speculative step)."""
+        return None if self._spec is None else self._spec[0] / self._spec[1]
+
+    @property
+    def plain_s(self) -> float | None:
+        """Seconds per committed token decoding plainly (None before a plain step)."""
+        return None if self._plain is None else self._plain[0] / self._plain[1]
+
     def speculate(self) -> bool:
         """Whether the next step may draft."""
         if self._paused > 0:
@@ -57,17 +65,15 @@ class Guard:
         step = (seconds, max(1, tokens))
         if not drafted:
             self._plain = _ema(self._plain, step, self.alpha)
-            self.plain_s = self._plain[0] / self._plain[1]
             self._since_plain = 0
             if self._paused > 0:
                 self._paused -= 1
                 if self._paused == 0:
-                    self._spec_steps, self._spec, self.spec_s = 0, None, None  # judge the next window afresh
+                    self._spec_steps, self._spec = 0, None  # judge the next window afresh
             return
         self._since_plain += 1
         self._spec_steps += 1
         self._spec = _ema(self._spec, step, self.alpha)
-        self.spec_s = self._spec[0] / self._spec[1]
         if self.plain_s is None or self._spec_steps < self.probe_every:
             return
         if self.spec_s > self.plain_s * (1 + self.margin):

@@ -34,6 +34,12 @@ from torch import Tensor
 from specdec import kv
 from specdec.trees import TokenTree, expand, tree_mask
 
+def check_window(owner: str, window: int | None) -> None:
+    """Refuse a `window` that is neither None nor a positive token count."""
+    if window is not None and window < 1:
+        raise ValueError(f"{owner}: window must be >= 1 or None, got {window}")
+
+
 # forward(ids [m], positions [m], mask [1, 1, m, slots] additive or None, last_only) ->
 # [m, vocab] log-probs ([1, vocab] with last_only), the m tokens' keys/values appended to the cache.
 Forward = Callable[[Tensor, Tensor, Tensor | None, bool], Tensor]

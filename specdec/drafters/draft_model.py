@@ -40,8 +40,7 @@ class DraftModel:
         draft `num_tokens`; HF assisted generation's default cut-off is 0.4).
         `window`: when the draft (re)starts on more than this many committed tokens (a long
         prompt, a new turn), it reads only the last `window` of them (None: all)."""
-        if window is not None and window < 1:
-            raise ValueError(f"DraftModel: window must be >= 1 or None, got {window}")
+        cached_drafting.check_window("DraftModel", window)
         if not 0 <= min_confidence < 1:
             raise ValueError(f"DraftModel: min_confidence must be in [0, 1), got {min_confidence}")
         if num_tokens < 1 or topk < 1:

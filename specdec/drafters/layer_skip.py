@@ -101,8 +101,7 @@ class LayerSkip:
         `window`: when the draft (re)starts on more than this many committed tokens (a long
         prompt, a new turn), it reads only the last `window` of them (None: all);
         the view's prefill costs most of a target forward."""
-        if window is not None and window < 1:
-            raise ValueError(f"LayerSkip: window must be >= 1 or None, got {window}")
+        cached_drafting.check_window("LayerSkip", window)
         if draft_tokens < 1 or topk < 1:
             raise ValueError(f"LayerSkip: draft_tokens and topk must be >= 1, got {draft_tokens}, {topk}")
         if not 0 <= min_confidence < 1:

@@ -102,6 +102,12 @@ class MedusaHeads(nn.Module):
         return F.linear(feats.to(lm_weight.dtype), lm_weight, lm_bias)
 
 
+def _split_lora(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """A checkpoint's tensors -> (the Medusa-2 decoder adapter, prefix removed; the heads')."""
+    lora = {k[len(LORA_PREFIX):]: v for k, v in tensors.items() if k.startswith(LORA_PREFIX)}
+    return lora, {k: v for k, v in tensors.items() if not k.startswith(LORA_PREFIX)}
+
+
 def lora_config(backbone: dict):
     """The peft `LoraConfig` a Medusa-2 checkpoint's metadata["backbone"]["lora"] describes."""
     from peft import LoraConfig
@@ -119,7 +125,7 @@ def adapted_target(directory, model):
     if not backbone:
         raise checkpoint.CheckpointError(f"drafter checkpoint {str(directory)!r} holds Medusa-1 heads (trained on the "
                                          "unchanged target): use the model itself as the target")
-    lora = {k[len(LORA_PREFIX):]: v for k, v in ckpt.tensors.items() if k.startswith(LORA_PREFIX)}
+    lora, _ = _split_lora(ckpt.tensors)
     adapted = copy.deepcopy(model)
     decoder = get_peft_model(adapted.get_decoder(), lora_config(backbone))  # injects into the copy's decoder
     unexpected = set_peft_model_state_dict(decoder, {k: v.to(model.dtype) for k, v in lora.items()}).unexpected_keys
@@ -213,8 +219,7 @@ class Medusa:
         """Heads saved by `save_pretrained` (or `specdec train medusa`), validated against
         `model`; the saved accuracy table calibrates the tree unless `tree=` is given."""
         ckpt = checkpoint.load(directory, KIND, model, check_base_model=check_base_model)
-        lora = {k[len(LORA_PREFIX):]: v for k, v in ckpt.tensors.items() if k.startswith(LORA_PREFIX)}
-        rest = {k: v for k, v in ckpt.tensors.items() if not k.startswith(LORA_PREFIX)}
+        lora, rest = _split_lora(ckpt.tensors)
         heads = checkpoint.instantiate(dataclasses.replace(ckpt, tensors=rest), MedusaHeads, directory)
         heads.to(device=model.device, dtype=model.dtype)
         kwargs.setdefault("accuracy", ckpt.metadata.get("accuracy"))
