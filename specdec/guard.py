@@ -10,7 +10,10 @@ pauses drafting, as a forced probe every `probe_every` speculative steps until a
 exists (and again when it is `refresh` steps old), and for the last token. A step whose drafter
 was asked but proposed nothing is speculative: the drafting it cost is what is being judged. When speculating costs more
 per token than plain decoding by more than `margin`, drafting pauses for `pause` steps, doubling
-on each consecutive failure up to `max_pause`, then resumes to re-probe.
+on each consecutive failure up to `max_pause`, then resumes to re-probe. A window that is plainly
+losing fails before `probe_every` steps: from its third step on, as soon as it costs more than
+`early_fail` times plain decoding's rate (a drafter whose drafting alone costs two target
+forwards would otherwise spend eight steps proving it at every re-probe).
 
 Boundary: core level, no model and no drafter type; `generate` asks it before step 1 and reports
 every step to it. Only the choice to draft changes, so outputs stay exact.
@@ -31,6 +34,7 @@ class Guard:
     pause: int = 16  # plain steps after the first failure (doubles on consecutive failures)
     max_pause: int = 512
     margin: float = 0.0  # tolerated slowdown, as a fraction of the plain time per token
+    early_fail: float = 2.0  # a window fails before probe_every steps (from step 3) once this many times slower
     alpha: float = 0.25  # weight of the newest step in the running averages
     # State, kept across generate() calls when the same Guard is passed again.
     _spec: tuple[float, float] | None = field(default=None, repr=False)  # running (seconds, tokens) per step
@@ -41,9 +45,11 @@ class Guard:
     _spec_steps: int = field(default=0, repr=False)  # speculative steps since the last verdict
 
     def __post_init__(self) -> None:
-        if min(self.probe_every, self.refresh, self.pause, self.max_pause) < 1 or not 0 < self.alpha <= 1 or self.margin < 0:
+        if (min(self.probe_every, self.refresh, self.pause, self.max_pause) < 1 or not 0 < self.alpha <= 1
+                or self.margin < 0 or self.early_fail < 1 + self.margin):
             raise ValueError(
-                "Guard: probe_every, refresh, pause and max_pause must be >= 1, 0 < alpha <= 1 and margin >= 0"
+                "Guard: probe_every, refresh, pause and max_pause must be >= 1, 0 < alpha <= 1, margin >= 0 "
+                "and early_fail >= 1 + margin"
             )
 
     @property
@@ -77,12 +83,13 @@ class Guard:
         self._since_plain += 1
         self._spec_steps += 1
         self._spec = _ema(self._spec, step, self.alpha)
-        if self.plain_s is None or self._spec_steps < self.probe_every:
+        if self.plain_s is None or self._spec_steps < min(3, self.probe_every):
             return
-        if self.spec_s > self.plain_s * (1 + self.margin):
+        limit = 1 + self.margin if self._spec_steps >= self.probe_every else self.early_fail
+        if self.spec_s > self.plain_s * limit:
             self._failures += 1
             self._paused = min(self.max_pause, self.pause * 2 ** (self._failures - 1))
-        else:
+        elif self._spec_steps >= self.probe_every:
             self._failures = 0
 
 

@@ -89,3 +89,22 @@ def test_guard_rates_are_seconds_over_tokens():
     for _ in range(10):  # now every step commits one token in 0.1 s: twice plain's time
         guard.record(True, 1, 0.1)
     assert not guard.speculate()
+
+
+def test_guard_fails_a_plainly_losing_window_early():
+    """Three times slower than plain: paused after 3 steps, not probe_every. 1.5 times slower (under
+    early_fail): judged only at probe_every, and paused then."""
+    guard = Guard(probe_every=8)
+    guard.record(False, 1, 0.01)
+    for _ in range(3):
+        assert guard.speculate()
+        guard.record(True, 1, 0.03)
+    assert not guard.speculate()
+    guard = Guard(probe_every=8)
+    guard.record(False, 1, 0.01)
+    for _ in range(8):
+        assert guard.speculate()
+        guard.record(True, 1, 0.015)
+    assert not guard.speculate()
+    with pytest.raises(ValueError, match="early_fail"):
+        Guard(early_fail=0.5)
