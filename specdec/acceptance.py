@@ -7,6 +7,10 @@ choice after that path (the "bonus" token when the path is a leaf, the correctio
 distribution of sampling from p token by token (rejection sampling over each node's children
 against ``tree.draft_probs``), where p comes from logits that already went through the logits
 processors (temperature, top-k/top-p, penalties), as in ``model.generate(do_sample=True)``.
+
+Rules are called with ``position``, the index in the sequence of the token the root's row
+predicts. A seeded `Speculative` uses it to make its output a function of the seed and the
+context alone, whatever was drafted (see `Speculative`).
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ class Decision:
 
 
 class AcceptanceRule(Protocol):
-    def __call__(self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None) -> Decision:
-        """`logits`: [n + 1, vocab], row 0 for the root, row i + 1 for node i."""
+    def __call__(
+        self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None, position: int | None = None
+    ) -> Decision:
+        """`logits`: [n + 1, vocab], row 0 for the root, row i + 1 for node i; `position`: the
+        sequence index of the token row 0 predicts (None: unknown)."""
 
 
 def _generator(seed: int | None) -> torch.Generator | None:
@@ -39,19 +46,26 @@ def _generator(seed: int | None) -> torch.Generator | None:
 class Greedy:
     """Walk down from the root while some child is the target's argmax; exact for greedy decoding."""
 
-    def __call__(self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None) -> Decision:
-        best = logits.argmax(-1).tolist()  # [n + 1]
-        tokens = tree.tokens.tolist()
-        path, node = [], -1
-        while True:
-            want = best[node + 1]
-            node = next((c for c in tree.children(node) if tokens[c] == want), None)
-            if node is None:
-                return Decision(path, want)
-            path.append(node)
+    def __call__(
+        self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None, position: int | None = None
+    ) -> Decision:
+        return _walk(tree, lambda row, depth: int(logits[row].argmax()))
 
     def __repr__(self) -> str:
         return "Greedy()"
+
+
+def _walk(tree: TokenTree, choose) -> Decision:
+    """Walk down from the root while some child holds `choose(row, depth)`, the target's token
+    at that row (depth 0 at the root); the first token no child holds is the next token."""
+    tokens = tree.tokens.tolist()
+    path, node = [], -1
+    while True:
+        want = choose(node + 1, len(path))
+        node = next((c for c in tree.children(node) if tokens[c] == want), None)
+        if node is None:
+            return Decision(path, want)
+        path.append(node)
 
 
 class Speculative:
@@ -64,12 +78,26 @@ class Speculative:
     the residual. With ``tree.draft_probs`` None the drafts are deterministic (prompt lookup,
     top-k trees) and q is one-hot at x: accept with p(x), else remove x from p. With draft_probs,
     each node's siblings must be independent samples from that node's q.
+
+    Seeded and told the `position` (as `generate` does), it samples by coupling instead: the
+    target's token at sequence index j is the Gumbel-max ``argmax(log p + g_j)``, with the noise
+    g_j drawn from (seed, j) alone, and a drafted token is accepted when it is that token. Each
+    token is still an exact sample from p, and the output no longer depends on what was drafted,
+    so the same seed gives the same text whatever the drafter, the tree size or the no-slowdown
+    guard (which decides by wall time) did. For deterministic drafts the chance of acceptance is
+    the same as rejection sampling's (a node's children are accepted with their mass under p);
+    for drafts sampled from q (``draft_probs``) it is sum q p instead of sum min(p, q).
     """
 
     def __init__(self, seed: int | None = None):
+        self.seed = seed
         self.generator = _generator(seed)
 
-    def __call__(self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None) -> Decision:
+    def __call__(
+        self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None, position: int | None = None
+    ) -> Decision:
+        if self.seed is not None and position is not None and generator is None:
+            return _walk(tree, lambda row, depth: _gumbel_max(logits[row], self.seed, position + depth))
         gen = generator if generator is not None else self.generator
         probs = torch.softmax(logits.double(), dim=-1)  # [n + 1, vocab]; float64 keeps tiny residuals honest
         tokens = tree.tokens.tolist()
@@ -99,7 +127,15 @@ class Speculative:
                 return Decision(path, int(torch.multinomial(p, 1, generator=gen)))
 
     def __repr__(self) -> str:
-        return "Speculative()"
+        return "Speculative()" if self.seed is None else f"Speculative(seed={self.seed})"
+
+
+def _gumbel_max(logits: Tensor, seed: int, position: int) -> int:
+    """A sample from softmax(logits) [vocab] whose randomness is fixed by (seed, position)."""
+    key = (seed * 0x9E3779B97F4A7C15 + position) % 2**63  # distinct positions, distinct streams
+    u = torch.rand(logits.shape[-1], generator=torch.Generator().manual_seed(key), dtype=torch.float64)
+    gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1 - 1e-16)))
+    return int((logits.double().cpu() + gumbel).argmax())
 
 
 class Typical:
@@ -118,7 +154,9 @@ class Typical:
         self.epsilon, self.delta = epsilon, delta
         self.generator = _generator(seed)
 
-    def __call__(self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None) -> Decision:
+    def __call__(
+        self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None, position: int | None = None
+    ) -> Decision:
         gen = generator if generator is not None else self.generator
         probs = torch.softmax(logits.double(), dim=-1)  # [n + 1, vocab]
         entropy = -(probs * torch.log(probs.clamp_min(1e-300))).sum(-1)  # [n + 1]

@@ -204,8 +204,11 @@ def generate(
     ``do_sample=True`` (None: ``model.generation_config.do_sample``) samples with `temperature`,
     `top_k`, `top_p`, `min_p` as ``model.generate`` does (`specdec.sampling`), through the
     lossless `Speculative` rule: the distribution of the output is exactly that of sampling from
-    the target token by token. `seed` makes a sampled run reproducible (None: torch's global RNG,
-    so ``torch.manual_seed`` works as with HF). `rule` overrides the acceptance rule (e.g.
+    the target token by token. `seed` makes a sampled run reproducible, and its text the same
+    whatever the drafter, the tree or the guard did (`Speculative` couples each position's sample
+    to the seed). With ``seed=None`` torch's global RNG draws, so ``torch.manual_seed`` works as
+    with HF, but then the text also depends on what was drafted, and the guard decides that by
+    wall time. `rule` overrides the acceptance rule (e.g.
     `specdec.Typical`, which is lossy). The no-slowdown guard (on by default) pauses drafting
     while speculation measures slower than plain decoding; ``guard=True`` starts a fresh
     `specdec.Guard` for this call, a `Guard` object keeps its measurements across the calls it is
@@ -293,7 +296,7 @@ def generate(
         logits = _processed(scores.logits.float(), ids, tree, logits_processor)  # [n + 1, vocab], fp32 as in HF
         t2 = time.perf_counter()
         # 3. Accept: the longest path the target agrees with, plus the target's own next token.
-        decision = rule(tree, logits)
+        decision = rule(tree, logits, position=ids.numel())  # row 0 predicts token ids.numel()
         path = decision.accepted_nodes
         new = tree.tokens[path].tolist() + [decision.next_token]
         emitted: list[int] = []

@@ -6,8 +6,8 @@ both measured in this process (each a running average of seconds over a running 
 tokens, so a step that commits four tokens weighs four times one that commits one, as in the
 wall clock): steps that speculated (draft + verify + overhead) and plain steps
 (a forward over the root alone, the drafter not asked). Plain steps happen while the guard
-pauses drafting, as a forced probe every `probe_every` speculative steps until a plain reference
-exists (and again when it is `refresh` steps old), and for the last token. A step whose drafter
+pauses drafting, as the first step of a fresh guard, as a forced probe when the plain reference is
+`refresh` steps old (after `probe_every` speculative steps), and for the last token. A step whose drafter
 was asked but proposed nothing is speculative: the drafting it cost is what is being judged. When speculating costs more
 per token than plain decoding by more than `margin`, drafting pauses for `pause` steps, doubling
 on each consecutive failure up to `max_pause`, then resumes to re-probe. A window that is plainly
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Guard:
-    # Speculative steps before a window's first verdict (a plain probe follows if no fresh reference exists).
+    # Speculative steps before a window's first verdict (and before a probe of a `refresh`-old reference).
     # 8, not more: a 30-token answer is 15-30 steps, and a verdict after 16 came too late to save a
     # short answer from a drafter that does not pay (measured: layer-skip on Qwen-0.5B's rag question).
     probe_every: int = 8
@@ -64,9 +64,9 @@ class Guard:
 
     def speculate(self) -> bool:
         """Whether the next step may draft."""
-        if self._paused > 0:
-            return False
-        stale = self.plain_s is None or self._since_plain >= self.refresh
+        if self._paused > 0 or self.plain_s is None:  # a fresh guard measures plain decoding first,
+            return False  # so its first window can be judged (and fail early) from its third step
+        stale = self._since_plain >= self.refresh
         return not (stale and self._spec_steps >= self.probe_every)  # else: a forced plain probe
 
     def record(self, drafted: bool, tokens: int, seconds: float) -> None:

@@ -131,7 +131,9 @@ def test_stats_and_on_step():
     prompt = random_prompt(3, 6)
     steps = []
     stats = specdec.GenerationStats()
-    specdec.generate(model, prompt, self_drafter(model, 3), max_new_tokens=16, eos_token_id=[], stats=stats, on_step=steps.append)
+    specdec.generate(
+        model, prompt, self_drafter(model, 3), max_new_tokens=16, eos_token_id=[], stats=stats, on_step=steps.append, guard=None
+    )
     assert steps == stats.steps and stats.new_tokens == 16
     assert [len(s.new_tokens) for s in steps] == [4, 4, 4, 4]
     assert stats.mean_accepted == 4.0
@@ -213,11 +215,23 @@ def test_sampling_arguments_are_checked():
         specdec.generate(model, random_prompt(0, 5), max_new_tokens=2, do_sample=True, top_p=1.5)
 
 
-def test_same_seed_same_sample():
+def test_same_seed_same_sample_whatever_was_drafted():
+    """A seeded sample is a function of the seed and the prompt: the drafter, its tree and the
+    guard (which decides by wall time) change how many forwards it takes, not the text."""
     model = tiny_model()
     prompt = random_prompt(2, 16)
-    runs = [specdec.generate(model, prompt, PromptLookup(min_ngram=1), max_new_tokens=16, do_sample=True, seed=s) for s in (7, 7, 8)]
-    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+    def run(drafter, seed, guard=None):
+        return specdec.generate(model, prompt, drafter, max_new_tokens=24, do_sample=True, seed=seed, guard=guard)
+
+    plain = run(None, 7)
+    for drafter in (PromptLookup(min_ngram=1), self_drafter(model), DraftModel(tiny_model(seed=3), topk=2, num_tokens=3)):
+        assert torch.equal(run(drafter, 7), plain), drafter
+    assert torch.equal(run(PromptLookup(min_ngram=1), 7, guard=specdec.Guard(probe_every=2, pause=3)), plain)
+    assert not torch.equal(run(PromptLookup(min_ngram=1), 8), plain)
+    stats = specdec.GenerationStats()  # not vacuous: drafts were accepted, so the forwards differed
+    specdec.generate(model, prompt, self_drafter(model), max_new_tokens=24, do_sample=True, seed=7, guard=None, stats=stats)
+    assert any(len(step.new_tokens) > 1 for step in stats.steps)
 
 
 def test_hf_hook_stops_on_eos_and_refuses_what_it_cannot_do():

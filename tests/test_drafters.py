@@ -92,7 +92,7 @@ def test_self_drafted_tree_contains_the_greedy_path():
     model = tiny_model()
     stats = specdec.GenerationStats()
     drafter = DraftModel(model, topk=2, width=8, num_tokens=3)  # every top-2 branch to depth 3
-    specdec.generate(model, random_prompt(8, 6), drafter, max_new_tokens=24, eos_token_id=[], stats=stats)
+    specdec.generate(model, random_prompt(8, 6), drafter, max_new_tokens=24, eos_token_id=[], stats=stats, guard=None)
     assert stats.mean_accepted == 4.0
 
 

@@ -71,6 +71,7 @@ class RandomTree:
 
 
 def run(model, prompt, drafter, max_new=MAX_NEW, **kw):
+    kw.setdefault("guard", None)  # every step drafts, so the per-step assertions see every depth
     stats = specdec.GenerationStats()
     out = specdec.generate(model, prompt, drafter, max_new_tokens=max_new, eos_token_id=[], stats=stats, **kw)
     return out, stats

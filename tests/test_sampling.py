@@ -105,6 +105,24 @@ def test_speculative_sampling_matches_the_target_distribution(tree_of, k):
     assert total_variation(counts, target) < TOLERANCE
 
 
+@pytest.mark.parametrize("tree_of", [deterministic_chain, sampled_chain, top_k_siblings, lambda g: TokenTree.empty()])
+def test_seeded_coupled_sampling_matches_the_target_distribution(tree_of):
+    """With a seed and a position (as generate calls it) each token is a Gumbel-max draw fixed by
+    (seed, position); over many positions the first two tokens follow p exactly."""
+    target = top_k(P, 4)
+    rule, gen = Speculative(seed=11), torch.Generator().manual_seed(12)
+    counts: Counter = Counter()
+    for trial in range(TRIALS):
+        tree = tree_of(gen)
+        rows = torch.cat([target[:1], target[tree.tokens]])
+        decision = rule(tree, rows.log(), position=2 * trial)
+        new = tree.tokens[decision.accepted_nodes].tolist() + [decision.next_token]
+        if len(new) == 1:  # the next step's root row predicts position 2 * trial + 1
+            new.append(rule(TokenTree.empty(), target[new[0]][None].log(), position=2 * trial + 1).next_token)
+        counts[tuple(new[:2])] += 1
+    assert total_variation(counts, target) < TOLERANCE
+
+
 def test_rejections_really_happen():
     """The synthetic draft differs from the target enough that the test above is not vacuous."""
     rule = Speculative(seed=3)
@@ -152,7 +170,10 @@ class TargetTopTree:
 
 
 @pytest.mark.slow
-def test_sampled_generate_matches_the_model_distribution():
+@pytest.mark.parametrize("coupled", [False, True])
+def test_sampled_generate_matches_the_model_distribution(coupled):
+    """Through generate (every step drafts): rejection sampling from torch's RNG, and the seeded
+    coupling (a fresh seed per run, as a user asking for independent samples would pass)."""
     model = tiny_model("llama", seed=2)
     prompt = random_prompt(9, 12)
     processors = LogitsProcessorList([TemperatureLogitsWarper(0.02), TopKLogitsWarper(3)])
@@ -173,9 +194,10 @@ def test_sampled_generate_matches_the_model_distribution():
     first = p1.topk(2).indices.tolist()
     drafter = TargetTopTree(first + [int(p2[a].argmax()) for a in first], [-1, -1, 0, 1])
     trials, counts = 3000, Counter()
-    rule = Speculative(seed=0)
-    for _ in range(trials):
-        out = specdec.generate(model, prompt, drafter, max_new_tokens=2, logits_processor=processors, rule=rule)
+    torch.manual_seed(0)
+    for trial in range(trials):
+        rule = Speculative(seed=trial) if coupled else Speculative()
+        out = specdec.generate(model, prompt, drafter, max_new_tokens=2, logits_processor=processors, rule=rule, guard=None)
         counts[tuple(out[0, -2:].tolist())] += 1
     keys = set(exact) | set(counts)
     tv = 0.5 * sum(abs(counts[k] / trials - exact.get(k, 0.0)) for k in keys)
