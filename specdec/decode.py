@@ -259,6 +259,8 @@ def generate(
     if guard is True:
         guard = Guard()
     guard = guard or None
+    if guard is not None:
+        guard.begin()
     stats = stats if stats is not None else GenerationStats()
     if streamer is not None:
         streamer.put(prompt[None])

@@ -10,7 +10,8 @@ pauses drafting, as the first step of a fresh guard, as a forced probe when the 
 `refresh` steps old (after `probe_every` speculative steps), and for the last token. A step whose drafter
 was asked but proposed nothing is speculative: the drafting it cost is what is being judged. When speculating costs more
 per token than plain decoding by more than `margin`, drafting pauses for `pause` steps, doubling
-on each consecutive failure up to `max_pause`, then resumes to re-probe. A window that is plainly
+on each consecutive failure up to `max_pause`, then resumes to re-probe; a new request (`begin`)
+ends the pause and the doubling, since its text may suit the drafter. A window that is plainly
 losing fails before `probe_every` steps: from its third step on, as soon as it costs more than
 `early_fail` times plain decoding's rate (a drafter whose drafting alone costs two target
 forwards would otherwise spend eight steps proving it at every re-probe).
@@ -61,6 +62,13 @@ class Guard:
     def plain_s(self) -> float | None:
         """Seconds per committed token decoding plainly (None before a plain step)."""
         return None if self._plain is None else self._plain[0] / self._plain[1]
+
+    def begin(self) -> None:
+        """A new request (`generate` calls this first). Its text may suit the drafter where the last
+        one did not, so a pause and its doubling do not carry over (measured: kept across questions,
+        they locked lookahead out of a rag answer it copies 9 tokens a step from); the rates do."""
+        self._paused = self._failures = self._spec_steps = 0
+        self._spec = None
 
     def speculate(self) -> bool:
         """Whether the next step may draft."""

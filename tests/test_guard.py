@@ -111,3 +111,14 @@ def test_guard_fails_a_plainly_losing_window_early():
     assert not guard.speculate()
     with pytest.raises(ValueError, match="early_fail"):
         Guard(early_fail=0.5)
+
+
+def test_a_new_request_is_probed_afresh():
+    """A pause (and its doubling) ends with the request; the plain reference carries over."""
+    guard = Guard(probe_every=2, pause=64)
+    guard.record(False, 1, 0.01)
+    for _ in range(2):
+        guard.record(True, 1, 0.05)
+    assert not guard.speculate()
+    guard.begin()
+    assert guard.speculate() and guard.plain_s == pytest.approx(0.01)
