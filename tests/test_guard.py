@@ -97,18 +97,13 @@ def test_guard_rates_are_seconds_over_tokens():
 def test_guard_fails_a_plainly_losing_window_early():
     """Three times slower than plain: paused after 3 steps, not probe_every. 1.5 times slower (under
     early_fail): judged only at probe_every, and paused then."""
-    guard = Guard(probe_every=8)
-    guard.record(False, 1, 0.01)
-    for _ in range(3):
-        assert guard.speculate()
-        guard.record(True, 1, 0.03)
-    assert not guard.speculate()
-    guard = Guard(probe_every=8)
-    guard.record(False, 1, 0.01)
-    for _ in range(8):
-        assert guard.speculate()
-        guard.record(True, 1, 0.015)
-    assert not guard.speculate()
+    for seconds, steps in ((0.03, 3), (0.015, 8)):  # plain: 0.01 s per token
+        guard = Guard(probe_every=8)
+        guard.record(False, 1, 0.01)
+        for _ in range(steps):
+            assert guard.speculate()
+            guard.record(True, 1, seconds)
+        assert not guard.speculate()
     with pytest.raises(ValueError, match="early_fail"):
         Guard(early_fail=0.5)
 
