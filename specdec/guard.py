@@ -67,8 +67,11 @@ class Guard:
         """A new request (`generate` calls this first). Its text may suit the drafter where the last
         one did not, so a pause and its doubling do not carry over (measured: kept across questions,
         they locked lookahead out of a rag answer it copies 9 tokens a step from); the rates do."""
-        self._paused = self._failures = self._spec_steps = 0
-        self._spec = None
+        self._paused = self._failures = 0
+        self._new_window()
+
+    def _new_window(self) -> None:
+        self._spec_steps, self._spec = 0, None  # the next speculative steps are judged afresh
 
     def speculate(self) -> bool:
         """Whether the next step may draft."""
@@ -86,7 +89,7 @@ class Guard:
             if self._paused > 0:
                 self._paused -= 1
                 if self._paused == 0:
-                    self._spec_steps, self._spec = 0, None  # judge the next window afresh
+                    self._new_window()
             return
         self._since_plain += 1
         self._spec_steps += 1
