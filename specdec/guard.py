@@ -10,8 +10,11 @@ pauses drafting, as the first step of a fresh guard, as a forced probe when the 
 `refresh` steps old (after `probe_every` speculative steps), and for the last token. A step whose drafter
 was asked but proposed nothing is speculative: the drafting it cost is what is being judged. When speculating costs more
 per token than plain decoding by more than `margin`, drafting pauses for `pause` steps, doubling
-on each consecutive failure up to `max_pause`, then resumes to re-probe; a new request (`begin`)
-ends the pause and the doubling, since its text may suit the drafter. A window that is plainly
+on each consecutive failure up to `max_pause`, then resumes to re-probe. A new request (`begin`)
+ends the pause, since its text may suit the drafter, but not the record: a drafter whose last
+window failed waits for its backoff, at most `request_wait` plain steps, before the request's
+first probe (a short answer is over before a probe could pay for itself), and one whose last
+window passed drafts at once. A window that is plainly
 losing fails before `probe_every` steps: from its third step on, as soon as it costs more than
 `early_fail` times plain decoding's rate (a drafter whose drafting alone costs two target
 forwards would otherwise spend eight steps proving it at every re-probe).
@@ -34,6 +37,11 @@ class Guard:
     refresh: int = 256  # steps after which the plain reference is measured again
     pause: int = 16  # plain steps after the first failure (doubles on consecutive failures)
     max_pause: int = 512
+    # Most plain steps a request waits before its first probe when the drafter's last window failed.
+    # 32: a short answer (qa: 20-40 tokens) is not probed by a drafter that keeps losing (measured: a
+    # probe at every request cost eagle and layer-skip 9-24% on SmolLM2's qa answer), while a drafter
+    # that fits this request's text (lookahead copying a rag document) still gets three quarters of it.
+    request_wait: int = 32
     margin: float = 0.0  # tolerated slowdown, as a fraction of the plain time per token
     early_fail: float = 2.0  # a window fails before probe_every steps (from step 3) once this many times slower
     alpha: float = 0.25  # weight of the newest step in the running averages
@@ -46,11 +54,11 @@ class Guard:
     _spec_steps: int = field(default=0, repr=False)  # speculative steps since the last verdict
 
     def __post_init__(self) -> None:
-        if (min(self.probe_every, self.refresh, self.pause, self.max_pause) < 1 or not 0 < self.alpha <= 1
-                or self.margin < 0 or self.early_fail < 1 + self.margin):
+        if (min(self.probe_every, self.refresh, self.pause, self.max_pause) < 1 or self.request_wait < 0
+                or not 0 < self.alpha <= 1 or self.margin < 0 or self.early_fail < 1 + self.margin):
             raise ValueError(
-                "Guard: probe_every, refresh, pause and max_pause must be >= 1, 0 < alpha <= 1, margin >= 0 "
-                "and early_fail >= 1 + margin"
+                "Guard: probe_every, refresh, pause and max_pause must be >= 1, request_wait >= 0, 0 < alpha <= 1, "
+                "margin >= 0 and early_fail >= 1 + margin"
             )
 
     @property
@@ -65,9 +73,11 @@ class Guard:
 
     def begin(self) -> None:
         """A new request (`generate` calls this first). Its text may suit the drafter where the last
-        one did not, so a pause and its doubling do not carry over (measured: kept across questions,
-        they locked lookahead out of a rag answer it copies 9 tokens a step from); the rates do."""
-        self._paused = self._failures = 0
+        one did not, so a long pause does not carry over (measured: kept across questions, it locked
+        lookahead out of a rag answer it copies 9 tokens a step from); the rates and the count of
+        consecutive failures do, and a drafter that failed last waits up to `request_wait` steps."""
+        backoff = self.pause * 2 ** (self._failures - 1) if self._failures else 0
+        self._paused = min(self.request_wait, self.max_pause, backoff)
         self._new_window()
 
     def _new_window(self) -> None:

@@ -109,11 +109,33 @@ def test_guard_fails_a_plainly_losing_window_early():
 
 
 def test_a_new_request_is_probed_afresh():
-    """A pause (and its doubling) ends with the request; the plain reference carries over."""
-    guard = Guard(probe_every=2, pause=64)
+    """A long pause ends with the request; the plain reference and the failure count carry over: a
+    drafter that failed last waits for its backoff, at most `request_wait` steps; one that passed
+    drafts at once."""
+    guard = Guard(probe_every=2, pause=64, request_wait=5)
     guard.record(False, 1, 0.01)
     for _ in range(2):
         guard.record(True, 1, 0.05)
     assert not guard.speculate()
     guard.begin()
-    assert guard.speculate() and guard.plain_s == pytest.approx(0.01)
+    assert guard.plain_s == pytest.approx(0.01)
+    for _ in range(5):  # min(request_wait, backoff) plain steps before the first probe
+        assert not guard.speculate()
+        guard.record(False, 1, 0.01)
+    assert guard.speculate()
+    for _ in range(2):  # this request's window passes: the next request drafts at once
+        guard.record(True, 2, 0.01)
+    guard.begin()
+    assert guard.speculate()
+    short = Guard(probe_every=2, pause=3)  # a backoff shorter than request_wait is waited in full
+    short.record(False, 1, 0.01)
+    for _ in range(2):
+        short.record(True, 1, 0.05)
+    short.begin()
+    waited = 0
+    while not short.speculate():
+        short.record(False, 1, 0.01)
+        waited += 1
+    assert waited == 3
+    with pytest.raises(ValueError, match="request_wait"):
+        Guard(request_wait=-1)
