@@ -24,7 +24,7 @@ from specdec.drafters.checkpoint import CheckpointError
 from specdec.drafters.eagle import Eagle, EagleHead, FrozenTarget
 from specdec.models import load_model
 from specdec.training.cli import main
-from specdec.training.data import Batch, make_data, target_states
+from specdec.training.data import Batch, frequent_answer_tokens, load_examples, make_data, target_states
 from specdec.training.eagle import EagleArguments, EagleRecipe, unroll_mask
 from specdec.training.train import train
 
@@ -319,6 +319,43 @@ def test_mismatched_target_is_refused(tmp_path):
         Eagle.shipped(named_model("base-b"))
 
 
+def test_draft_vocabulary_drafts_its_tokens_and_the_contexts_and_stays_exact(tmp_path):
+    model = tiny_model("llama")
+    vocab_size = model.config.vocab_size
+    small = torch.tensor([3, 9, 1, 30, 17, 9])  # unsorted, with a repeat: kept sorted and unique
+    for seed in range(2):
+        prompt = random_prompt(seed, 6)
+        drafter = Eagle(model, random_head(model, seed), draft_vocab=small)
+        assert drafter.draft_vocab.tolist() == [1, 3, 9, 17, 30]
+        out, stats = run(model, prompt, drafter, 30)
+        assert torch.equal(out, reference(model, prompt, 30))
+        t = prompt.shape[1]
+        for step in stats.steps:  # drafts: the draft vocabulary or a token of the context so far
+            allowed = set(small.tolist()) | set(out[0, :t].tolist())
+            assert set(step.tree.tokens.tolist()) <= allowed
+            t += len(step.new_tokens)
+        assert any(len(s.tree) for s in stats.steps)
+    # The whole vocabulary as the draft vocabulary drafts what no draft vocabulary drafts.
+    everything = Eagle(model, random_head(model, 5), draft_vocab=torch.arange(vocab_size))
+    assert_same_drafts(model, Eagle(model, random_head(model, 5)), everything)
+    # The vocabulary is saved and loaded with the head; an explicit draft_vocab=None drops it.
+    everything.save_pretrained(tmp_path / "e")
+    loaded = Eagle.from_pretrained(tmp_path / "e", model)
+    assert torch.equal(loaded.draft_vocab, torch.arange(vocab_size))
+    assert Eagle.from_pretrained(tmp_path / "e", model, draft_vocab=None).draft_vocab is None
+    assert json.loads((tmp_path / "e" / "drafter_config.json").read_text())["config"]["draft_vocab_size"] == vocab_size
+    weights = tmp_path / "e" / "drafter.safetensors"
+    tensors = load_file(str(weights))
+    tensors["draft_vocab"] = torch.tensor([0, vocab_size])
+    save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match="corrupt.*outside the target's vocabulary"):
+        Eagle.from_pretrained(tmp_path / "e", model)
+    for bad, message in [(torch.tensor([], dtype=torch.long), "non-empty"), (torch.tensor([[1, 2]]), "1-D"),
+                         (torch.tensor([1.0]), "integer"), (torch.tensor([-1, 2]), "outside")]:
+        with pytest.raises(ValueError, match=message):
+            Eagle(model, random_head(model, 0), draft_vocab=bad)
+
+
 # ---- training -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -381,6 +418,29 @@ def test_cli_help_and_run(workdir, capsys):
                  str(out), "--max-steps", "2", "--batch-size", "2", "--unroll", "2", "--save-steps", "2"]) == 0
     meta = json.loads((out / "drafter" / "drafter_config.json").read_text())["metadata"]
     assert meta["training"]["command"].startswith("specdec train eagle --model")
+
+
+def test_draft_vocab_command_keeps_the_most_frequent_answer_tokens(workdir):
+    head = train(train_args(workdir, workdir / "data", "dv", max_steps=2, save_steps=2), EagleRecipe(RECIPE))
+    out = workdir / "dv-vocab"
+    assert main(["draft-vocab", "--model", str(workdir / "tiny-target"), "--drafter", str(head), "--data",
+                 str(workdir / "data"), "--size", "8", "--output-dir", str(out)]) == 0
+    model = load_model(str(workdir / "tiny-target"))[0]
+    drafter = Eagle.from_pretrained(out, model)
+    counts = torch.zeros(model.config.vocab_size, dtype=torch.long)
+    for row in load_examples(workdir / "data"):
+        counts += torch.bincount(row["input_ids"][int(row["prompt_length"]):], minlength=counts.numel())
+    assert drafter.draft_vocab.numel() == 8 and int(counts[drafter.draft_vocab].min()) >= int(counts.sort().values[-8])
+    record = drafter.metadata["draft_vocab"]
+    assert record["size"] == 8 and record["command"].startswith("specdec train draft-vocab --model")
+    assert record["answer_coverage"] == pytest.approx(float(counts[drafter.draft_vocab].sum() / counts.sum()))
+    assert drafter.metadata["training"]["steps"] == 2  # the training record is kept
+    prompt = torch.tensor([[2, 4, 10, 3, 2, 5]])
+    assert torch.equal(run(model, prompt, drafter, 20)[0], reference(model, prompt, 20))
+    with pytest.raises(ValueError, match="size must be >= 1"):
+        frequent_answer_tokens(workdir / "data", 0, model.config.vocab_size)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        frequent_answer_tokens(workdir / "data", 8, 5)
 
 
 def test_recipe_argument_errors():

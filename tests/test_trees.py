@@ -126,6 +126,23 @@ def test_expand_with_topk_1_is_a_greedy_chain():
         assert tree.tokens[i] == step(tree.subtree(range(i)) if i else TokenTree.empty(), [parent])[0].argmax()
 
 
+def test_expand_over_a_draft_vocabulary_maps_columns_to_token_ids():
+    """With `vocab`, column j of the step's output is token vocab[j]: the same tree as a full-vocabulary
+    step that scores only those tokens (the rest at -inf)."""
+    vocab = torch.tensor([7, 2, 11, 5, 9])
+    full = _fake_step(vocab=12)
+
+    def full_masked(tree, frontier):
+        out = torch.full((len(frontier), 12), float("-inf"))
+        out[:, vocab] = full(tree, frontier)[:, vocab]
+        return out
+
+    small = expand(lambda tree, frontier: full(tree, frontier)[:, vocab], depth=3, topk=2, vocab=vocab)
+    ref = expand(full_masked, depth=3, topk=2)
+    assert torch.equal(small.tokens, ref.tokens) and torch.equal(small.parents, ref.parents)
+    assert set(small.tokens.tolist()) <= set(vocab.tolist())
+
+
 def test_tree_mask_for_partial_feeding():
     tree = TokenTree(torch.tensor([1, 2, 3, 4]), torch.tensor([-1, -1, 0, 1]))
     mask = tree_mask(tree, torch.tensor([2, 3]), cached_nodes=2, prefix_len=3, dtype=torch.float64)

@@ -37,6 +37,13 @@ grown tree is cut to the size that maximises expected tokens per unit of verify 
 chance of acceptance is its score times a running calibration (accepted drafts / summed scores
 of proposed trees, from `update`), and n nodes cost ``verify_cost(n)``.
 
+Draft vocabulary (EAGLE-3's). On a small target the lm_head is most of a draft's cost: a
+width-8, depth-6 tree puts 41 rows through SmolLM2's 49k x 576 lm_head, five target forwards'
+worth of multiply-adds, so a draft cost 2-4 plain steps. With `draft_vocab` (token ids, e.g. the
+8k most frequent answer tokens of the training data, stored in the checkpoint) the head scores
+only those rows, plus every token of the current request's context as it appears (names and
+numbers copied from a prompt stay draftable). Drafting only proposes, so outputs stay exact.
+
 Boundary: imports the core interface, `specdec.kv`, `specdec.trees` and the checkpoint and
 mask helpers of this package; works with Llama-layout decoders (``get_decoder()`` with
 ``layers``, ``rotary_emb`` and an RMS ``norm``), checked on construction.
@@ -60,6 +67,24 @@ from specdec.drafters.layer_view import causal_mask
 from specdec.trees import TokenTree, expand, tree_mask
 
 KIND = "eagle"
+VOCAB_KEY = "draft_vocab"  # the checkpoint tensor holding the draft vocabulary's token ids
+
+
+def _checked_vocab(ids: Tensor, vocab_size: int) -> Tensor:
+    """`ids` as sorted unique long token ids, or a ValueError naming what is wrong."""
+    if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point():
+        raise ValueError("Eagle: draft_vocab must be a non-empty 1-D integer tensor of token ids")
+    ids = ids.long().cpu().unique()
+    if int(ids[0]) < 0 or int(ids[-1]) >= vocab_size:
+        raise ValueError(f"Eagle: draft_vocab holds ids outside the target's vocabulary [0, {vocab_size}); "
+                         "build it from data tokenized for this target")
+    return ids
+
+
+def _rows(frozen, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The lm_head rows of token ids `ids` (contiguous, for a fast matmul)."""
+    index = ids.to(frozen.lm_weight.device)
+    return frozen.lm_weight.index_select(0, index), None if frozen.lm_bias is None else frozen.lm_bias.index_select(0, index)
 
 
 def _decoder_parts(model) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -189,7 +214,7 @@ class Eagle:
     def __init__(
         self, model, head: EagleHead, *, depth: int = 6, topk: int = 8, width: int | None = None,
         budget: int | None = 32, min_confidence: float = 0.0, calibration_decay: float = 0.95,
-        metadata: dict | None = None,
+        draft_vocab: Tensor | None = None, metadata: dict | None = None,
     ):
         """`depth`: levels of the draft tree (head steps per proposal). Each frontier node offers
         its `topk` most likely next tokens; the `width` (default `topk`) best offers by cumulative
@@ -197,6 +222,8 @@ class Eagle:
         all), fewer when the target's verify-cost curve says a smaller tree pays more.
         `min_confidence`: stop growing once no frontier node's best token is that likely.
         `calibration_decay`: weight of past steps in the running acceptance calibration.
+        `draft_vocab`: [V] token ids the head scores (with each request's context tokens added);
+        None: the whole vocabulary. `from_pretrained` passes the checkpoint's, if it has one.
         `metadata`: the checkpoint's training record, saved again by `save_pretrained`."""
         if not isinstance(head, EagleHead):
             raise TypeError(f"Eagle: head must be an EagleHead, got {type(head).__name__}")
@@ -217,6 +244,7 @@ class Eagle:
         self.metadata = dict(metadata or {})
         self._check(model)
         self._frozen = FrozenTarget.of(model)
+        self.draft_vocab = None if draft_vocab is None else _checked_vocab(draft_vocab, self._frozen.lm_weight.shape[0])
         self._reset()
         # Decayed sums of accepted drafts and of the proposed trees' scores; the prior (1, 1)
         # trusts the draft probabilities until feedback says otherwise.
@@ -237,7 +265,34 @@ class Eagle:
         self._pos = torch.zeros(0, dtype=torch.long)  # [c] position of each cached pair, ascending
         weight = self.head.fc.weight
         self._feats = weight.new_zeros(0, self.head.hidden_size)  # [c, H] the real feature of each cached pair
+        self._reset_vocab()
 
+    def _reset_vocab(self) -> None:
+        """The rows the head scores: `draft_vocab` (context tokens are added by `_admit`) or all."""
+        frozen = self._frozen
+        if self.draft_vocab is None:
+            self._vocab, self._lm = None, (frozen.lm_weight, frozen.lm_bias)
+            return
+        self._vocab = self.draft_vocab.clone()  # [V'] token id of each scored row
+        self._admitted = 0  # context tokens already admitted
+        self._in_vocab = torch.zeros(frozen.lm_weight.shape[0], dtype=torch.bool)
+        self._in_vocab[self._vocab] = True
+        self._lm = _rows(frozen, self._vocab)  # ([V', H] weight, [V'] bias or None)
+
+    def _admit(self, ids: Tensor) -> None:
+        """Add the context's tokens the draft vocabulary lacks (a prompt's names, numbers, code);
+        within a request the context only grows, so only its tokens since the last call are read."""
+        if self._vocab is None:
+            return
+        fresh = ids[self._admitted:] if self._admitted <= ids.numel() else ids
+        self._admitted = ids.numel()
+        fresh = fresh.cpu()
+        new = fresh[~self._in_vocab[fresh]].unique()
+        if new.numel():
+            self._in_vocab[new] = True
+            self._vocab = torch.cat([self._vocab, new])
+            weight, bias = _rows(self._frozen, new)
+            self._lm = (torch.cat([self._lm[0], weight]), None if bias is None else torch.cat([self._lm[1], bias]))
     # ---- checkpoints -----------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, directory, model, *, check_base_model: bool = True, **kwargs) -> Eagle:
@@ -250,10 +305,15 @@ class Eagle:
                 f"{where} holds a head built from {ckpt.config.get('decoder_layer')!r} layers but this model's layers "
                 f"are {layer!r}; load it with the model it was trained for, or train one (specdec train eagle)")
         head = EagleHead.for_target(model)
+        tensors = dict(ckpt.tensors)
+        vocab = tensors.pop(VOCAB_KEY, None)
         try:
-            head.load_state_dict(ckpt.tensors)
-        except RuntimeError as e:
+            head.load_state_dict(tensors)
+            if vocab is not None:
+                _checked_vocab(vocab, model.get_output_embeddings().weight.shape[0])
+        except (RuntimeError, ValueError) as e:
             raise checkpoint.CheckpointError(f"{where} is corrupt: its weights do not match its config ({e})") from None
+        kwargs.setdefault("draft_vocab", vocab)  # an explicit draft_vocab (None: the whole vocabulary) wins
         return cls(model, head, metadata=ckpt.metadata, **kwargs)
 
     @classmethod
@@ -263,16 +323,23 @@ class Eagle:
 
     def save_pretrained(self, directory) -> Path:
         config = {"hidden_size": self.head.hidden_size, "decoder_layer": self.head.layer_name}
+        tensors = dict(self.head.state_dict())
+        if self.draft_vocab is not None:
+            config["draft_vocab_size"] = self.draft_vocab.numel()
+            tensors[VOCAB_KEY] = self.draft_vocab
         return checkpoint.save(directory, checkpoint.Checkpoint(
-            KIND, checkpoint.describe(self.model), config, self.head.state_dict(), self.metadata))
+            KIND, checkpoint.describe(self.model), config, tensors, self.metadata))
 
     # ---- drafting --------------------------------------------------------------------------
     def begin(self, target) -> None:
         self._check(target)
         if target is not self.model:  # cached pairs hold another model's features
             self.model, self._frozen = target, FrozenTarget.of(target)
+            if self.draft_vocab is not None:
+                _checked_vocab(self.draft_vocab, self._frozen.lm_weight.shape[0])
             self._reset()
-        # Otherwise the cache stays: propose keeps its common prefix with the next prompt.
+        else:  # the cache stays (propose keeps its common prefix with the next prompt); the last
+            self._reset_vocab()  # request's context tokens leave the draft vocabulary
 
     @property
     def acceptance_ratio(self) -> float:
@@ -317,7 +384,9 @@ class Eagle:
                        positions.to(device)[None], mask.to(device), self.cache)[0]
 
     def _log_probs(self, feats: Tensor) -> Tensor:
-        return torch.log_softmax(self._frozen.logits(feats).float(), dim=-1).cpu()  # [m, vocab]
+        weight, bias = self._lm
+        logits = F.linear(feats.to(weight.dtype), weight, bias)
+        return torch.log_softmax(logits.float(), dim=-1).cpu()  # [m, V'] over the draft vocabulary's rows
 
     @torch.no_grad()
     def propose(self, ctx: Context) -> TokenTree:
@@ -327,6 +396,7 @@ class Eagle:
         if depth < 1 or t < 2:  # a one-token prompt has no pair before the root
             return TokenTree.empty()
         pending = self._reconcile(ids, ctx.hidden_states)
+        self._admit(ids)
         self._ids = ids.clone()
         if pending is None:
             return TokenTree.empty()
@@ -350,7 +420,7 @@ class Eagle:
             return self._log_probs(out)  # [f, vocab]
 
         tree = expand(step, depth=depth, topk=self.topk, width=self.width, budget=self.budget,
-                      min_confidence=self.min_confidence)
+                      min_confidence=self.min_confidence, vocab=self._vocab)
         kv.drop_last(self.cache, kv.length(self.cache) - real)  # tree nodes carry guessed features
         if ctx.verify_cost is not None and len(tree) > 1:
             tree = self.size(tree, ctx.verify_cost)

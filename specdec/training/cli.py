@@ -1,4 +1,4 @@
-"""``specdec train <make-data|medusa|eagle|early-exit|draft-model>``: argument parsing for the training commands.
+"""``specdec train <make-data|medusa|eagle|draft-vocab|early-exit|draft-model>``: argument parsing for the training commands.
 
 Each command's arguments are dataclasses parsed by `transformers.HfArgumentParser`, so
 ``--help`` lists every field with its help text and default. The same entry point runs under
@@ -16,7 +16,7 @@ from transformers import HfArgumentParser
 
 from specdec.training.data import MakeDataArguments, make_data
 from specdec.training.draft_model import DraftModelArguments, DraftModelRecipe
-from specdec.training.eagle import EagleArguments, EagleRecipe
+from specdec.training.eagle import DraftVocabArguments, EagleArguments, EagleRecipe, add_draft_vocab
 from specdec.training.early_exit import EarlyExitArguments, EarlyExitRecipe
 from specdec.training.medusa import MedusaArguments, MedusaRecipe
 from specdec.training.train import TrainArguments, train
@@ -26,6 +26,8 @@ COMMANDS = {
     "medusa": ("train Medusa heads on make-data output (frozen target; --joint: Medusa-2 with a LoRA-adapted target)", (TrainArguments, MedusaArguments)),
     "eagle": ("train an EAGLE feature head (unrolled training-time test) on make-data output (frozen target)",
               (TrainArguments, EagleArguments)),
+    "draft-vocab": ("give a trained Eagle head a draft vocabulary: the most frequent answer tokens of make-data output",
+                    (DraftVocabArguments,)),
     "early-exit": ("train an early-exit adapter on make-data output (frozen target)", (TrainArguments, EarlyExitArguments)),
     "draft-model": ("distil a smaller LM (--draft) toward the target's distribution; saves an HF model dir",
                     (TrainArguments, DraftModelArguments)),
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parsed = parser.parse_args_into_dataclasses(rest)
     if command == "make-data":
         print(make_data(*parsed))
+    elif command == "draft-vocab":
+        print(add_draft_vocab(*parsed, command=shlex.join(["specdec", "train", *argv])))
     else:
         args, recipe_args = parsed
         print(train(args, RECIPES[type(recipe_args)](recipe_args), command=shlex.join(["specdec", "train", *argv])))

@@ -148,6 +148,26 @@ def load_examples(path: str | Path):
     return datasets.load_from_disk(str(path)).with_format("torch")
 
 
+def frequent_answer_tokens(path: str | Path, size: int, vocab_size: int) -> tuple[Tensor, float]:
+    """([<= size] the ids of the `size` tokens the target generated most often in make-data output
+    `path`, most frequent first; the fraction of its answer tokens they cover): a draft vocabulary
+    (EAGLE-3). Answers only: prompt tokens are added per request by the drafter."""
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    rows = load_examples(path).select_columns(["input_ids", "prompt_length"])
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for row in rows:
+        answer = row["input_ids"][int(row["prompt_length"]):]
+        if answer.numel() and int(answer.max()) >= vocab_size:
+            raise ValueError(f"{path} holds token id {int(answer.max())}, outside the target's vocabulary of {vocab_size}: "
+                             "it was made with another tokenizer")
+        counts += torch.bincount(answer, minlength=vocab_size)
+    if not counts.any():
+        raise ValueError(f"{path} holds no answer tokens to count")
+    keep = counts.argsort(descending=True, stable=True)[: min(size, int((counts > 0).sum()))]
+    return keep, float(counts[keep].sum() / counts.sum())
+
+
 def manifest_of(path: str | Path) -> dict:
     """The make-data manifest (settings and sizes) for a data dir, or {} when it has none."""
     path = Path(path)

@@ -22,6 +22,9 @@ that the head's top-1 token at depth d is the target's token given depths < d we
 greedy chain's per-step acceptance), top-1 and top-k accuracy, the two losses, and the expected
 tokens per step of a greedy chain of depth `eval_depth`, ``1 + sum_d prod_{j<=d} acceptance[j]``.
 
+`add_draft_vocab` (``specdec train draft-vocab``) gives a trained head a draft vocabulary after
+the fact: the tokens the target generated most often in the training data.
+
 Boundary: the recipe for `specdec.training.train`; imports the Eagle drafter and the data module.
 """
 
@@ -37,7 +40,7 @@ from torch import Tensor
 
 from specdec import kv
 from specdec.drafters.eagle import Eagle, EagleHead, FrozenTarget, predict
-from specdec.training.data import Batch
+from specdec.training.data import Batch, frequent_answer_tokens
 
 
 @dataclass
@@ -53,6 +56,28 @@ class EagleArguments:
         "help": "start the head's decoder layer as a copy of the target's last layer (else fresh random weights)"})
     eval_depth: int = field(default=6, metadata={"help": "draft depths measured by the held-out evaluation"})
     eval_topk: int = field(default=5, metadata={"help": "k of the top-k accuracy reported per depth"})
+
+
+@dataclass
+class DraftVocabArguments:
+    model: str = field(metadata={"help": "the target the head was trained for: embedded name, HF path/id or .gguf file"})
+    drafter: str = field(metadata={"help": "the Eagle checkpoint directory (specdec train eagle's output_dir/drafter)"})
+    data: str = field(metadata={"help": "make-data output of the same target: its answers are counted"})
+    size: int = field(default=8192, metadata={"help": "keep the N most frequent answer tokens"})
+    output_dir: str | None = field(default=None, metadata={"help": "where to save (default: replace --drafter atomically)"})
+
+
+def add_draft_vocab(args: DraftVocabArguments, command: str | None = None) -> Path:
+    """Save the --drafter head again with a draft vocabulary: the --size tokens the target generated
+    most often in --data. Drafts then score those lm_head rows (and each context's tokens) only."""
+    from specdec.models import load_model
+
+    target = load_model(args.model)[0]
+    vocab, coverage = frequent_answer_tokens(args.data, args.size, target.get_output_embeddings().weight.shape[0])
+    drafter = Eagle.from_pretrained(args.drafter, target, draft_vocab=vocab)
+    drafter.metadata["draft_vocab"] = {"size": vocab.numel(), "data": str(args.data), "answer_coverage": coverage,
+                                       "command": command}
+    return drafter.save_pretrained(args.output_dir or args.drafter)
 
 
 def unroll_mask(t: int, step: int, dtype: torch.dtype, device=None) -> Tensor:

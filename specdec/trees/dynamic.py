@@ -27,6 +27,7 @@ def expand(
     width: int | None = None,
     budget: int | None = None,
     min_confidence: float = 0.0,
+    vocab: Tensor | None = None,
 ) -> TokenTree:
     """Grow `depth` levels: each frontier node offers its top-`topk` tokens, the best `width` of all
     offers by cumulative log-probability become the next frontier; finally keep the `budget` best
@@ -36,6 +37,8 @@ def expand(
     sampling must treat them as one-hot proposals. Growth stops early (SpecDec++'s idea, as a
     confidence rule) when no frontier node's best next token has draft probability
     `min_confidence` or more: such a level would most likely be rejected and only cost time.
+    `vocab` ([V] token ids): `step` scores only these tokens (a draft vocabulary, EAGLE-3's cheaper
+    lm_head), column j being token ``vocab[j]``; None: column j is token j.
     """
     width = topk if width is None else width
     if depth < 0 or topk < 1 or width < 1:
@@ -56,7 +59,8 @@ def expand(
         for b in best.tolist():
             new_frontier.append(len(tokens))
             parents.append(frontier[b // k])
-            tokens.append(int(top_tok.flatten()[b]))
+            column = int(top_tok.flatten()[b])
+            tokens.append(column if vocab is None else int(vocab[column]))
             scores.append(float(cand[b]))
         frontier, frontier_scores = new_frontier, cand[best]
     tree = TokenTree(
