@@ -211,8 +211,9 @@ def generate(
     wall time. `rule` overrides the acceptance rule (e.g.
     `specdec.Typical`, which is lossy). The no-slowdown guard (on by default) pauses drafting
     while speculation measures slower than plain decoding; ``guard=True`` starts a fresh
-    `specdec.Guard` for this call, a `Guard` object keeps its measurements across the calls it is
-    passed to (as `specdec.Session` does), ``None``/``False`` drafts on every step. `verifier`: a
+    `specdec.Guard` for this call, a `Guard` object keeps its measurements and the drafter's record
+    of failed windows across the calls it is passed to (as `specdec.Session` does; see
+    `Guard.begin`), ``None``/``False`` drafts on every step. `verifier`: a
     `specdec.Verifier` of this model kept from an earlier call, whose cached common prefix with
     this prompt is reused instead of prefilled again (a conversation; `specdec.Session`).
 

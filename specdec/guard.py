@@ -12,9 +12,11 @@ was asked but proposed nothing is speculative: the drafting it cost is what is b
 per token than plain decoding by more than `margin`, drafting pauses for `pause` steps, doubling
 on each consecutive failure up to `max_pause`, then resumes to re-probe. A new request (`begin`)
 ends the pause, since its text may suit the drafter, but not the record: a drafter whose last
-window failed waits for its backoff, at most `request_wait` plain steps, before the request's
-first probe (a short answer is over before a probe could pay for itself), and one whose last
-window passed drafts at once. A window that is plainly
+verdict was a failure waits for its backoff again, at most `request_wait` plain steps, before the
+request's first probe (a short answer is over before a probe could pay for itself; so a drafter
+that keeps failing is not probed on answers of up to `request_wait` tokens), and one whose last
+verdict was a pass, or that has none yet, drafts at once. The failure count, and so the doubling,
+carries across requests until a window passes. A window that is plainly
 losing fails before `probe_every` steps: from its third step on, as soon as it costs more than
 `early_fail` times plain decoding's rate (a drafter whose drafting alone costs two target
 forwards would otherwise spend eight steps proving it at every re-probe).
@@ -76,9 +78,12 @@ class Guard:
         one did not, so a long pause does not carry over (measured: kept across questions, it locked
         lookahead out of a rag answer it copies 9 tokens a step from); the rates and the count of
         consecutive failures do, and a drafter that failed last waits up to `request_wait` steps."""
-        backoff = self.pause * 2 ** (self._failures - 1) if self._failures else 0
-        self._paused = min(self.request_wait, self.max_pause, backoff)
+        self._paused = min(self.request_wait, self._backoff()) if self._failures else 0
         self._new_window()
+
+    def _backoff(self) -> int:
+        """Plain steps of the pause after the current run of failures."""
+        return min(self.max_pause, self.pause * 2 ** min(self._failures - 1, 30))
 
     def _new_window(self) -> None:
         self._spec_steps, self._spec = 0, None  # the next speculative steps are judged afresh
@@ -109,7 +114,7 @@ class Guard:
         limit = 1 + self.margin if self._spec_steps >= self.probe_every else self.early_fail
         if self.spec_s > self.plain_s * limit:
             self._failures += 1
-            self._paused = min(self.max_pause, self.pause * 2 ** (self._failures - 1))
+            self._paused = self._backoff()
         elif self._spec_steps >= self.probe_every:
             self._failures = 0
 

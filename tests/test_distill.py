@@ -23,7 +23,8 @@ from specdec.models import load_model
 from specdec.training.data import MakeDataArguments, load_examples, make_data
 from specdec.training.draft_model import REPORT, DraftModelArguments, DraftModelRecipe
 from specdec.training.early_exit import EarlyExitArguments, EarlyExitRecipe
-from specdec.training.train import TrainArguments, split, train
+from specdec.training.data import split
+from specdec.training.train import TrainArguments, train
 
 NUM_PROMPTS = 10
 

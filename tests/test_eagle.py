@@ -24,7 +24,7 @@ from specdec.drafters.checkpoint import CheckpointError
 from specdec.drafters.eagle import Eagle, EagleHead, FrozenTarget
 from specdec.models import load_model
 from specdec.training.cli import main
-from specdec.training.data import Batch, frequent_answer_tokens, load_examples, make_data, target_states
+from specdec.training.data import Batch, frequent_answer_tokens, load_examples, make_data, split, target_states
 from specdec.training.eagle import EagleArguments, EagleRecipe, unroll_mask
 from specdec.training.train import train
 
@@ -319,22 +319,44 @@ def test_mismatched_target_is_refused(tmp_path):
         Eagle.shipped(named_model("base-b"))
 
 
-def test_draft_vocabulary_drafts_its_tokens_and_the_contexts_and_stays_exact(tmp_path):
+@pytest.mark.parametrize("guard", [None, PausingGuard])
+def test_draft_vocabulary_admits_the_contexts_tokens(guard):
+    """The draft vocabulary holds only the continuation's tokens that the prompt lacks: an oracle
+    head accepts every depth only if the prompt's (and the paused steps') tokens are admitted."""
+    model = tiny_model("llama")
+    for seed in range(20):  # the test needs an answer that reuses prompt tokens
+        prompt = random_prompt(seed, 7)
+        ref = reference(model, prompt, 50)
+        continuation = set(ref[0, 7:].tolist())
+        if continuation & set(prompt[0].tolist()):
+            break
+    assert continuation & set(prompt[0].tolist())
+    small = torch.tensor(sorted(continuation - set(prompt[0].tolist())))
+    drafter = Eagle(model, OracleHead(model, ref), depth=4, topk=1, draft_vocab=small)
+    out, stats = run(model, prompt, drafter, 40, guard=guard and guard())
+    assert torch.equal(out, ref[:, :47])
+    drafted = [s for s in stats.steps[:-1] if len(s.tree)]
+    assert drafted and all(len(s.accepted_nodes) == 4 for s in drafted)
+
+
+def test_draft_vocabulary_forgets_the_last_requests_tokens_and_stays_exact(tmp_path):
     model = tiny_model("llama")
     vocab_size = model.config.vocab_size
     small = torch.tensor([3, 9, 1, 30, 17, 9])  # unsorted, with a repeat: kept sorted and unique
-    for seed in range(2):
+    drafter = Eagle(model, random_head(model, 0), topk=3, depth=4, budget=None, draft_vocab=small)
+    assert drafter.draft_vocab.tolist() == [1, 3, 9, 17, 30]
+    outside = set()
+    for seed in range(3):  # one drafter, three requests: each drafts from small and its own context
         prompt = random_prompt(seed, 6)
-        drafter = Eagle(model, random_head(model, seed), draft_vocab=small)
-        assert drafter.draft_vocab.tolist() == [1, 3, 9, 17, 30]
         out, stats = run(model, prompt, drafter, 30)
         assert torch.equal(out, reference(model, prompt, 30))
         t = prompt.shape[1]
-        for step in stats.steps:  # drafts: the draft vocabulary or a token of the context so far
-            allowed = set(small.tolist()) | set(out[0, :t].tolist())
-            assert set(step.tree.tokens.tolist()) <= allowed
+        for step in stats.steps:
+            drafted = set(step.tree.tokens.tolist())
+            assert drafted <= set(small.tolist()) | set(out[0, :t].tolist())
+            outside |= drafted - set(small.tolist())
             t += len(step.new_tokens)
-        assert any(len(s.tree) for s in stats.steps)
+    assert outside  # context tokens were drafted
     # The whole vocabulary as the draft vocabulary drafts what no draft vocabulary drafts.
     everything = Eagle(model, random_head(model, 5), draft_vocab=torch.arange(vocab_size))
     assert_same_drafts(model, Eagle(model, random_head(model, 5)), everything)
@@ -346,10 +368,12 @@ def test_draft_vocabulary_drafts_its_tokens_and_the_contexts_and_stays_exact(tmp
     assert json.loads((tmp_path / "e" / "drafter_config.json").read_text())["config"]["draft_vocab_size"] == vocab_size
     weights = tmp_path / "e" / "drafter.safetensors"
     tensors = load_file(str(weights))
-    tensors["draft_vocab"] = torch.tensor([0, vocab_size])
-    save_file(tensors, str(weights))
-    with pytest.raises(CheckpointError, match="corrupt.*outside the target's vocabulary"):
-        Eagle.from_pretrained(tmp_path / "e", model)
+    for bad, message in [(torch.tensor([0, vocab_size]), "outside the target's vocabulary"),
+                         (torch.arange(vocab_size).float(), "integer"), (torch.arange(5), "draft_vocab_size=96")]:
+        tensors["draft_vocab"] = bad
+        save_file(tensors, str(weights))
+        with pytest.raises(CheckpointError, match=f"corrupt.*{message}"):
+            Eagle.from_pretrained(tmp_path / "e", model)
     for bad, message in [(torch.tensor([], dtype=torch.long), "non-empty"), (torch.tensor([[1, 2]]), "1-D"),
                          (torch.tensor([1.0]), "integer"), (torch.tensor([-1, 2]), "outside")]:
         with pytest.raises(ValueError, match=message):
@@ -428,12 +452,14 @@ def test_draft_vocab_command_keeps_the_most_frequent_answer_tokens(workdir):
     model = load_model(str(workdir / "tiny-target"))[0]
     drafter = Eagle.from_pretrained(out, model)
     counts = torch.zeros(model.config.vocab_size, dtype=torch.long)
-    for row in load_examples(workdir / "data"):
+    rows = load_examples(workdir / "data")
+    for i in split(len(rows), 0.2, 0)[0].tolist():  # the head's training split (train_args: eval_fraction 0.2, seed 0)
+        row = rows[i]
         counts += torch.bincount(row["input_ids"][int(row["prompt_length"]):], minlength=counts.numel())
     assert drafter.draft_vocab.numel() == 8 and int(counts[drafter.draft_vocab].min()) >= int(counts.sort().values[-8])
     record = drafter.metadata["draft_vocab"]
     assert record["size"] == 8 and record["command"].startswith("specdec train draft-vocab --model")
-    assert record["answer_coverage"] == pytest.approx(float(counts[drafter.draft_vocab].sum() / counts.sum()))
+    assert 0 < record["held_out_coverage"] <= 1 and record["eval_fraction"] == 0.2  # train_args' split
     assert drafter.metadata["training"]["steps"] == 2  # the training record is kept
     prompt = torch.tensor([[2, 4, 10, 3, 2, 5]])
     assert torch.equal(run(model, prompt, drafter, 20)[0], reference(model, prompt, 20))

@@ -108,7 +108,7 @@ def test_guard_fails_a_plainly_losing_window_early():
         Guard(early_fail=0.5)
 
 
-def test_a_new_request_is_probed_afresh():
+def test_a_new_request_ends_the_pause_but_not_the_record():
     """A long pause ends with the request; the plain reference and the failure count carry over: a
     drafter that failed last waits for its backoff, at most `request_wait` steps; one that passed
     drafts at once."""

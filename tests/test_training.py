@@ -21,6 +21,7 @@ from specdec.training import data as data_module
 from specdec.training.cli import main
 from specdec.training.data import MakeDataArguments, load_examples, make_data
 from specdec.training.medusa import MedusaArguments, MedusaRecipe
+from specdec.training.prompts import MakePromptsArguments, make_prompts, user_prefix
 from specdec.training.train import TrainArguments, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,3 +248,36 @@ def test_accelerate_two_processes(workdir, dataset):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
     assert {p.name for p in (out / "checkpoints" / "step-00000003").iterdir()} >= {"random_states_0.pkl",
                                                                                     "random_states_1.pkl"}
+
+
+def test_make_prompts_keeps_ended_distinct_user_messages(workdir, capsys):
+    """Magpie: the model writes user messages from its template's user header; reproducible by seed,
+    and the file feeds make-data."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    tok = load_model(str(workdir / "tiny-target"))[1]
+    assert user_prefix(tok) == "<|im_start|> user "
+    args = MakePromptsArguments(model=str(workdir / "tiny-target"), output=str(workdir / "magpie.jsonl"), num_prompts=5,
+                                max_new_tokens=48, temperature=3.0, min_chars=1, batch_size=8)
+    path = make_prompts(args)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    texts = [r["prompt"] for r in rows]
+    assert 1 <= len(rows) <= 5 and all(set(r) == {"prompt"} and r["prompt"].strip() for r in rows)
+    assert len(set(texts)) == len(texts) and not any("<|im" in t for t in texts)  # the turn's end is cut off
+    assert "make-prompts: kept" in capsys.readouterr().out
+    again = make_prompts(replace(args, output=str(workdir / "magpie-again.jsonl")))
+    assert again.read_text() == path.read_text()
+    data = make_data(replace(data_args(workdir, "data-magpie", limit=None, save_hidden_states=False), prompts=str(path)))
+    assert len(load_examples(data)) == len(rows)
+    with pytest.raises(ValueError, match="none of 8 samples ended"):  # one new token: at best an empty message
+        make_prompts(replace(args, output=str(workdir / "none.jsonl"), max_new_tokens=1, max_batches=1))
+    assert not (workdir / "none.jsonl").exists()
+    with pytest.raises(ValueError, match="no chat template"):
+        user_prefix(SimpleNamespace(chat_template=None))
+    with pytest.raises(ValueError, match="--temperature > 0"):
+        make_prompts(replace(args, temperature=0))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["make-prompts", "--help"])
+    assert exit_info.value.code == 0 and "--num_prompts" in capsys.readouterr().out
+

@@ -72,6 +72,7 @@ DRAFTERS = {
     "layer-skip": lambda r: LayerSkip(r.target),
     "medusa": lambda r: load("medusa", r.target),
     "eagle": lambda r: load("eagle", r.target),
+    "eagle-full-vocab": lambda r: load("eagle", r.target, draft_vocab=None),  # every lm_head row: the A/B of the draft vocabulary
     "early-exit": lambda r: load("early-exit", r.target),
     "early-exit-untrained": lambda r: EarlyExit(r.target),
     "draft-model": lambda r: DraftModel(_draft(r)),

@@ -1,4 +1,5 @@
-"""EAGLE: a one-layer feature-level autoregressive head drafts a dynamic tree (EAGLE-1/2 design).
+"""EAGLE: a one-layer feature-level autoregressive head drafts a dynamic tree (EAGLE-1/2 design,
+with EAGLE-3's reduced draft vocabulary).
 
 Feature. The head works on the target's last-layer state as the verifier hands it over
 (`Context.hidden_states`): ``out.hidden_states[-1]``, which transformers 5.x ties to
@@ -38,11 +39,13 @@ chance of acceptance is its score times a running calibration (accepted drafts /
 of proposed trees, from `update`), and n nodes cost ``verify_cost(n)``.
 
 Draft vocabulary (EAGLE-3's). On a small target the lm_head is most of a draft's cost: a
-width-8, depth-6 tree puts 41 rows through SmolLM2's 49k x 576 lm_head, five target forwards'
-worth of multiply-adds, so a draft cost 2-4 plain steps. With `draft_vocab` (token ids, e.g. the
+width-8, depth-6 tree puts 41 rows through SmolLM2's 49k x 576 lm_head, about nine target
+forwards' worth of multiply-adds, so a draft cost 2-4 plain steps. With `draft_vocab` (token ids, e.g. the
 8k most frequent answer tokens of the training data, stored in the checkpoint) the head scores
-only those rows, plus every token of the current request's context as it appears (names and
-numbers copied from a prompt stay draftable). Drafting only proposes, so outputs stay exact.
+only those rows (copied out of the lm_head once, for a contiguous matmul), plus every token of
+the current request's context as it appears (names and numbers copied from a prompt stay
+draftable). Its probabilities are normalised over those rows, so they overstate q a little; the
+tree sizing's calibration (below) absorbs that. Drafting only proposes, so outputs stay exact.
 
 Boundary: imports the core interface, `specdec.kv`, `specdec.trees` and the checkpoint and
 mask helpers of this package; works with Llama-layout decoders (``get_decoder()`` with
@@ -245,6 +248,7 @@ class Eagle:
         self._check(model)
         self._frozen = FrozenTarget.of(model)
         self.draft_vocab = None if draft_vocab is None else _checked_vocab(draft_vocab, self._frozen.lm_weight.shape[0])
+        self._base = None  # the draft vocabulary's lm_head rows, selected on first use per target
         self._reset()
         # Decayed sums of accepted drafts and of the proposed trees' scores; the prior (1, 1)
         # trusts the draft probabilities until feedback says otherwise.
@@ -268,20 +272,24 @@ class Eagle:
         self._reset_vocab()
 
     def _reset_vocab(self) -> None:
-        """The rows the head scores: `draft_vocab` (context tokens are added by `_admit`) or all."""
+        """The lm_head rows the head scores, as blocks of (weight, bias): `draft_vocab`'s (selected
+        once per target) and the request's context tokens (`_admit`); or the whole lm_head."""
         frozen = self._frozen
         if self.draft_vocab is None:
-            self._vocab, self._lm = None, (frozen.lm_weight, frozen.lm_bias)
+            self._vocab, self._lm = None, [(frozen.lm_weight, frozen.lm_bias)]
             return
-        self._vocab = self.draft_vocab.clone()  # [V'] token id of each scored row
+        if self._base is None:
+            self._base = _rows(frozen, self.draft_vocab)  # ([V', H] weight, [V'] bias or None)
+        self._vocab = self.draft_vocab  # [V' + c] token id of each scored row
+        self._lm = [self._base, _rows(frozen, self.draft_vocab[:0])]  # the context block starts empty
         self._admitted = 0  # context tokens already admitted
         self._in_vocab = torch.zeros(frozen.lm_weight.shape[0], dtype=torch.bool)
-        self._in_vocab[self._vocab] = True
-        self._lm = _rows(frozen, self._vocab)  # ([V', H] weight, [V'] bias or None)
+        self._in_vocab[self.draft_vocab] = True
 
     def _admit(self, ids: Tensor) -> None:
-        """Add the context's tokens the draft vocabulary lacks (a prompt's names, numbers, code);
-        within a request the context only grows, so only its tokens since the last call are read."""
+        """Add the context's tokens the draft vocabulary lacks (a prompt's names, numbers, code) to
+        the context block. Within a request (`begin` resets the block) the context only grows, so
+        only its tokens since the last call are read."""
         if self._vocab is None:
             return
         fresh = ids[self._admitted:] if self._admitted <= ids.numel() else ids
@@ -291,8 +299,9 @@ class Eagle:
         if new.numel():
             self._in_vocab[new] = True
             self._vocab = torch.cat([self._vocab, new])
-            weight, bias = _rows(self._frozen, new)
-            self._lm = (torch.cat([self._lm[0], weight]), None if bias is None else torch.cat([self._lm[1], bias]))
+            (weight, bias), (more_w, more_b) = self._lm[1], _rows(self._frozen, new)
+            self._lm[1] = (torch.cat([weight, more_w]), None if bias is None else torch.cat([bias, more_b]))
+
     # ---- checkpoints -----------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, directory, model, *, check_base_model: bool = True, **kwargs) -> Eagle:
@@ -311,6 +320,9 @@ class Eagle:
             head.load_state_dict(tensors)
             if vocab is not None:
                 _checked_vocab(vocab, model.get_output_embeddings().weight.shape[0])
+                if vocab.numel() != ckpt.config.get("draft_vocab_size"):
+                    raise ValueError(f"its config says draft_vocab_size={ckpt.config.get('draft_vocab_size')} but it "
+                                     f"holds {vocab.numel()} draft-vocabulary ids")
         except (RuntimeError, ValueError) as e:
             raise checkpoint.CheckpointError(f"{where} is corrupt: its weights do not match its config ({e})") from None
         kwargs.setdefault("draft_vocab", vocab)  # an explicit draft_vocab (None: the whole vocabulary) wins
@@ -334,9 +346,10 @@ class Eagle:
     def begin(self, target) -> None:
         self._check(target)
         if target is not self.model:  # cached pairs hold another model's features
-            self.model, self._frozen = target, FrozenTarget.of(target)
-            if self.draft_vocab is not None:
-                _checked_vocab(self.draft_vocab, self._frozen.lm_weight.shape[0])
+            frozen = FrozenTarget.of(target)
+            if self.draft_vocab is not None:  # refused before anything changes
+                _checked_vocab(self.draft_vocab, frozen.lm_weight.shape[0])
+            self.model, self._frozen, self._base = target, frozen, None
             self._reset()
         else:  # the cache stays (propose keeps its common prefix with the next prompt); the last
             self._reset_vocab()  # request's context tokens leave the draft vocabulary
@@ -384,9 +397,10 @@ class Eagle:
                        positions.to(device)[None], mask.to(device), self.cache)[0]
 
     def _log_probs(self, feats: Tensor) -> Tensor:
-        weight, bias = self._lm
-        logits = F.linear(feats.to(weight.dtype), weight, bias)
-        return torch.log_softmax(logits.float(), dim=-1).cpu()  # [m, V'] over the draft vocabulary's rows
+        logits = torch.cat([F.linear(feats.to(w.dtype), w, b) for w, b in self._lm if w.shape[0]], dim=-1)
+        # [m, V' + c] over the draft vocabulary's rows, normalised over them: the tree's scores
+        # overstate q by the mass outside, which `size`'s running calibration absorbs.
+        return torch.log_softmax(logits.float(), dim=-1).cpu()
 
     @torch.no_grad()
     def propose(self, ctx: Context) -> TokenTree:

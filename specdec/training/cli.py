@@ -1,4 +1,4 @@
-"""``specdec train <make-data|medusa|eagle|draft-vocab|early-exit|draft-model>``: argument parsing for the training commands.
+"""``specdec train <make-prompts|make-data|medusa|eagle|draft-vocab|early-exit|draft-model>``: argument parsing for the training commands.
 
 Each command's arguments are dataclasses parsed by `transformers.HfArgumentParser`, so
 ``--help`` lists every field with its help text and default. The same entry point runs under
@@ -19,9 +19,12 @@ from specdec.training.draft_model import DraftModelArguments, DraftModelRecipe
 from specdec.training.eagle import DraftVocabArguments, EagleArguments, EagleRecipe, add_draft_vocab
 from specdec.training.early_exit import EarlyExitArguments, EarlyExitRecipe
 from specdec.training.medusa import MedusaArguments, MedusaRecipe
+from specdec.training.prompts import MakePromptsArguments, make_prompts
 from specdec.training.train import TrainArguments, train
 
 COMMANDS = {
+    "make-prompts": ("sample training prompts from the target itself (Magpie: its chat template up to a user message)",
+                     (MakePromptsArguments,)),
     "make-data": ("self-distil training data: the target answers prompts (resumable)", (MakeDataArguments,)),
     "medusa": ("train Medusa heads on make-data output (frozen target; --joint: Medusa-2 with a LoRA-adapted target)", (TrainArguments, MedusaArguments)),
     "eagle": ("train an EAGLE feature head (unrolled training-time test) on make-data output (frozen target)",
@@ -59,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     help_text, classes = COMMANDS[command]
     parser = HfArgumentParser(classes, prog=f"specdec train {command}", description=help_text)
     parsed = parser.parse_args_into_dataclasses(rest)
-    if command == "make-data":
+    if command == "make-prompts":
+        print(make_prompts(*parsed))
+    elif command == "make-data":
         print(make_data(*parsed))
     elif command == "draft-vocab":
         print(add_draft_vocab(*parsed, command=shlex.join(["specdec", "train", *argv])))

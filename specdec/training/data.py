@@ -88,7 +88,7 @@ def _save_dataset(ds, directory: Path) -> None:
         shutil.rmtree(staged, ignore_errors=True)
 
 
-def _eos_ids(model) -> set[int]:
+def eos_ids(model) -> set[int]:
     eos = model.generation_config.eos_token_id
     return set() if eos is None else {int(e) for e in ([eos] if isinstance(eos, int) else eos)}
 
@@ -148,24 +148,46 @@ def load_examples(path: str | Path):
     return datasets.load_from_disk(str(path)).with_format("torch")
 
 
-def frequent_answer_tokens(path: str | Path, size: int, vocab_size: int) -> tuple[Tensor, float]:
-    """([<= size] the ids of the `size` tokens the target generated most often in make-data output
-    `path`, most frequent first; the fraction of its answer tokens they cover): a draft vocabulary
-    (EAGLE-3). Answers only: prompt tokens are added per request by the drafter."""
+def split(n: int, eval_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(train, held-out) example indices, fixed by the seed."""
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_eval = int(round(n * eval_fraction))
+    if eval_fraction > 0:
+        n_eval = min(max(n_eval, 1), n - 1)
+    return order[n_eval:], order[:n_eval]
+
+
+def frequent_answer_tokens(path: str | Path, size: int, vocab_size: int, *, eval_fraction: float = 0.05,
+                           seed: int = 0) -> tuple[Tensor, float]:
+    """A draft vocabulary (EAGLE-3) from make-data output `path`: ([<= size] the ids of the `size`
+    tokens the target generated most often in the answers of the training split, most frequent
+    first; the fraction of the held-out split's answer tokens they cover). The split is `split`'s
+    with the same `eval_fraction` and `seed` as training. Answers only: a drafter adds each
+    request's own tokens as it goes."""
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
     rows = load_examples(path).select_columns(["input_ids", "prompt_length"])
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for row in rows:
-        answer = row["input_ids"][int(row["prompt_length"]):]
-        if answer.numel() and int(answer.max()) >= vocab_size:
-            raise ValueError(f"{path} holds token id {int(answer.max())}, outside the target's vocabulary of {vocab_size}: "
-                             "it was made with another tokenizer")
-        counts += torch.bincount(answer, minlength=vocab_size)
+    train_idx, eval_idx = split(len(rows), eval_fraction, seed)
+
+    def count(indices: Tensor) -> Tensor:
+        counts = torch.zeros(vocab_size, dtype=torch.long)
+        for i in indices.tolist():
+            row = rows[i]
+            answer = row["input_ids"][int(row["prompt_length"]):]
+            if answer.numel() and int(answer.max()) >= vocab_size:
+                raise ValueError(f"{path} holds token id {int(answer.max())}, outside the target's vocabulary of "
+                                 f"{vocab_size}: it was made with another tokenizer")
+            counts += torch.bincount(answer, minlength=vocab_size)
+        return counts
+
+    counts = count(train_idx)
     if not counts.any():
         raise ValueError(f"{path} holds no answer tokens to count")
     keep = counts.argsort(descending=True, stable=True)[: min(size, int((counts > 0).sum()))]
-    return keep, float(counts[keep].sum() / counts.sum())
+    held = count(eval_idx) if eval_idx.numel() else counts
+    return keep, float(held[keep].sum() / held.sum().clamp(min=1))
 
 
 def manifest_of(path: str | Path) -> dict:
@@ -179,7 +201,7 @@ def manifest_of(path: str | Path) -> dict:
 
 def _generate_shard(model, tok, prompts: list[str], args: MakeDataArguments) -> dict:
     """Answers for `prompts`: {"input_ids": [...], "prompt_length": [...], ("hidden_states": [...])}."""
-    eos = _eos_ids(model)
+    eos = eos_ids(model)
     rows: dict[str, list] = {"input_ids": [], "prompt_length": []}
     for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start : start + args.batch_size]

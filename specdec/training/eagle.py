@@ -63,7 +63,8 @@ class DraftVocabArguments:
     model: str = field(metadata={"help": "the target the head was trained for: embedded name, HF path/id or .gguf file"})
     drafter: str = field(metadata={"help": "the Eagle checkpoint directory (specdec train eagle's output_dir/drafter)"})
     data: str = field(metadata={"help": "make-data output of the same target: its answers are counted"})
-    size: int = field(default=8192, metadata={"help": "keep the N most frequent answer tokens"})
+    size: int = field(default=8192, metadata={"help": "keep the N most frequent answer tokens of the head's training "
+                                                      "split (its held-out split measures their coverage)"})
     output_dir: str | None = field(default=None, metadata={"help": "where to save (default: replace --drafter atomically)"})
 
 
@@ -73,10 +74,14 @@ def add_draft_vocab(args: DraftVocabArguments, command: str | None = None) -> Pa
     from specdec.models import load_model
 
     target = load_model(args.model)[0]
-    vocab, coverage = frequent_answer_tokens(args.data, args.size, target.get_output_embeddings().weight.shape[0])
-    drafter = Eagle.from_pretrained(args.drafter, target, draft_vocab=vocab)
-    drafter.metadata["draft_vocab"] = {"size": vocab.numel(), "data": str(args.data), "answer_coverage": coverage,
-                                       "command": command}
+    drafter = Eagle.from_pretrained(args.drafter, target)
+    training = drafter.metadata.get("training", {}).get("arguments", {})  # the head's own train/held-out split
+    split = {"eval_fraction": training.get("eval_fraction", 0.05), "seed": training.get("seed", 0)}
+    vocab, coverage = frequent_answer_tokens(args.data, args.size, target.get_output_embeddings().weight.shape[0], **split)
+    drafter = Eagle(target, drafter.head, draft_vocab=vocab, metadata=drafter.metadata)
+    drafter.metadata.pop("shipped_dtype", None)  # saved in the target's dtype now
+    drafter.metadata["draft_vocab"] = {"size": vocab.numel(), "data": str(args.data), "held_out_coverage": coverage,
+                                       **split, "command": command}
     return drafter.save_pretrained(args.output_dir or args.drafter)
 
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from specdec.models import load_model
-from specdec.training.data import Batch, collate, load_examples, manifest_of, target_states
+from specdec.training.data import Batch, collate, load_examples, manifest_of, split, target_states
 
 LOG = "log.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -87,17 +87,6 @@ class Recipe(Protocol):
 
     def arguments(self) -> dict:
         """The recipe's own arguments, recorded in the metadata."""
-
-
-def split(n: int, eval_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """(train, held-out) example indices, fixed by the seed."""
-    if not 0 <= eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_eval = int(round(n * eval_fraction))
-    if eval_fraction > 0:
-        n_eval = min(max(n_eval, 1), n - 1)
-    return order[n_eval:], order[:n_eval]
 
 
 def _batch(ds, indices: Tensor, args: TrainArguments, recipe: Recipe, target, device) -> Batch:
