@@ -52,6 +52,8 @@ def expand(
         if vocab is not None and logq.shape[-1] != vocab.numel():
             raise ValueError(f"expand: step scored {logq.shape[-1]} tokens but vocab names {vocab.numel()}")
         top_lq, top_tok = logq.topk(min(topk, logq.shape[-1]), dim=-1)  # [f, topk]
+        if vocab is not None:
+            top_tok = vocab[top_tok]  # draft-vocabulary columns -> token ids
         if min_confidence > 0 and float(top_lq[:, 0].max().exp()) < min_confidence:
             break
         cand = (frontier_scores[:, None] + top_lq.double()).flatten()  # [f * topk]
@@ -61,8 +63,7 @@ def expand(
         for b in best.tolist():
             new_frontier.append(len(tokens))
             parents.append(frontier[b // k])
-            column = int(top_tok.flatten()[b])
-            tokens.append(column if vocab is None else int(vocab[column]))
+            tokens.append(int(top_tok.flatten()[b]))
             scores.append(float(cand[b]))
         frontier, frontier_scores = new_frontier, cand[best]
     tree = TokenTree(
