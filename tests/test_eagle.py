@@ -24,9 +24,10 @@ from specdec.drafters.checkpoint import CheckpointError
 from specdec.drafters.eagle import Eagle, EagleHead, FrozenTarget
 from specdec.models import load_model
 from specdec.training.cli import main
-from specdec.training.data import Batch, frequent_answer_tokens, load_examples, make_data, split, target_states
+from specdec.training.data import (Batch, collate, frequent_answer_tokens, load_examples, make_data, split,
+                                   target_states)
 from specdec.training.eagle import EagleArguments, EagleRecipe, unroll_mask
-from specdec.training.train import train
+from specdec.training.train import TrainArguments, train
 
 
 def random_head(model, seed: int) -> EagleHead:
@@ -241,7 +242,7 @@ def test_training_alignment_matches_drafting():
     batch.hidden_states = target_states(model, batch)
     recipe = EagleRecipe(EagleArguments(unroll=2))
     torch.manual_seed(0)
-    head = recipe.build(model)
+    head = recipe.build(model, TrainArguments())
     opt = torch.optim.Adam(head.parameters(), lr=3e-3)
     for _ in range(120):
         loss, _ = recipe.loss(head, model, batch)
@@ -253,7 +254,7 @@ def test_training_alignment_matches_drafting():
     with torch.no_grad():
         metrics = recipe.evaluate(head, model, iter([batch]))["eval"]
     assert metrics["acceptance"][0] > 0.8 and metrics["expected_chain_tokens"] > 3
-    _, untrained = run(model, prompt, Eagle(model, recipe.build(model), topk=1), 50)
+    _, untrained = run(model, prompt, Eagle(model, recipe.build(model, TrainArguments()), topk=1), 50)
     out, stats = run(model, prompt, Eagle(model, head, topk=1), 50)
     assert torch.equal(out, ref[:, : prompt.shape[1] + 50])
     assert stats.mean_accepted > 3.0 and stats.mean_accepted > untrained.mean_accepted + 1.5
@@ -474,3 +475,61 @@ def test_recipe_argument_errors():
                             ({"feature_weight": 0, "ce_weight": 0}, "not both 0")]:
         with pytest.raises(ValueError, match=message):
             EagleRecipe(EagleArguments(**kwargs))
+
+
+def test_training_over_a_draft_vocabulary(workdir):
+    """--draft-vocab-size N: the cross-entropy runs over the N most frequent answer tokens of the
+    training split (labels outside them are not scored), and the saved head drafts over them."""
+    model = load_model(str(workdir / "tiny-target"))[0]
+    size = 6
+    args = EagleArguments(unroll=1, eval_depth=2, eval_topk=2, feature_weight=0.0, ce_weight=1.0,
+                          draft_vocab_size=size)
+    run_args = train_args(workdir, workdir / "data", "tv", max_steps=3, save_steps=3, learning_rate=1e-2)
+    directory = train(run_args, EagleRecipe(args))
+    drafter = Eagle.from_pretrained(directory, model)
+    vocab, coverage = frequent_answer_tokens(workdir / "data", size, model.config.vocab_size, eval_fraction=0.2, seed=0)
+    assert torch.equal(drafter.draft_vocab, vocab.sort().values)
+    record = drafter.metadata["draft_vocab"]
+    assert record["size"] == size and record["held_out_coverage"] == pytest.approx(coverage) and coverage < 1
+    assert drafter.metadata["training"]["arguments"]["draft_vocab_size"] == size
+    prompt = torch.tensor([[2, 4, 10, 3, 2, 5]])
+    assert torch.equal(run(model, prompt, drafter, 20)[0], reference(model, prompt, 20))
+
+    # The loss, by hand: lm_head rows of the vocabulary, labels mapped to their columns, others dropped.
+    recipe = EagleRecipe(args)
+    head = recipe.build(model, run_args)
+    rows = load_examples(workdir / "data")
+    rows.set_format("torch")
+    batch = collate(rows[[0, 1, 2]])
+    loss, _ = recipe.loss(head, model, batch)
+    (out,), _ = recipe._unroll(head, model, batch, 1)
+    out = out.detach()
+    labels = torch.nn.functional.pad(batch.input_ids[:, 2:], (0, 2))
+    keep = recipe._valid(batch, 1) & torch.isin(labels, vocab)
+    assert keep.any() and not keep.equal(recipe._valid(batch, 1))  # some labels are outside the vocabulary
+    columns = (labels[keep][:, None] == drafter.draft_vocab[None]).float().argmax(-1)
+    logits = out[keep] @ model.get_output_embeddings().weight[drafter.draft_vocab].T
+    expected = torch.nn.functional.cross_entropy(logits.float(), columns)
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    # The held-out top-1 counts a label outside the vocabulary as a miss.
+    metrics = recipe.evaluate(head, model, iter([batch]))["eval"]
+    assert metrics["positions"][0] == int(recipe._valid(batch, 1).sum())
+    assert metrics["top1"][0] <= float(keep.sum()) / metrics["positions"][0]
+    with pytest.raises(ValueError, match="--draft-vocab-size must be >= 0"):
+        EagleRecipe(EagleArguments(draft_vocab_size=-1))
+
+
+def test_training_on_several_data_dirs(workdir):
+    """--data a,b trains on both make-data outputs, concatenated, keeping the columns they share
+    (here the target computes the features b did not store)."""
+    both = f"{workdir / 'data'},{workdir / 'data-nohidden'}"
+    a, b, ds = load_examples(workdir / "data"), load_examples(workdir / "data-nohidden"), load_examples(both)
+    assert ds.num_rows == a.num_rows + b.num_rows and "hidden_states" not in ds.column_names
+    assert torch.equal(ds[a.num_rows]["input_ids"], b[0]["input_ids"])
+    directory = train(train_args(workdir, both, "multi", max_steps=2, save_steps=2), EagleRecipe(RECIPE))
+    model = load_model(str(workdir / "tiny-target"))[0]
+    meta = Eagle.from_pretrained(directory, model).metadata["training"]
+    assert meta["train_examples"] + meta["eval_examples"] == ds.num_rows
+    assert [part["examples"] for part in meta["data"]["parts"]] == [a.num_rows, b.num_rows]
+    with pytest.raises(ValueError, match="empty entry"):
+        load_examples(f"{workdir / 'data'},")

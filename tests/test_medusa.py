@@ -16,6 +16,7 @@ from specdec.drafters.checkpoint import CheckpointError
 from specdec.drafters.medusa import Medusa, MedusaHeads
 from specdec.training.data import Batch, target_states
 from specdec.training.medusa import MedusaArguments, MedusaRecipe
+from specdec.training.train import TrainArguments
 from specdec.trees import optimal_shape, parents_of
 from specdec.trees.presets import MEDUSA_63, PRESETS, calibrated, cut
 
@@ -125,14 +126,14 @@ def test_heads_trained_on_own_output_get_accepted():
     batch = Batch(ref, torch.ones_like(ref), answer)
     batch.hidden_states = target_states(model, batch)
     recipe = MedusaRecipe(MedusaArguments(num_heads=K))
-    heads = recipe.build(model).double()
+    heads = recipe.build(model, TrainArguments()).double()
     opt = torch.optim.Adam(heads.parameters(), lr=3e-2)
     for _ in range(150):
         loss, _ = recipe.loss(heads, model, batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    _, untrained = run(model, prompt, Medusa(model, recipe.build(model).double(), tree="medusa-16"), 50)
+    _, untrained = run(model, prompt, Medusa(model, recipe.build(model, TrainArguments()).double(), tree="medusa-16"), 50)
     out, stats = run(model, prompt, Medusa(model, heads, tree="medusa-16"), 50)
     assert torch.equal(out, ref[:, : prompt.shape[1] + 50])
     assert stats.mean_accepted > 2.0 and stats.mean_accepted > untrained.mean_accepted + 0.5

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -84,10 +84,10 @@ def _checked_vocab(ids: Tensor, vocab_size: int) -> Tensor:
     return ids
 
 
-def _rows(frozen, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+def _rows(frozen: FrozenTarget, ids: Tensor) -> tuple[Tensor, Tensor | None]:
     """The lm_head rows of token ids `ids` (contiguous, for a fast matmul)."""
-    index = ids.to(frozen.lm_weight.device)
-    return frozen.lm_weight.index_select(0, index), None if frozen.lm_bias is None else frozen.lm_bias.index_select(0, index)
+    cut = frozen.over(ids)
+    return cut.lm_weight, cut.lm_bias
 
 
 def _decoder_parts(model) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -199,8 +199,15 @@ class FrozenTarget:
         return F.rms_norm(x, (x.shape[-1],), self.norm_weight.to(x.dtype), self.norm_eps)
 
     def logits(self, feature: Tensor) -> Tensor:
-        """[..., H] features -> [..., vocab] the target's lm_head."""
+        """[..., H] features -> [..., vocab] the target's lm_head (its rows kept by `over`)."""
         return F.linear(feature.to(self.lm_weight.dtype), self.lm_weight, self.lm_bias)
+
+    def over(self, ids: Tensor) -> FrozenTarget:
+        """The same parts with the lm_head cut to the rows of token ids `ids` (copied out once,
+        contiguous): `logits(...)[..., j]` then scores token ``ids[j]``."""
+        index = ids.to(self.lm_weight.device)
+        return replace(self, lm_weight=self.lm_weight.index_select(0, index),
+                                   lm_bias=None if self.lm_bias is None else self.lm_bias.index_select(0, index))
 
 
 def predict(head, frozen: FrozenTarget, features: Tensor, tokens: Tensor, position_ids: Tensor,

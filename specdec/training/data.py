@@ -132,11 +132,26 @@ def target_states(model, batch: Batch) -> Tensor:
     return out.last_hidden_state
 
 
+def data_dirs(path: str | Path) -> list[Path]:
+    """The make-data directories named by `path`: one, or several joined by commas."""
+    parts = [p.strip() for p in str(path).split(",")]
+    if not all(parts):
+        raise ValueError(f"data path {str(path)!r} has an empty entry: name make-data dirs joined by single commas")
+    return [Path(p) for p in parts]
+
+
 def load_examples(path: str | Path):
-    """The dataset written by `make_data` (give its output_dir or the dataset dir itself)."""
+    """The dataset written by `make_data` (give its output_dir or the dataset dir itself; several,
+    joined by commas, are concatenated in that order, keeping the columns they share: hidden states
+    only if every part has them)."""
     import datasets
 
-    path = Path(path)
+    dirs = data_dirs(path)
+    if len(dirs) > 1:
+        parts = [load_examples(d) for d in dirs]
+        shared = [c for c in parts[0].column_names if all(c in part.column_names for part in parts)]
+        return datasets.concatenate_datasets([part.select_columns(shared) for part in parts]).with_format("torch")
+    path = dirs[0]
     if (path / MANIFEST).is_file():
         manifest = json.loads((path / MANIFEST).read_text())
         if not manifest.get("done"):
@@ -191,9 +206,12 @@ def frequent_answer_tokens(path: str | Path, size: int, vocab_size: int, *, eval
 
 
 def manifest_of(path: str | Path) -> dict:
-    """The make-data manifest (settings and sizes) for a data dir, or {} when it has none."""
-    path = Path(path)
-    for candidate in (path / MANIFEST, path.parent / MANIFEST):
+    """The make-data manifest (settings and sizes) for a data dir, or {} when it has none; for
+    several dirs, {"parts": [their manifests]}."""
+    dirs = data_dirs(path)
+    if len(dirs) > 1:
+        return {"parts": [manifest_of(d) for d in dirs]}
+    for candidate in (dirs[0] / MANIFEST, dirs[0].parent / MANIFEST):
         if candidate.is_file():
             return json.loads(candidate.read_text())
     return {}

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from specdec.drafters import checkpoint
 from specdec.models import load_model
 from specdec.training.data import Batch
+from specdec.training.train import TrainArguments
 
 REPORT = "distillation.json"
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -94,7 +95,7 @@ class DraftModelRecipe:
             )
         return draft.to(target.device), tokenizer
 
-    def build(self, target) -> nn.Module:
+    def build(self, target, train: TrainArguments) -> nn.Module:
         draft, self._tokenizer = self._load_draft(target)
         if not self.args.lora:
             return draft

@@ -17,13 +17,19 @@ Loss per step: smooth L1 between the predicted and the real feature (weight `fea
 next token (weight `ce_weight`, 0.1 in EAGLE), at positions whose label is an answer token (the
 target's self-distilled output); step k is weighted ``step_decay ** (k - 1)``.
 
+Draft vocabulary (EAGLE-3). With `draft_vocab_size` N the lm_head is cut to the N tokens the
+target generated most often in the training split's answers: the cross-entropy runs over those
+rows (labels outside them are not scored; the held-out evaluation counts them as misses) and the
+saved head drafts over the same rows. On a small target the full lm_head is most of a training
+step (SmolLM2: 49k rows against a one-layer head), so steps get about three times cheaper.
+
 Held-out evaluation, per depth d (an unroll of `eval_depth` steps): `acceptance[d]`, the chance
 that the head's top-1 token at depth d is the target's token given depths < d were right (a
 greedy chain's per-step acceptance), top-1 and top-k accuracy, the two losses, and the expected
 tokens per step of a greedy chain of depth `eval_depth`, ``1 + sum_d prod_{j<=d} acceptance[j]``.
 
-`add_draft_vocab` (``specdec train draft-vocab``) gives a trained head a draft vocabulary after
-the fact: the tokens the target generated most often in the training data.
+`add_draft_vocab` (``specdec train draft-vocab``) gives a head trained without one a draft
+vocabulary after the fact, picked the same way.
 
 Boundary: the recipe for `specdec.training.train`; imports the Eagle drafter and the data module.
 """
@@ -41,6 +47,9 @@ from torch import Tensor
 from specdec import kv
 from specdec.drafters.eagle import Eagle, EagleHead, FrozenTarget, predict
 from specdec.training.data import Batch, frequent_answer_tokens
+from specdec.training.train import TrainArguments
+
+IGNORE = -100  # cross_entropy's ignore_index: a label outside the draft vocabulary
 
 
 @dataclass
@@ -56,13 +65,19 @@ class EagleArguments:
         "help": "start the head's decoder layer as a copy of the target's last layer (else fresh random weights)"})
     eval_depth: int = field(default=6, metadata={"help": "draft depths measured by the held-out evaluation"})
     eval_topk: int = field(default=5, metadata={"help": "k of the top-k accuracy reported per depth"})
+    draft_vocab_size: int = field(default=0, metadata={
+        "help": "0: the head scores every lm_head row; N: it trains and drafts over the N tokens the target "
+                "generated most often in the training split's answers (EAGLE-3's draft vocabulary, saved in the "
+                "checkpoint; a request's context tokens are added when drafting). Positions whose next token is "
+                "outside it get no cross-entropy; steps cost less (the lm_head is most of a step on a small target)"})
 
 
 @dataclass
 class DraftVocabArguments:
     model: str = field(metadata={"help": "the target the head was trained for: embedded name, HF path/id or .gguf file"})
     drafter: str = field(metadata={"help": "the Eagle checkpoint directory (specdec train eagle's output_dir/drafter)"})
-    data: str = field(metadata={"help": "make-data output of the same target: its answers are counted"})
+    data: str = field(metadata={"help": "make-data output of the same target (several joined by commas): its answers "
+                                        "are counted"})
     size: int = field(default=8192, metadata={"help": "keep the N most frequent answer tokens of the head's training "
                                                       "split (its held-out split measures their coverage)"})
     output_dir: str | None = field(default=None, metadata={"help": "where to save (default: replace --drafter atomically)"})
@@ -107,6 +122,8 @@ class EagleRecipe:
     needs_hidden_states = True
 
     def __init__(self, args: EagleArguments):
+        if args.draft_vocab_size < 0:
+            raise ValueError(f"eagle: --draft-vocab-size must be >= 0 (0: every token), got {args.draft_vocab_size}")
         for name in ("unroll", "eval_depth", "eval_topk"):
             if getattr(args, name) < 1:
                 raise ValueError(f"eagle: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -117,11 +134,24 @@ class EagleRecipe:
         self.args = args
         self._head: EagleHead | None = None  # the unwrapped module, for its cache config
         self._frozen: tuple[object, FrozenTarget] | None = None  # (target, its frozen parts)
+        self._vocab: Tensor | None = None  # [V'] sorted token ids of the draft vocabulary (None: all)
+        self._column: Tensor | None = None  # [vocab] token id -> its column in the draft vocabulary, or -100
+        self._vocab_info: dict = {}
 
     def arguments(self) -> dict:
         return asdict(self.args)
 
-    def build(self, target) -> EagleHead:
+    def build(self, target, train: TrainArguments) -> EagleHead:
+        if self.args.draft_vocab_size:
+            size = self.args.draft_vocab_size
+            vocab_size = target.get_output_embeddings().weight.shape[0]
+            vocab, coverage = frequent_answer_tokens(train.data, size, vocab_size, eval_fraction=train.eval_fraction,
+                                                     seed=train.seed)
+            self._vocab = vocab.sort().values  # the order the drafter keeps its rows in
+            self._column = torch.full((vocab_size,), IGNORE, dtype=torch.long)
+            self._column[self._vocab] = torch.arange(self._vocab.numel())
+            self._vocab_info = {"size": self._vocab.numel(), "data": str(train.data), "held_out_coverage": coverage,
+                                "eval_fraction": train.eval_fraction, "seed": train.seed}
         head = EagleHead.for_target(target, init_from_last_layer=self.args.init_from_last_layer)
         if target.dtype not in (torch.float32, torch.float64):
             head = head.float()  # half-precision targets: the head still trains in fp32
@@ -129,9 +159,17 @@ class EagleRecipe:
         return head
 
     def _frozen_of(self, target) -> FrozenTarget:
+        """The target's frozen parts, its lm_head cut to the draft vocabulary if there is one."""
         if self._frozen is None or self._frozen[0] is not target:
-            self._frozen = (target, FrozenTarget.of(target))
+            frozen = FrozenTarget.of(target)
+            self._frozen = (target, frozen if self._vocab is None else frozen.over(self._vocab))
         return self._frozen[1]
+
+    def _labels(self, batch: Batch) -> Tensor:
+        """[b, t] the label x_{p+2} at p, as a column of the lm_head `_frozen_of` uses (IGNORE: a
+        token outside the draft vocabulary)."""
+        labels = F.pad(batch.input_ids[:, 2:], (0, 2))
+        return labels if self._column is None else self._column.to(labels.device)[labels]
 
     def _unroll(self, head, target, batch: Batch, steps: int) -> tuple[list[Tensor], Tensor]:
         """Predicted features [b, t, H] of steps 1..`steps` (entry k - 1: step k's output at p is
@@ -166,15 +204,15 @@ class EagleRecipe:
         outs, real = self._unroll(head, target, batch, args.unroll)
         frozen = self._frozen_of(target)
         next_real = F.pad(real[:, 1:], (0, 0, 0, 1))  # f_{p+1} at p
-        labels = F.pad(batch.input_ids[:, 2:], (0, 2))  # x_{p+2} at p
+        labels = self._labels(batch)  # x_{p+2} at p
         total, parts = 0.0, {}
         for k, out in enumerate(outs, 1):
             valid = self._valid(batch, k)
             if not valid.any():
                 continue
-            pred = out[valid]  # [n, H]
-            feature = F.smooth_l1_loss(pred, next_real[valid])
-            ce = F.cross_entropy(frozen.logits(pred).float(), labels[valid])
+            feature = F.smooth_l1_loss(out[valid], next_real[valid])
+            scored = valid & (labels != IGNORE)  # [b, t]: a label the head can draft
+            ce = F.cross_entropy(frozen.logits(out[scored]).float(), labels[scored]) if scored.any() else 0.0 * feature
             total = total + args.step_decay ** (k - 1) * (args.feature_weight * feature + args.ce_weight * ce)
             parts[f"loss_feature{k}"] = float(feature.detach())
             parts[f"loss_ce{k}"] = float(ce.detach())
@@ -186,23 +224,27 @@ class EagleRecipe:
         depth, r = self.args.eval_depth, self.args.eval_topk
         frozen = self._frozen_of(target)
         positions, top1, topr, reached, accepted = (torch.zeros(depth, dtype=torch.float64) for _ in range(5))
-        feature_sum, ce_sum = torch.zeros(depth, dtype=torch.float64), torch.zeros(depth, dtype=torch.float64)
+        feature_sum, ce_sum, ce_n = (torch.zeros(depth, dtype=torch.float64) for _ in range(3))
         for batch in batches:
             outs, real = self._unroll(head, target, batch, depth)
             next_real = F.pad(real[:, 1:], (0, 0, 0, 1))
-            labels = F.pad(batch.input_ids[:, 2:], (0, 2))
+            labels = self._labels(batch)
             chain = torch.ones_like(batch.answer_mask)  # by anchor: the depths so far were all right
             anchored = self._valid(batch, 1)  # by anchor r: the chain's first label x_{r+2} is an answer token
             for d, out in enumerate(outs):
                 valid = self._valid(batch, d + 1)
-                logits = frozen.logits(out[valid]).float()  # [n, vocab], only where scored
+                logits = frozen.logits(out[valid]).float()  # [n, vocab or V'], only where scored
                 truth = labels[valid]
-                rank = (logits > logits.gather(-1, truth[:, None])).sum(-1)  # [n]: 0 = top-1 is right
+                drafted = truth != IGNORE  # a label outside the draft vocabulary is never drafted: wrong
+                target_logit = logits.gather(-1, truth.clamp(min=0)[:, None])
+                rank = torch.where(drafted, (logits > target_logit).sum(-1), logits.shape[-1])  # [n]: 0 = right
                 positions[d] += rank.numel()
                 top1[d] += float((rank == 0).sum())
                 topr[d] += float((rank < r).sum())
                 feature_sum[d] += float(F.smooth_l1_loss(out[valid], next_real[valid], reduction="none").mean(-1).sum())
-                ce_sum[d] += float(F.cross_entropy(logits, truth, reduction="sum"))
+                if drafted.any():
+                    ce_sum[d] += float(F.cross_entropy(logits[drafted], truth[drafted], reduction="sum"))
+                    ce_n[d] += float(drafted.sum())
                 right = torch.zeros_like(valid)
                 right[valid] = rank == 0
                 # By anchor r = p - d: depth d + 1 of the chain from r is scored at p = r + d.
@@ -221,10 +263,12 @@ class EagleRecipe:
                 "top1": (top1 / n).tolist(),
                 f"top{r}": (topr / n).tolist(),
                 "loss_feature": (feature_sum / n).tolist(),
-                "loss_ce": (ce_sum / n).tolist(),
+                "loss_ce": (ce_sum / ce_n.clamp(min=1)).tolist(),  # over labels the head can draft
                 "expected_chain_tokens": float(1 + acceptance.cumprod(0).sum()),
             },
         }
 
     def save(self, head, target, directory: Path, metadata: dict) -> Path:
-        return Eagle(target, head, metadata=metadata).save_pretrained(directory)
+        if self._vocab is not None:
+            metadata = {**metadata, "draft_vocab": {**self._vocab_info, "command": metadata.get("training", {}).get("command")}}
+        return Eagle(target, head, draft_vocab=self._vocab, metadata=metadata).save_pretrained(directory)

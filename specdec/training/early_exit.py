@@ -31,6 +31,7 @@ from torch import Tensor
 from specdec.drafters.early_exit import EarlyExit, ExitAdapter
 from specdec.drafters import layer_view
 from specdec.training.data import Batch
+from specdec.training.train import TrainArguments
 
 
 @dataclass
@@ -85,7 +86,7 @@ class EarlyExitRecipe:
             raise ValueError(f"early-exit: --exit-layer must be in [1, {n}] (the target's decoder layers), got {k}")
         return k
 
-    def build(self, target) -> ExitAdapter:
+    def build(self, target, train: TrainArguments) -> ExitAdapter:
         adapter = ExitAdapter(target.config.hidden_size, self.exit_layer(target), self.args.rank)
         return adapter.to(target.device)
 

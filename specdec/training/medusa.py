@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from specdec.drafters import checkpoint
 from specdec.drafters.medusa import Medusa, MedusaHeads, lm_head_of, lora_config
 from specdec.training.data import Batch
+from specdec.training.train import TrainArguments
 from specdec.trees import optimal_shape
 
 
@@ -106,7 +107,7 @@ class MedusaRecipe:
     def arguments(self) -> dict:
         return asdict(self.args)
 
-    def build(self, target) -> MedusaHeads:
+    def build(self, target, train: TrainArguments) -> MedusaHeads:
         vocab = target.get_output_embeddings().weight.shape[0]
         heads = MedusaHeads(target.config.hidden_size, self.args.num_heads, self.args.num_layers,
                             vocab if self.args.own_lm_head else None)

@@ -46,7 +46,7 @@ STATE = "trainer_state.json"
 @dataclass
 class TrainArguments:
     model: str = field(default="smollm2-135m", metadata={"help": "target: embedded name, HF directory/hub id or .gguf file"})
-    data: str = field(default="runs/data", metadata={"help": "output dir of `specdec train make-data` (or its dataset/)"})
+    data: str = field(default="runs/data", metadata={"help": "output dir of `specdec train make-data` (or its dataset/); several joined by commas are concatenated"})
     output_dir: str = field(default="runs/drafter", metadata={"help": "log.jsonl, checkpoints/ and the trained drafter/"})
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps (the data is cycled in epochs)"})
     batch_size: int = field(default=4, metadata={"help": "sequences per process per step"})
@@ -73,8 +73,9 @@ class Recipe(Protocol):
     kind: str  # the drafter name, e.g. "medusa"
     needs_hidden_states: bool  # fill Batch.hidden_states (stored, or from a target forward)
 
-    def build(self, target) -> nn.Module:
-        """The trainable module, freshly initialised."""
+    def build(self, target, train: TrainArguments) -> nn.Module:
+        """The trainable module, freshly initialised (`train` names the data and its split, for a
+        recipe that reads the training split first)."""
 
     def loss(self, module: nn.Module, target, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         """The scalar to minimise and named parts to log."""
@@ -183,7 +184,7 @@ def train(args: TrainArguments, recipe: Recipe, command: str | None = None) -> P
         raise ValueError(f"{len(train_idx)} training examples cannot fill one step of {world} x --batch-size "
                          f"{args.batch_size}; lower --batch-size or make more data")
 
-    module = recipe.build(target)
+    module = recipe.build(target, args)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=args.weight_decay)
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
@@ -230,6 +231,7 @@ def train(args: TrainArguments, recipe: Recipe, command: str | None = None) -> P
             metrics = recipe.evaluate(module, target, batches)
         _log(out, {"step": step, **metrics})
         data = manifest_of(args.data)
+        keys = ("settings", "examples", "answer_tokens", "seconds")
         metadata = {
             **metrics,
             "training": {
@@ -241,7 +243,8 @@ def train(args: TrainArguments, recipe: Recipe, command: str | None = None) -> P
                 "train_examples": len(train_idx),
                 "train_answer_tokens": _answer_tokens(ds, train_idx),
                 "eval_examples": len(eval_idx),
-                "data": {k: data.get(k) for k in ("settings", "examples", "answer_tokens", "seconds")},
+                "data": ({"parts": [{k: part.get(k) for k in keys} for part in data["parts"]]} if "parts" in data
+                         else {k: data.get(k) for k in keys}),
                 "arguments": {**asdict(args), **recipe.arguments()},
             },
         }
