@@ -207,7 +207,7 @@ class FrozenTarget:
         contiguous): `logits(...)[..., j]` then scores token ``ids[j]``."""
         index = ids.to(self.lm_weight.device)
         return replace(self, lm_weight=self.lm_weight.index_select(0, index),
-                                   lm_bias=None if self.lm_bias is None else self.lm_bias.index_select(0, index))
+                       lm_bias=None if self.lm_bias is None else self.lm_bias.index_select(0, index))
 
 
 def predict(head, frozen: FrozenTarget, features: Tensor, tokens: Tensor, position_ids: Tensor,
