@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -148,8 +149,15 @@ def load_examples(path: str | Path):
 
     dirs = data_dirs(path)
     if len(dirs) > 1:
+        models = {str(d): manifest_of(d).get("settings", {}).get("model") for d in dirs}
+        if len(set(models.values()) - {None}) > 1:
+            raise ValueError(f"--data joins make-data outputs of different targets ({models}): train on the "
+                             "outputs of one target only")
         parts = [load_examples(d) for d in dirs]
         shared = [c for c in parts[0].column_names if all(c in part.column_names for part in parts)]
+        if any("hidden_states" in part.column_names for part in parts) and "hidden_states" not in shared:
+            warnings.warn(f"{path}: not every part stored hidden states, so none are used: the target computes "
+                          "them for every batch (make every part with --save-hidden-states to skip that)")
         return datasets.concatenate_datasets([part.select_columns(shared) for part in parts]).with_format("torch")
     path = dirs[0]
     if (path / MANIFEST).is_file():

@@ -16,7 +16,7 @@ argmax) and KL of the draft before and after training, with how it was trained (
 arguments) as `specdec.training.train` gives it.
 
 Boundary: the recipe for `specdec.training.train`; imports the core (model loading), the data
-module and the checkpoint module's atomic directory writer, no drafter: the result is an ordinary
+module, the loop's `TrainArguments` and the checkpoint module's atomic directory writer, no drafter: the result is an ordinary
 model.
 """
 

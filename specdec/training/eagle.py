@@ -31,7 +31,8 @@ tokens per step of a greedy chain of depth `eval_depth`, ``1 + sum_d prod_{j<=d}
 `add_draft_vocab` (``specdec train draft-vocab``) gives a head trained without one a draft
 vocabulary after the fact, picked the same way.
 
-Boundary: the recipe for `specdec.training.train`; imports the Eagle drafter and the data module.
+Boundary: the recipe for `specdec.training.train`; imports the Eagle drafter, the data module and
+the loop's `TrainArguments` (the data and split the draft vocabulary is counted on).
 """
 
 from __future__ import annotations
@@ -91,6 +92,10 @@ def add_draft_vocab(args: DraftVocabArguments, command: str | None = None) -> Pa
     target = load_model(args.model)[0]
     drafter = Eagle.from_pretrained(args.drafter, target)
     training = drafter.metadata.get("training", {}).get("arguments", {})  # the head's own train/held-out split
+    if training.get("draft_vocab_size"):
+        raise ValueError(f"{args.drafter} was trained over its own draft vocabulary (--draft-vocab-size "
+                         f"{training['draft_vocab_size']}); another one would score rows it never learnt to rank: "
+                         "train with the --draft-vocab-size you want instead")
     split = {"eval_fraction": training.get("eval_fraction", 0.05), "seed": training.get("seed", 0)}
     vocab, coverage = frequent_answer_tokens(args.data, args.size, target.get_output_embeddings().weight.shape[0], **split)
     drafter = Eagle(target, drafter.head, draft_vocab=vocab, metadata=drafter.metadata)
@@ -142,6 +147,7 @@ class EagleRecipe:
         return asdict(self.args)
 
     def build(self, target, train: TrainArguments) -> EagleHead:
+        self._frozen = None  # a cut lm_head belongs to the vocabulary picked here
         if self.args.draft_vocab_size:
             size = self.args.draft_vocab_size
             vocab_size = target.get_output_embeddings().weight.shape[0]
@@ -169,7 +175,11 @@ class EagleRecipe:
         """[b, t] the label x_{p+2} at p, as a column of the lm_head `_frozen_of` uses (IGNORE: a
         token outside the draft vocabulary)."""
         labels = F.pad(batch.input_ids[:, 2:], (0, 2))
-        return labels if self._column is None else self._column.to(labels.device)[labels]
+        if self._column is None:
+            return labels
+        if self._column.device != labels.device:
+            self._column = self._column.to(labels.device)  # once, not every step
+        return self._column[labels]
 
     def _unroll(self, head, target, batch: Batch, steps: int) -> tuple[list[Tensor], Tensor]:
         """Predicted features [b, t, H] of steps 1..`steps` (entry k - 1: step k's output at p is
@@ -212,10 +222,13 @@ class EagleRecipe:
                 continue
             feature = F.smooth_l1_loss(out[valid], next_real[valid])
             scored = valid & (labels != IGNORE)  # [b, t]: a label the head can draft
-            ce = F.cross_entropy(frozen.logits(out[scored]).float(), labels[scored]) if scored.any() else 0.0 * feature
-            total = total + args.step_decay ** (k - 1) * (args.feature_weight * feature + args.ce_weight * ce)
+            step_loss = args.feature_weight * feature
             parts[f"loss_feature{k}"] = float(feature.detach())
-            parts[f"loss_ce{k}"] = float(ce.detach())
+            if scored.any():  # else no label here is in the draft vocabulary: nothing to log as its CE
+                ce = F.cross_entropy(frozen.logits(out[scored]).float(), labels[scored])
+                step_loss = step_loss + args.ce_weight * ce
+                parts[f"loss_ce{k}"] = float(ce.detach())
+            total = total + args.step_decay ** (k - 1) * step_loss
         if not torch.is_tensor(total):  # no answer tokens in this batch: a zero that still has a graph
             total = sum(out.sum() for out in outs) * 0.0
         return total, parts
@@ -240,7 +253,7 @@ class EagleRecipe:
                 rank = torch.where(drafted, (logits > target_logit).sum(-1), logits.shape[-1])  # [n]: 0 = right
                 positions[d] += rank.numel()
                 top1[d] += float((rank == 0).sum())
-                topr[d] += float((rank < r).sum())
+                topr[d] += float(((rank < r) & drafted).sum())
                 feature_sum[d] += float(F.smooth_l1_loss(out[valid], next_real[valid], reduction="none").mean(-1).sum())
                 if drafted.any():
                     ce_sum[d] += float(F.cross_entropy(logits[drafted], truth[drafted], reduction="sum"))
@@ -263,7 +276,7 @@ class EagleRecipe:
                 "top1": (top1 / n).tolist(),
                 f"top{r}": (topr / n).tolist(),
                 "loss_feature": (feature_sum / n).tolist(),
-                "loss_ce": (ce_sum / ce_n.clamp(min=1)).tolist(),  # over labels the head can draft
+                "loss_ce": torch.where(ce_n > 0, ce_sum / ce_n.clamp(min=1), float("nan")).tolist(),  # labels it can draft
                 "expected_chain_tokens": float(1 + acceptance.cumprod(0).sum()),
             },
         }

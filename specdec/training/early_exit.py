@@ -13,8 +13,8 @@ adapter and without it (the plain LayerSkip-style exit the adapter has to beat),
 cross-entropy; `specdec.training.train` stores them in the checkpoint's metadata next to the
 training time and data size.
 
-Boundary: the recipe for `specdec.training.train`; imports the EarlyExit drafter, the layer view
-and the data module.
+Boundary: the recipe for `specdec.training.train`; imports the EarlyExit drafter, the layer view,
+the data module and the loop's `TrainArguments` (`build`'s signature).
 """
 
 from __future__ import annotations

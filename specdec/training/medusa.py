@@ -18,7 +18,8 @@ keeps the adapted model's own predictions where they were). The evaluation also 
 adapted model's top-1 agreement with the original and that KL: speculative output is exact for
 the adapted model, which is what `specdec.drafters.medusa.adapted_target` rebuilds.
 
-Boundary: the recipe for `specdec.training.train`; imports the Medusa drafter and the data module.
+Boundary: the recipe for `specdec.training.train`; imports the Medusa drafter, the data module and
+the loop's `TrainArguments` (`build`'s signature).
 """
 
 from __future__ import annotations
