@@ -222,11 +222,13 @@ class Eagle:
     needs_hidden_states = True
 
     def __init__(
-        self, model, head: EagleHead, *, depth: int = 6, topk: int = 8, width: int | None = None,
+        self, model, head: EagleHead, *, depth: int = 4, topk: int = 8, width: int | None = None,
         budget: int | None = 32, min_confidence: float = 0.0, calibration_decay: float = 0.95,
         draft_vocab: Tensor | None = None, metadata: dict | None = None,
     ):
-        """`depth`: levels of the draft tree (head steps per proposal). Each frontier node offers
+        """`depth`: levels of the draft tree (head steps per proposal; 4 because on SmolLM2 the
+        shipped head's greedy chain needs depth 5 on 13% of steps while a level costs a tenth of a
+        target forward, BENCHMARKS.md "Eagle retrained"). Each frontier node offers
         its `topk` most likely next tokens; the `width` (default `topk`) best offers by cumulative
         draft probability form the next level; the `budget` best nodes overall are kept (None:
         all), fewer when the target's verify-cost curve says a smaller tree pays more.
