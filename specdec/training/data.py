@@ -70,10 +70,15 @@ def read_prompts(path: str | Path, key: str, limit: int | None = None) -> list[s
     return prompts
 
 
-def _write_json(path: Path, obj) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temp file and a rename: a crash leaves the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)  # atomic: a crash leaves the old manifest or the new one
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _save_dataset(ds, directory: Path) -> None:

@@ -85,6 +85,15 @@ class DraftVocabArguments:
     output_dir: str | None = field(default=None, metadata={"help": "where to save (default: replace --drafter atomically)"})
 
 
+def pick_draft_vocab(data: str, size: int, vocab_size: int, *, eval_fraction: float, seed: int) -> tuple[Tensor, dict]:
+    """([V'] sorted token ids: the `size` answer tokens the target generated most often in the
+    training split of `data`, the order `Eagle` keeps its rows in; the record saved with them)."""
+    vocab, coverage = frequent_answer_tokens(data, size, vocab_size, eval_fraction=eval_fraction, seed=seed)
+    vocab = vocab.sort().values
+    return vocab, {"size": vocab.numel(), "data": str(data), "held_out_coverage": coverage,
+                   "eval_fraction": eval_fraction, "seed": seed}
+
+
 def add_draft_vocab(args: DraftVocabArguments, command: str | None = None) -> Path:
     """Save the --drafter head again with a draft vocabulary: the --size tokens the target generated
     most often in --data. Drafts then score those lm_head rows (and each context's tokens) only."""
@@ -97,12 +106,11 @@ def add_draft_vocab(args: DraftVocabArguments, command: str | None = None) -> Pa
         raise ValueError(f"{args.drafter} was trained over its own draft vocabulary (--draft-vocab-size "
                          f"{training['draft_vocab_size']}); another one would score rows it never learnt to rank: "
                          "train with the --draft-vocab-size you want instead")
-    split = {"eval_fraction": training.get("eval_fraction", 0.05), "seed": training.get("seed", 0)}
-    vocab, coverage = frequent_answer_tokens(args.data, args.size, target.get_output_embeddings().weight.shape[0], **split)
+    vocab, record = pick_draft_vocab(args.data, args.size, target.get_output_embeddings().weight.shape[0],
+                                     eval_fraction=training.get("eval_fraction", 0.05), seed=training.get("seed", 0))
     drafter = Eagle(target, drafter.head, draft_vocab=vocab, metadata=drafter.metadata)
     drafter.metadata.pop("shipped_dtype", None)  # saved in the target's dtype now
-    drafter.metadata["draft_vocab"] = {"size": vocab.numel(), "data": str(args.data), "held_out_coverage": coverage,
-                                       **split, "command": command}
+    drafter.metadata["draft_vocab"] = {**record, "command": command}
     return drafter.save_pretrained(args.output_dir or args.drafter)
 
 
@@ -150,15 +158,11 @@ class EagleRecipe:
     def build(self, target, train: TrainArguments) -> EagleHead:
         self._frozen = None  # a cut lm_head belongs to the vocabulary picked here
         if self.args.draft_vocab_size:
-            size = self.args.draft_vocab_size
             vocab_size = target.get_output_embeddings().weight.shape[0]
-            vocab, coverage = frequent_answer_tokens(train.data, size, vocab_size, eval_fraction=train.eval_fraction,
-                                                     seed=train.seed)
-            self._vocab = vocab.sort().values  # the order the drafter keeps its rows in
+            self._vocab, self._vocab_info = pick_draft_vocab(train.data, self.args.draft_vocab_size, vocab_size,
+                                                             eval_fraction=train.eval_fraction, seed=train.seed)
             self._column = torch.full((vocab_size,), IGNORE, dtype=torch.long)
             self._column[self._vocab] = torch.arange(self._vocab.numel())
-            self._vocab_info = {"size": self._vocab.numel(), "data": str(train.data), "held_out_coverage": coverage,
-                                "eval_fraction": train.eval_fraction, "seed": train.seed}
         head = EagleHead.for_target(target, init_from_last_layer=self.args.init_from_last_layer)
         if target.dtype not in (torch.float32, torch.float64):
             head = head.float()  # half-precision targets: the head still trains in fp32
@@ -250,17 +254,16 @@ class EagleRecipe:
                 logits = frozen.logits(out[valid]).float()  # [n, vocab or V'], only where scored
                 truth = labels[valid]
                 drafted = truth != IGNORE  # a label outside the draft vocabulary is never drafted: wrong
-                target_logit = logits.gather(-1, truth.clamp(min=0)[:, None])
-                rank = torch.where(drafted, (logits > target_logit).sum(-1), logits.shape[-1])  # [n]: 0 = right
+                rank = (logits > logits.gather(-1, truth.clamp(min=0)[:, None])).sum(-1)  # [n]: 0 = top-1
                 positions[d] += rank.numel()
-                top1[d] += float((rank == 0).sum())
-                topr[d] += float(((rank < r) & drafted).sum())
+                top1[d] += float((drafted & (rank == 0)).sum())
+                topr[d] += float((drafted & (rank < r)).sum())
                 feature_sum[d] += float(F.smooth_l1_loss(out[valid], next_real[valid], reduction="none").mean(-1).sum())
                 if drafted.any():
                     ce_sum[d] += float(F.cross_entropy(logits[drafted], truth[drafted], reduction="sum"))
                     ce_n[d] += float(drafted.sum())
                 right = torch.zeros_like(valid)
-                right[valid] = rank == 0
+                right[valid] = drafted & (rank == 0)
                 # By anchor r = p - d: depth d + 1 of the chain from r is scored at p = r + d.
                 valid_a, right_a = _shift(valid, d) & anchored, _shift(right, d)
                 reached[d] += float((valid_a & chain).sum())

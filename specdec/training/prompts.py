@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from specdec.models import load_model
-from specdec.training.data import eos_ids
+from specdec.training.data import eos_ids, write_text_atomic
 
 _MARKER = "SPECDEC_USER_MESSAGE"
 
@@ -102,8 +101,6 @@ def make_prompts(args: MakePromptsArguments) -> Path:
                          f"{args.max_new_tokens} with at least --min-chars {args.min_chars} characters")
     path = Path(args.output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in kept))
-    os.replace(tmp, path)  # atomic: a crash leaves no half-written prompt file
+    write_text_atomic(path, "".join(json.dumps({"prompt": p}) + "\n" for p in kept))
     print(f"make-prompts: kept {len(kept)} of {sampled} samples in {time.perf_counter() - start:.0f} s")
     return path
