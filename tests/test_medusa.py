@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import random_prompt, reference, run, tiny_model
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import specdec
@@ -60,14 +61,18 @@ class OracleHeads(MedusaHeads):
         self.states = target_states(model, Batch(ref, torch.ones_like(ref), torch.ones_like(ref).bool()))[0]
         self.vocab = model.config.vocab_size
 
-    def forward(self, hidden, lm_weight=None, lm_bias=None, num_heads=None):
+    def forward(self, hidden, lm_weight=None, lm_bias=None, num_heads=None, vocab=None):
         n = self.num_heads if num_heads is None else num_heads
         dist = (self.states[None] - hidden[:, None]).norm(dim=-1)  # [m, L]
         assert float(dist.min(-1).values.max()) < 1e-6, "a hidden state that is no reference position"
-        logits = torch.zeros(hidden.shape[0], n, self.vocab, dtype=torch.float64)
+        # With a draft vocabulary the logits are over its columns; a token outside it gets none.
+        columns = {t: t for t in range(self.vocab)} if vocab is None or vocab.tokens is None else \
+            {int(t): j for j, t in enumerate(vocab.tokens)}
+        logits = torch.zeros(hidden.shape[0], n, len(columns), dtype=torch.float64)
         for row, p in enumerate(dist.argmin(-1).tolist()):
             for k in range(1, n + 1):
-                logits[row, k - 1, self.ref[p + 1 + k]] = 10.0
+                if int(self.ref[p + 1 + k]) in columns:
+                    logits[row, k - 1, columns[int(self.ref[p + 1 + k])]] = 10.0
         return logits
 
 
@@ -84,6 +89,61 @@ def test_oracle_heads_accept_every_depth(arch, prompt_len):
     assert torch.equal(out, ref[:, : prompt_len + 40])
     assert all(len(s.accepted_nodes) == K for s in stats.steps[:-1])
     assert stats.mean_accepted > K
+
+
+def test_draft_vocabulary_admits_the_contexts_tokens():
+    """The draft vocabulary holds only the continuation's tokens that the prompt lacks: oracle heads
+    get every depth accepted only if the context's tokens are admitted as they appear."""
+    model = tiny_model("llama")
+    for seed in range(20):  # the test needs an answer that reuses prompt tokens
+        prompt = random_prompt(seed, 7)
+        ref = reference(model, prompt, 40 + K + 2)
+        continuation = set(ref[0, 7:].tolist())
+        if continuation & set(prompt[0].tolist()):
+            break
+    assert continuation & set(prompt[0].tolist())
+    small = torch.tensor(sorted(continuation - set(prompt[0].tolist())))
+    drafter = Medusa(model, OracleHeads(model, ref, K), tree="chain-3", draft_vocab=small)
+    out, stats = run(model, prompt, drafter, 40)
+    assert torch.equal(out, ref[:, :47])
+    assert all(len(s.accepted_nodes) == K for s in stats.steps[:-1])
+
+
+def test_draft_vocabulary_drafts_from_it_and_the_context_and_round_trips(tmp_path):
+    model = tiny_model("qwen")
+    vocab_size = model.config.vocab_size
+    small = torch.tensor([3, 9, 1, 30, 17, 9])  # unsorted, with a repeat: kept sorted and unique
+    drafter = Medusa(model, random_heads(model, 0), tree="medusa-63", draft_vocab=small)
+    assert drafter.draft_vocab.tolist() == [1, 3, 9, 17, 30]
+    outside = set()
+    for seed in range(3):  # one drafter, three requests: each drafts from small and its own context
+        prompt = random_prompt(seed, 6)
+        out, stats = run(model, prompt, drafter, 30)
+        assert torch.equal(out, reference(model, prompt, 30))
+        t = prompt.shape[1]
+        for step in stats.steps:
+            drafted = set(step.tree.tokens.tolist())
+            assert drafted <= set(small.tolist()) | set(out[0, :t].tolist())
+            outside |= drafted - set(small.tolist())
+            t += len(step.new_tokens)
+    assert outside  # context tokens were drafted
+    # The whole vocabulary as the draft vocabulary drafts what no draft vocabulary drafts.
+    everything = Medusa(model, random_heads(model, 5), draft_vocab=torch.arange(vocab_size))
+    assert_same_drafts(model, Medusa(model, random_heads(model, 5)), everything)
+    everything.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "drafter_config.json").read_text())["config"]["draft_vocab_size"] == vocab_size
+    assert torch.equal(Medusa.from_pretrained(tmp_path / "m", model).draft_vocab, torch.arange(vocab_size))
+    assert Medusa.from_pretrained(tmp_path / "m", model, draft_vocab=None).draft_vocab is None
+    weights = tmp_path / "m" / "drafter.safetensors"
+    tensors = load_file(str(weights))
+    tensors["draft_vocab"] = torch.arange(5)
+    save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match="corrupt.*draft_vocab_size=96"):
+        Medusa.from_pretrained(tmp_path / "m", model)
+    with pytest.raises(ValueError, match="own their lm_heads"):
+        Medusa(model, random_heads(model, 0, own=True), draft_vocab=small)
+    with pytest.raises(ValueError, match="Medusa: draft_vocab holds ids outside"):
+        Medusa(model, random_heads(model, 0), draft_vocab=torch.tensor([vocab_size]))
 
 
 def assert_drafts_from_the_second_step(model, drafter) -> None:

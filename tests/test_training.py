@@ -162,6 +162,28 @@ def test_training_lowers_the_loss_and_saves_a_loadable_drafter(workdir, trained)
     assert sorted(p.name for p in (workdir / "run" / "checkpoints").iterdir()) == ["step-00000008", "step-00000012"]
 
 
+def test_draft_vocab_command_gives_medusa_heads_one(workdir, dataset, trained):
+    """`specdec train draft-vocab` on Medusa heads: the split's most frequent answer tokens, saved
+    and loaded with the heads, drafts only from them and the context, output exact."""
+    out = workdir / "run-vocab"
+    assert main(["draft-vocab", "--model", str(workdir / "tiny-target"), "--drafter", str(trained), "--data",
+                 str(dataset), "--size", "6", "--output-dir", str(out)]) == 0
+    model, _ = load_model(str(workdir / "tiny-target"))
+    drafter = Medusa.from_pretrained(out, model)
+    assert drafter.draft_vocab.numel() == 6 and drafter.metadata["draft_vocab"]["size"] == 6
+    assert drafter.metadata["training"]["steps"] == 12 and drafter.accuracy is not None  # the training record stays
+    prompt = torch.tensor([[2, 4, 10, 3, 2, 5]])
+    output, stats = run(model, prompt, drafter, 16)
+    assert torch.equal(output, reference(model, prompt, 16))
+    t = prompt.shape[1]
+    for step in stats.steps:
+        assert set(step.tree.tokens.tolist()) <= set(drafter.draft_vocab.tolist()) | set(output[0, :t].tolist())
+        t += len(step.new_tokens)
+    with pytest.raises(ValueError, match="size must be >= 1"):
+        main(["draft-vocab", "--model", str(workdir / "tiny-target"), "--drafter", str(trained), "--data",
+              str(dataset), "--size", "0", "--output-dir", str(workdir / "run-vocab-0")])
+
+
 def test_resume_continues_exactly(workdir, dataset, trained):
     with pytest.raises(ValueError, match="--resume"):
         train(train_args(workdir, dataset, "run"), MedusaRecipe(RECIPE))

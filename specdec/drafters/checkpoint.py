@@ -142,6 +142,11 @@ def _read_header(directory: Path) -> dict:
     return header
 
 
+def kind_of(directory) -> str:
+    """The drafter kind a checkpoint directory holds ("medusa", "eagle", ...)."""
+    return _read_header(Path(directory))["drafter"]
+
+
 def check_target(saved: dict, model, where: str, *, check_base_model: bool = True) -> None:
     """Refuse a checkpoint made for another target, naming the field and both values."""
     have = describe(model)

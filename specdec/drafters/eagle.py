@@ -42,13 +42,12 @@ Draft vocabulary (EAGLE-3's). On a small target the lm_head is most of a draft's
 width-8, depth-6 tree puts 41 rows through SmolLM2's 49k x 576 lm_head, about nine target
 forwards' worth of multiply-adds, so a draft cost 2-4 plain steps. With `draft_vocab` (token ids, e.g. the
 8k most frequent answer tokens of the training data, stored in the checkpoint) the head scores
-only those rows (copied out of the lm_head once, for a contiguous matmul), plus every token of
-the current request's context as it appears (names and numbers copied from a prompt stay
-draftable). Its probabilities are normalised over those rows, so they overstate q a little; the
-tree sizing's calibration (below) absorbs that. Drafting only proposes, so outputs stay exact.
+only those rows plus every token of the current request's context as it appears
+(`specdec.drafters.vocab`). Its probabilities are normalised over those rows, so they overstate q
+a little; the tree sizing's running calibration absorbs that.
 
-Boundary: imports the core interface, `specdec.kv`, `specdec.trees` and the checkpoint and
-mask helpers of this package; works with Llama-layout decoders (``get_decoder()`` with
+Boundary: imports the core interface, `specdec.kv`, `specdec.trees` and the checkpoint, mask and
+draft-vocabulary helpers of this package; works with Llama-layout decoders (``get_decoder()`` with
 ``layers``, ``rotary_emb`` and an RMS ``norm``), checked on construction.
 """
 
@@ -67,29 +66,10 @@ from specdec import kv
 from specdec.drafter import Context, Feedback
 from specdec.drafters import checkpoint
 from specdec.drafters.layer_view import causal_mask
+from specdec.drafters.vocab import DraftVocab, stored, stripped
 from specdec.trees import TokenTree, expand, tree_mask
 
 KIND = "eagle"
-VOCAB_KEY = "draft_vocab"  # the checkpoint tensor holding the draft vocabulary's token ids
-
-
-def _checked_vocab(ids: Tensor, vocab_size: int) -> Tensor:
-    """`ids` as sorted unique long token ids, or a ValueError naming what is wrong."""
-    if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point():
-        raise ValueError("Eagle: draft_vocab must be a non-empty 1-D integer tensor of token ids")
-    ids = ids.long().cpu().unique()
-    if int(ids[0]) < 0 or int(ids[-1]) >= vocab_size:
-        raise ValueError(f"Eagle: draft_vocab holds ids outside the target's vocabulary [0, {vocab_size}); "
-                         "build it from data tokenized for this target")
-    return ids
-
-
-def _rows(frozen: FrozenTarget, ids: Tensor) -> tuple[Tensor, Tensor | None]:
-    """The lm_head rows of token ids `ids` (contiguous, for a fast matmul)."""
-    cut = frozen.over(ids)
-    return cut.lm_weight, cut.lm_bias
-
-
 def _decoder_parts(model) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(last decoder layer, rotary embedding, final norm) of a Llama-layout causal LM."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
@@ -256,8 +236,8 @@ class Eagle:
         self.metadata = dict(metadata or {})
         self._check(model)
         self._frozen = FrozenTarget.of(model)
-        self.draft_vocab = None if draft_vocab is None else _checked_vocab(draft_vocab, self._frozen.lm_weight.shape[0])
-        self._base = None  # the draft vocabulary's lm_head rows, selected on first use per target
+        self._vocab = DraftVocab(self._frozen.lm_weight, self._frozen.lm_bias, draft_vocab, "Eagle")
+        self.draft_vocab = self._vocab.ids  # [V] sorted token ids, or None: every row
         self._reset()
         # Decayed sums of accepted drafts and of the proposed trees' scores; the prior (1, 1)
         # trusts the draft probabilities until feedback says otherwise.
@@ -278,38 +258,7 @@ class Eagle:
         self._pos = torch.zeros(0, dtype=torch.long)  # [c] position of each cached pair, ascending
         weight = self.head.fc.weight
         self._feats = weight.new_zeros(0, self.head.hidden_size)  # [c, H] the real feature of each cached pair
-        self._reset_vocab()
-
-    def _reset_vocab(self) -> None:
-        """The lm_head rows the head scores, as blocks of (weight, bias): `draft_vocab`'s (selected
-        once per target) and the request's context tokens (`_admit`); or the whole lm_head."""
-        frozen = self._frozen
-        if self.draft_vocab is None:
-            self._vocab, self._lm = None, [(frozen.lm_weight, frozen.lm_bias)]
-            return
-        if self._base is None:
-            self._base = _rows(frozen, self.draft_vocab)  # ([V', H] weight, [V'] bias or None)
-        self._vocab = self.draft_vocab  # [V' + c] token id of each scored row
-        self._lm = [self._base, _rows(frozen, self.draft_vocab[:0])]  # the context block starts empty
-        self._admitted = 0  # context tokens already admitted
-        self._in_vocab = torch.zeros(frozen.lm_weight.shape[0], dtype=torch.bool)
-        self._in_vocab[self.draft_vocab] = True
-
-    def _admit(self, ids: Tensor) -> None:
-        """Add the context's tokens the draft vocabulary lacks (a prompt's names, numbers, code) to
-        the context block. Within a request (`begin` resets the block) the context only grows, so
-        only its tokens since the last call are read."""
-        if self._vocab is None:
-            return
-        fresh = ids[self._admitted:] if self._admitted <= ids.numel() else ids
-        self._admitted = ids.numel()
-        fresh = fresh.cpu()
-        new = fresh[~self._in_vocab[fresh]].unique()
-        if new.numel():
-            self._in_vocab[new] = True
-            self._vocab = torch.cat([self._vocab, new])
-            (weight, bias), (more_w, more_b) = self._lm[1], _rows(self._frozen, new)
-            self._lm[1] = (torch.cat([weight, more_w]), None if bias is None else torch.cat([bias, more_b]))
+        self._vocab.reset()
 
     # ---- checkpoints -----------------------------------------------------------------------
     @classmethod
@@ -323,16 +272,10 @@ class Eagle:
                 f"{where} holds a head built from {ckpt.config.get('decoder_layer')!r} layers but this model's layers "
                 f"are {layer!r}; load it with the model it was trained for, or train one (specdec train eagle)")
         head = EagleHead.for_target(model)
-        tensors = dict(ckpt.tensors)
-        vocab = tensors.pop(VOCAB_KEY, None)
+        ckpt, vocab = stripped(ckpt, directory, model.get_output_embeddings().weight.shape[0])
         try:
-            head.load_state_dict(tensors)
-            if vocab is not None:
-                _checked_vocab(vocab, model.get_output_embeddings().weight.shape[0])
-                if vocab.numel() != ckpt.config.get("draft_vocab_size"):
-                    raise ValueError(f"its config says draft_vocab_size={ckpt.config.get('draft_vocab_size')} but it "
-                                     f"holds {vocab.numel()} draft-vocabulary ids")
-        except (RuntimeError, ValueError) as e:
+            head.load_state_dict(ckpt.tensors)
+        except RuntimeError as e:
             raise checkpoint.CheckpointError(f"{where} is corrupt: its weights do not match its config ({e})") from None
         kwargs.setdefault("draft_vocab", vocab)  # an explicit draft_vocab (None: the whole vocabulary) wins
         return cls(model, head, metadata=ckpt.metadata, **kwargs)
@@ -343,11 +286,8 @@ class Eagle:
         return cls.from_pretrained(checkpoint.shipped(KIND, model), model, **kwargs)
 
     def save_pretrained(self, directory) -> Path:
-        config = {"hidden_size": self.head.hidden_size, "decoder_layer": self.head.layer_name}
-        tensors = dict(self.head.state_dict())
-        if self.draft_vocab is not None:
-            config["draft_vocab_size"] = self.draft_vocab.numel()
-            tensors[VOCAB_KEY] = self.draft_vocab
+        config, tensors = stored({"hidden_size": self.head.hidden_size, "decoder_layer": self.head.layer_name},
+                                 dict(self.head.state_dict()), self.draft_vocab)
         return checkpoint.save(directory, checkpoint.Checkpoint(
             KIND, checkpoint.describe(self.model), config, tensors, self.metadata))
 
@@ -356,12 +296,11 @@ class Eagle:
         self._check(target)
         if target is not self.model:  # cached pairs hold another model's features
             frozen = FrozenTarget.of(target)
-            if self.draft_vocab is not None:  # refused before anything changes
-                _checked_vocab(self.draft_vocab, frozen.lm_weight.shape[0])
-            self.model, self._frozen, self._base = target, frozen, None
+            vocab = DraftVocab(frozen.lm_weight, frozen.lm_bias, self.draft_vocab, "Eagle")  # refused before anything changes
+            self.model, self._frozen, self._vocab = target, frozen, vocab
             self._reset()
         else:  # the cache stays (propose keeps its common prefix with the next prompt); the last
-            self._reset_vocab()  # request's context tokens leave the draft vocabulary
+            self._vocab.reset()  # request's context tokens leave the draft vocabulary
 
     @property
     def acceptance_ratio(self) -> float:
@@ -406,7 +345,7 @@ class Eagle:
                        positions.to(device)[None], mask.to(device), self.cache)[0]
 
     def _log_probs(self, feats: Tensor) -> Tensor:
-        logits = torch.cat([F.linear(feats.to(w.dtype), w, b) for w, b in self._lm if w.shape[0]], dim=-1)
+        logits = self._vocab.logits(feats)
         # [m, V' + c] over the draft vocabulary's rows, normalised over them: the tree's scores
         # overstate q by the mass outside, which `size`'s running calibration absorbs.
         return torch.log_softmax(logits.float(), dim=-1).cpu()
@@ -419,7 +358,7 @@ class Eagle:
         if depth < 1 or t < 2:  # a one-token prompt has no pair before the root
             return TokenTree.empty()
         pending = self._reconcile(ids, ctx.hidden_states)
-        self._admit(ids)
+        self._vocab.admit(ids)
         self._ids = ids.clone()
         if pending is None:
             return TokenTree.empty()
@@ -443,7 +382,7 @@ class Eagle:
             return self._log_probs(out)  # [f, vocab]
 
         tree = expand(step, depth=depth, topk=self.topk, width=self.width, budget=self.budget,
-                      min_confidence=self.min_confidence, vocab=self._vocab)
+                      min_confidence=self.min_confidence, vocab=self._vocab.tokens)
         kv.drop_last(self.cache, kv.length(self.cache) - real)  # tree nodes carry guessed features
         if ctx.verify_cost is not None and len(tree) > 1:
             tree = self.size(tree, ctx.verify_cost)

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from specdec.drafter import Context, Feedback
 from specdec.drafters import checkpoint
+from specdec.drafters.vocab import DraftVocab, stored, stripped
 from specdec.trees import TokenTree, fill, parents_of
 from specdec.trees.presets import calibrated, cut, preset, validate
 
@@ -87,16 +88,24 @@ class MedusaHeads(nn.Module):
                 for head in self.lm_heads:
                     head.weight.copy_(weight)
 
-    def forward(self, hidden: Tensor, lm_weight: Tensor | None = None, lm_bias: Tensor | None = None,
-                num_heads: int | None = None) -> Tensor:
-        """[..., hidden] target states -> [..., num_heads, vocab] logits of the first `num_heads`
-        heads (all by default). `lm_weight` [vocab, hidden] / `lm_bias` are the target's lm_head,
-        needed unless the heads own theirs."""
+    def features(self, hidden: Tensor, num_heads: int | None = None) -> Tensor:
+        """[..., hidden] target states -> [..., num_heads, hidden] what the first `num_heads` heads
+        (all by default) put through their lm_head."""
         n = self.num_heads if num_heads is None else num_heads
         x = hidden.to(self.blocks[0][0].linear.weight.dtype)
-        feats = torch.stack([block(x) for block in self.blocks[:n]], dim=-2)  # [..., n, hidden]
+        return torch.stack([block(x) for block in self.blocks[:n]], dim=-2)
+
+    def forward(self, hidden: Tensor, lm_weight: Tensor | None = None, lm_bias: Tensor | None = None,
+                num_heads: int | None = None, vocab: DraftVocab | None = None) -> Tensor:
+        """[..., hidden] target states -> [..., num_heads, vocab] logits of the first `num_heads`
+        heads (all by default). `lm_weight` [vocab, hidden] / `lm_bias` are the target's lm_head,
+        needed unless the heads own theirs or `vocab` is given: then the logits are over its
+        columns (``vocab.tokens``), [..., num_heads, V' + c]."""
+        feats = self.features(hidden, num_heads)  # [..., n, hidden]
         if self.lm_heads is not None:
-            return torch.stack([head(feats[..., i, :]) for i, head in enumerate(self.lm_heads[:n])], dim=-2)
+            return torch.stack([head(feats[..., i, :]) for i, head in enumerate(self.lm_heads[: feats.shape[-2]])], dim=-2)
+        if vocab is not None:
+            return vocab.logits(feats)
         if lm_weight is None:
             raise ValueError("MedusaHeads: pass the target's lm_head weight (the heads were built with vocab_size=None)")
         return F.linear(feats.to(lm_weight.dtype), lm_weight, lm_bias)
@@ -154,6 +163,7 @@ class Medusa:
         self, model, heads: MedusaHeads, *, tree: str | Sequence[Sequence[int]] | None = None,
         budget: int | None = None, accuracy: Tensor | Sequence[Sequence[float]] | None = None,
         metadata: dict | None = None, backbone_lora: dict[str, Tensor] | None = None,
+        draft_vocab: Tensor | None = None,
     ):
         """`tree`: a preset name (`specdec.trees.presets.PRESETS`), a list of rank paths, or None:
         calibrated from `accuracy` when given (re-sized each generation from the target's
@@ -164,7 +174,10 @@ class Medusa:
         given the heads before it were (training writes it into the checkpoint). `metadata`:
         the checkpoint's training record, saved again by `save_pretrained`. `backbone_lora`: a
         Medusa-2 checkpoint's decoder adapter (peft state dict), kept to be saved again; its
-        metadata["backbone"] names the adapted target, and `model` must be that target."""
+        metadata["backbone"] names the adapted target, and `model` must be that target.
+        `draft_vocab`: [V] token ids whose lm_head rows the heads score, with each request's
+        context tokens added (`specdec.drafters.vocab`; heads sharing the target's lm_head only);
+        None: every row. `from_pretrained` passes the checkpoint's, if it has one."""
         if not isinstance(heads, MedusaHeads):
             raise TypeError(f"Medusa: heads must be a MedusaHeads, got {type(heads).__name__}")
         if budget is not None and (not isinstance(budget, int) or budget < 1):
@@ -194,7 +207,12 @@ class Medusa:
         else:
             self.paths = validate(tree, max_depth=heads.num_heads)[:budget]
         self._calibrated: tuple[object, list] | None = None  # (verify_cost it was sized for, paths)
-        self._lm = lm_head_of(model)
+        if draft_vocab is not None and heads.lm_heads is not None:
+            raise ValueError("Medusa: draft_vocab picks rows of the target's lm_head, but these heads own their "
+                             "lm_heads; pass draft_vocab=None")
+        self._vocab = DraftVocab(*lm_head_of(model), draft_vocab, "Medusa")
+        self._vocab_of = model  # the target whose lm_head rows `_vocab` holds
+        self.draft_vocab = self._vocab.ids  # [V] sorted token ids, or None: every row
 
     def _check(self, target) -> None:
         vocab = target.get_output_embeddings().weight.shape[0]
@@ -219,10 +237,12 @@ class Medusa:
         """Heads saved by `save_pretrained` (or `specdec train medusa`), validated against
         `model`; the saved accuracy table calibrates the tree unless `tree=` is given."""
         ckpt = checkpoint.load(directory, KIND, model, check_base_model=check_base_model)
+        ckpt, vocab = stripped(ckpt, directory, model.get_output_embeddings().weight.shape[0])
         lora, rest = _split_lora(ckpt.tensors)
         heads = checkpoint.instantiate(dataclasses.replace(ckpt, tensors=rest), MedusaHeads, directory)
         heads.to(device=model.device, dtype=model.dtype)
         kwargs.setdefault("accuracy", ckpt.metadata.get("accuracy"))
+        kwargs.setdefault("draft_vocab", vocab)  # an explicit draft_vocab (None: every row) wins
         return cls(model, heads, metadata=ckpt.metadata, backbone_lora=lora, **kwargs)
 
     @classmethod
@@ -232,8 +252,9 @@ class Medusa:
 
     def save_pretrained(self, directory) -> Path:
         tensors = {**self.heads.state_dict(), **{LORA_PREFIX + k: v for k, v in self.backbone_lora.items()}}
+        config, tensors = stored(self.heads.config(), tensors, self.draft_vocab)
         return checkpoint.save(directory, checkpoint.Checkpoint(
-            KIND, checkpoint.describe(self.model), self.heads.config(), tensors, self.metadata))
+            KIND, checkpoint.describe(self.model), config, tensors, self.metadata))
 
     # ---- drafting --------------------------------------------------------------------------
     def shape(self, verify_cost: Callable[[int], float] | None = None) -> list[tuple[int, ...]]:
@@ -247,7 +268,9 @@ class Medusa:
 
     def begin(self, target) -> None:
         self._check(target)
-        self._lm = lm_head_of(target)
+        if target is not self._vocab_of:  # refused before anything changes
+            self._vocab, self._vocab_of = DraftVocab(*lm_head_of(target), self.draft_vocab, "Medusa"), target
+        self._vocab.reset()  # the last request's context tokens leave the draft vocabulary
 
     @torch.no_grad()
     def propose(self, ctx: Context) -> TokenTree:
@@ -261,8 +284,10 @@ class Medusa:
             return TokenTree.empty()
         depth = max(len(p) for p in paths)
         topk = 1 + max(max(p) for p in paths)
-        logits = self.heads(hidden[-1:], *self._lm, num_heads=depth)[0]  # [depth, vocab]
-        probs, tokens = torch.softmax(logits.float(), dim=-1).topk(topk, dim=-1)  # [depth, topk]
+        self._vocab.admit(ctx.input_ids)
+        logits = self.heads(hidden[-1:], num_heads=depth, vocab=self._vocab)[0]  # [depth, V' + c] (own heads: vocab)
+        probs, columns = torch.softmax(logits.float(), dim=-1).topk(topk, dim=-1)  # [depth, topk]
+        tokens = self._vocab.token_ids(columns)  # own heads have no draft vocabulary: columns are ids
         probs = probs.double().cpu().tolist()
         scores: list[float] = []
         for path, parent in zip(paths, parents_of(paths)):

@@ -16,7 +16,8 @@ from transformers import HfArgumentParser
 
 from specdec.training.data import MakeDataArguments, make_data
 from specdec.training.draft_model import DraftModelArguments, DraftModelRecipe
-from specdec.training.eagle import DraftVocabArguments, EagleArguments, EagleRecipe, add_draft_vocab
+from specdec.training.draft_vocab import DraftVocabArguments, add_draft_vocab
+from specdec.training.eagle import EagleArguments, EagleRecipe
 from specdec.training.early_exit import EarlyExitArguments, EarlyExitRecipe
 from specdec.training.medusa import MedusaArguments, MedusaRecipe
 from specdec.training.prompts import MakePromptsArguments, make_prompts
@@ -29,7 +30,7 @@ COMMANDS = {
     "medusa": ("train Medusa heads on make-data output (frozen target; --joint: Medusa-2 with a LoRA-adapted target)", (TrainArguments, MedusaArguments)),
     "eagle": ("train an EAGLE feature head (unrolled training-time test) on make-data output (frozen target)",
               (TrainArguments, EagleArguments)),
-    "draft-vocab": ("give a trained Eagle head a draft vocabulary: the most frequent answer tokens of make-data output",
+    "draft-vocab": ("give a trained Eagle or Medusa drafter a draft vocabulary: the most frequent answer tokens of make-data output",
                     (DraftVocabArguments,)),
     "early-exit": ("train an early-exit adapter on make-data output (frozen target)", (TrainArguments, EarlyExitArguments)),
     "draft-model": ("distil a smaller LM (--draft) toward the target's distribution; saves an HF model dir",

@@ -29,11 +29,12 @@ that the head's top-1 token at depth d is the target's token given depths < d we
 greedy chain's per-step acceptance), top-1 and top-k accuracy, the two losses, and the expected
 tokens per step of a greedy chain of depth `eval_depth`, ``1 + sum_d prod_{j<=d} acceptance[j]``.
 
-`add_draft_vocab` (``specdec train draft-vocab``) gives a head trained without one a draft
-vocabulary after the fact, picked the same way.
+`specdec.training.draft_vocab` gives a head trained without one a draft vocabulary after the
+fact, picked the same way.
 
-Boundary: the recipe for `specdec.training.train`; imports the Eagle drafter, the data module and
-the loop's `TrainArguments` (the data and split the draft vocabulary is counted on).
+Boundary: the recipe for `specdec.training.train`; imports the Eagle drafter, the data module, the
+draft-vocabulary picker and the loop's `TrainArguments` (the data and split the vocabulary is
+counted on).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ from torch import Tensor
 
 from specdec import kv
 from specdec.drafters.eagle import Eagle, EagleHead, FrozenTarget, predict
-from specdec.training.data import Batch, frequent_answer_tokens
+from specdec.training.data import Batch
+from specdec.training.draft_vocab import pick_draft_vocab
 from specdec.training.train import TrainArguments
 
 IGNORE = -100  # cross_entropy's ignore_index: a label outside the draft vocabulary
@@ -72,46 +74,6 @@ class EagleArguments:
                 "generated most often in the training split's answers (EAGLE-3's draft vocabulary, saved in the "
                 "checkpoint; a request's context tokens are added when drafting). Positions whose next token is "
                 "outside it get no cross-entropy; steps cost less (the lm_head is most of a step on a small target)"})
-
-
-@dataclass
-class DraftVocabArguments:
-    model: str = field(metadata={"help": "the target the head was trained for: embedded name, HF path/id or .gguf file"})
-    drafter: str = field(metadata={"help": "the Eagle checkpoint directory (specdec train eagle's output_dir/drafter)"})
-    data: str = field(metadata={"help": "make-data output of the same target (several joined by commas): its answers "
-                                        "are counted"})
-    size: int = field(default=8192, metadata={"help": "keep the N most frequent answer tokens of the head's training "
-                                                      "split (its held-out split measures their coverage)"})
-    output_dir: str | None = field(default=None, metadata={"help": "where to save (default: replace --drafter atomically)"})
-
-
-def pick_draft_vocab(data: str, size: int, vocab_size: int, *, eval_fraction: float, seed: int) -> tuple[Tensor, dict]:
-    """([V'] sorted token ids: the `size` answer tokens the target generated most often in the
-    training split of `data`, the order `Eagle` keeps its rows in; the record saved with them)."""
-    vocab, coverage = frequent_answer_tokens(data, size, vocab_size, eval_fraction=eval_fraction, seed=seed)
-    vocab = vocab.sort().values
-    return vocab, {"size": vocab.numel(), "data": str(data), "held_out_coverage": coverage,
-                   "eval_fraction": eval_fraction, "seed": seed}
-
-
-def add_draft_vocab(args: DraftVocabArguments, command: str | None = None) -> Path:
-    """Save the --drafter head again with a draft vocabulary: the --size tokens the target generated
-    most often in --data. Drafts then score those lm_head rows (and each context's tokens) only."""
-    from specdec.models import load_model
-
-    target = load_model(args.model)[0]
-    drafter = Eagle.from_pretrained(args.drafter, target)
-    training = drafter.metadata.get("training", {}).get("arguments", {})  # the head's own train/held-out split
-    if training.get("draft_vocab_size"):
-        raise ValueError(f"{args.drafter} was trained over its own draft vocabulary (--draft-vocab-size "
-                         f"{training['draft_vocab_size']}); another one would score rows it never learnt to rank: "
-                         "train with the --draft-vocab-size you want instead")
-    vocab, record = pick_draft_vocab(args.data, args.size, target.get_output_embeddings().weight.shape[0],
-                                     eval_fraction=training.get("eval_fraction", 0.05), seed=training.get("seed", 0))
-    drafter = Eagle(target, drafter.head, draft_vocab=vocab, metadata=drafter.metadata)
-    drafter.metadata.pop("shipped_dtype", None)  # saved in the target's dtype now
-    drafter.metadata["draft_vocab"] = {**record, "command": command}
-    return drafter.save_pretrained(args.output_dir or args.drafter)
 
 
 def unroll_mask(t: int, step: int, dtype: torch.dtype, device=None) -> Tensor:

@@ -1,0 +1,114 @@
+"""Draft vocabulary (EAGLE-3's): the lm_head rows a head-based drafter scores.
+
+On a small target the lm_head is most of a draft's cost (SmolLM2: 49k x 576; four Medusa heads
+through it are about two target forwards' worth of multiply-adds). `DraftVocab` keeps a fixed
+set of token ids (e.g. the 8k most frequent answer tokens of the training data, stored in the
+checkpoint), their rows copied out of the lm_head once for a contiguous matmul, plus every token
+of the current request's context as it appears (`admit`: names and numbers copied from a prompt
+stay draftable). Logits come in columns; `tokens` maps a column to its token id. Probabilities
+normalised over these columns overstate q a little; drafting only proposes, so outputs stay exact.
+
+Checkpoints carry the ids as the tensor `VOCAB_KEY` and their count as ``draft_vocab_size`` in
+the drafter config (`stored`, `stripped`).
+
+Boundary: torch and the checkpoint helpers; used by `Eagle` and `Medusa`, which own one per target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from specdec.drafters import checkpoint
+
+VOCAB_KEY = "draft_vocab"  # the checkpoint tensor holding a draft vocabulary's token ids
+
+
+def checked_vocab(ids: Tensor, vocab_size: int, who: str) -> Tensor:
+    """`ids` as sorted unique long token ids, or a ValueError naming what is wrong."""
+    if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point():
+        raise ValueError(f"{who}: draft_vocab must be a non-empty 1-D integer tensor of token ids")
+    ids = ids.long().cpu().unique()
+    if int(ids[0]) < 0 or int(ids[-1]) >= vocab_size:
+        raise ValueError(f"{who}: draft_vocab holds ids outside the target's vocabulary [0, {vocab_size}); "
+                         "build it from data tokenized for this target")
+    return ids
+
+
+def rows(weight: Tensor, bias: Tensor | None, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The lm_head rows ([len(ids), H] weight, bias) of token ids `ids`, copied out contiguously."""
+    index = ids.to(weight.device)
+    return weight.index_select(0, index), None if bias is None else bias.index_select(0, index)
+
+
+def stored(config: dict, tensors: dict[str, Tensor], ids: Tensor | None) -> tuple[dict, dict[str, Tensor]]:
+    """A drafter's checkpoint config and tensors with the draft vocabulary `ids` added (if any)."""
+    if ids is None:
+        return config, tensors
+    return {**config, "draft_vocab_size": ids.numel()}, {**tensors, VOCAB_KEY: ids}
+
+
+def stripped(ckpt: checkpoint.Checkpoint, directory, vocab_size: int) -> tuple[checkpoint.Checkpoint, Tensor | None]:
+    """(`ckpt` without its draft vocabulary, that vocabulary or None); a vocabulary that disagrees
+    with the config or the target means a corrupt checkpoint."""
+    tensors, config = dict(ckpt.tensors), dict(ckpt.config)
+    ids, size = tensors.pop(VOCAB_KEY, None), config.pop("draft_vocab_size", None)
+    if ids is not None or size is not None:
+        try:
+            if ids is not None:
+                checked_vocab(ids, vocab_size, "checkpoint")
+            if ids is None or ids.numel() != size:
+                raise ValueError(f"its config says draft_vocab_size={size} but it holds "
+                                 f"{0 if ids is None else ids.numel()} draft-vocabulary ids")
+        except ValueError as e:
+            raise checkpoint.CheckpointError(f"drafter checkpoint {str(directory)!r} is corrupt: its weights do not "
+                                             f"match its config ({e})") from None
+    return dataclasses.replace(ckpt, tensors=tensors, config=config), ids
+
+
+class DraftVocab:
+    """The rows scored over one target's lm_head (`weight` [vocab, H], `bias`): `ids`' and each
+    request's context tokens; with ``ids=None`` every row, and `tokens` is None (column = id)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, ids: Tensor | None, who: str = "drafter"):
+        self._weight, self._bias = weight, bias
+        self.ids = None if ids is None else checked_vocab(ids, weight.shape[0], who)
+        self._base = None if self.ids is None else rows(weight, bias, self.ids)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the last request's context tokens."""
+        if self.ids is None:
+            self.tokens, self._blocks = None, [(self._weight, self._bias)]
+            return
+        self.tokens = self.ids  # [V' + c] token id of each column
+        self._blocks = [self._base, rows(self._weight, self._bias, self.ids[:0])]  # the context block starts empty
+        self._admitted = 0  # context tokens already admitted
+        self._in_vocab = torch.zeros(self._weight.shape[0], dtype=torch.bool)
+        self._in_vocab[self.ids] = True
+
+    def admit(self, ids: Tensor) -> None:
+        """Add the context's tokens the vocabulary lacks to the context block. Within a request
+        (`reset` ends it) the context only grows, so only its tokens since the last call are read."""
+        if self.ids is None:
+            return
+        fresh = ids[self._admitted:] if self._admitted <= ids.numel() else ids
+        self._admitted = ids.numel()
+        fresh = fresh.cpu()
+        new = fresh[~self._in_vocab[fresh]].unique()
+        if new.numel():
+            self._in_vocab[new] = True
+            self.tokens = torch.cat([self.tokens, new])
+            (weight, bias), (more_w, more_b) = self._blocks[1], rows(self._weight, self._bias, new)
+            self._blocks[1] = (torch.cat([weight, more_w]), None if bias is None else torch.cat([bias, more_b]))
+
+    def logits(self, feats: Tensor) -> Tensor:
+        """[..., H] features -> [..., V' + c] logits of the scored rows, in `tokens`' order."""
+        return torch.cat([F.linear(feats.to(w.dtype), w, b) for w, b in self._blocks if w.shape[0]], dim=-1)
+
+    def token_ids(self, columns: Tensor) -> Tensor:
+        """Columns of `logits` -> token ids."""
+        return columns if self.tokens is None else self.tokens[columns.cpu()].to(columns.device)
