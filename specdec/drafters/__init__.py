@@ -71,6 +71,7 @@ DRAFTERS = {
     "retrieval": lambda r: Retrieval(_datastore(r)),
     "layer-skip": lambda r: LayerSkip(r.target),
     "medusa": lambda r: load("medusa", r.target),
+    "medusa-full-vocab": lambda r: load("medusa", r.target, draft_vocab=None),  # every lm_head row: the A/B of the draft vocabulary
     "eagle": lambda r: load("eagle", r.target),
     "eagle-full-vocab": lambda r: load("eagle", r.target, draft_vocab=None),  # every lm_head row: the A/B of the draft vocabulary
     "early-exit": lambda r: load("early-exit", r.target),
