@@ -7,8 +7,7 @@ The texts are the target's own answers in a make-data output (never the benchmar
 question of the "answer from the passage" kind is the prompt that produced its passage. Prompts
 are written as {"source", "prompt"} lines, the format of ``train_prompts.jsonl``:
 
-    python scripts/context_prompts.py --data runs/data-smollm2-magpie \
-        --prompts runs/prompts-magpie-1000.jsonl --output runs/prompts-context.jsonl --num 320
+    python scripts/context_prompts.py --data runs/data-smollm2-magpie --output runs/prompts-context.jsonl --num 320
 """
 
 from __future__ import annotations
@@ -42,12 +41,15 @@ TEMPLATES = {
 }
 
 
-def passages(data: str, prompts_file: str, model: str, min_chars: int) -> list[tuple[str, str]]:
+def passages(data: str, min_chars: int) -> list[tuple[str, str]]:
     """(question, answer text) of every example in the make-data output `data` whose answer has at
-    least `min_chars` characters; the question is the prompt that produced it."""
-    settings = manifest_of(data)["settings"]
-    questions = read_prompts(prompts_file, settings.get("field", "prompt"), settings.get("limit"))
-    tok = load_tokenizer(model)
+    least `min_chars` characters; the question is the prompt that produced it (the manifest names
+    the prompts file and the target, whose tokenizer decodes the answers)."""
+    settings = manifest_of(data).get("settings")
+    if "," in data or not settings:
+        raise SystemExit(f"--data {data}: give one finished make-data output dir (with its manifest.json)")
+    questions = read_prompts(settings["prompts"], settings.get("field", "prompt"), settings.get("limit"))
+    tok = load_tokenizer(settings["model"])
     out = []
     for question, row in zip(questions, load_examples(data).select_columns(["input_ids", "prompt_length"]), strict=True):
         answer = tok.decode(row["input_ids"][int(row["prompt_length"]):], skip_special_tokens=True).strip()
@@ -59,15 +61,13 @@ def passages(data: str, prompts_file: str, model: str, min_chars: int) -> list[t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="a make-data output dir (its answers become the texts)")
-    parser.add_argument("--prompts", required=True, help="the prompts file that make-data answered")
-    parser.add_argument("--model", default="smollm2-135m", help="the target whose tokenizer decodes the answers")
     parser.add_argument("--output", required=True, help="jsonl to write")
     parser.add_argument("--num", type=int, default=320, help="prompts to write (at most one per text)")
     parser.add_argument("--min-chars", type=int, default=300, help="shorter answers are not used as texts")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    texts = passages(args.data, args.prompts, args.model, args.min_chars)
+    texts = passages(args.data, args.min_chars)
     if args.num > len(texts):
         raise SystemExit(f"--num {args.num}: only {len(texts)} answers of {args.data} have >= {args.min_chars} "
                          "characters; lower --num or --min-chars")

@@ -140,6 +140,13 @@ def test_draft_vocabulary_drafts_from_it_and_the_context_and_round_trips(tmp_pat
     save_file(tensors, str(weights))
     with pytest.raises(CheckpointError, match="corrupt.*draft_vocab_size=96"):
         Medusa.from_pretrained(tmp_path / "m", model)
+    # Fewer columns than the tree's ranks (medusa-63 reaches rank 9): the paths beyond are dropped.
+    tiny = Medusa(model, random_heads(model, 1), tree="medusa-63", draft_vocab=torch.tensor([1, 2]))
+    prompt = torch.tensor([[1, 2, 1, 2, 1, 2]])
+    out, stats = run(model, prompt, tiny, 12)
+    assert torch.equal(out, reference(model, prompt, 12))
+    assert len(stats.steps[0].tree) == len([p for p in cut(MEDUSA_63, K) if max(p) < 2])
+    assert set(stats.steps[0].tree.tokens.tolist()) <= {1, 2}
     with pytest.raises(ValueError, match="own their lm_heads"):
         Medusa(model, random_heads(model, 0, own=True), draft_vocab=small)
     with pytest.raises(ValueError, match="Medusa: draft_vocab holds ids outside"):

@@ -221,6 +221,11 @@ def test_medusa2_joint_training_ships_its_adapted_target(workdir, dataset, tmp_p
     assert torch.equal(run(adapted, prompt, drafter, 20)[0], reference(adapted, prompt, 20))
     saved = load_file(str(drafter.save_pretrained(tmp_path / "again") / "drafter.safetensors"))
     assert any(k.startswith("backbone_lora.") for k in saved) and any(k.startswith("blocks.") for k in saved)
+    # draft-vocab reads a Medusa-2 checkpoint with its adapted target and keeps the adapter.
+    assert main(["draft-vocab", "--model", str(workdir / "tiny-target"), "--drafter", str(directory), "--data",
+                 str(dataset), "--size", "6", "--output-dir", str(tmp_path / "vocab")]) == 0
+    with_vocab = Medusa.from_pretrained(tmp_path / "vocab", adapted_target(tmp_path / "vocab", model))
+    assert with_vocab.draft_vocab.numel() == 6 and with_vocab.backbone_lora.keys() == drafter.backbone_lora.keys()
     plain = train(train_args(workdir, dataset, "medusa1-small", max_steps=1), MedusaRecipe(RECIPE))
     with pytest.raises(checkpoint.CheckpointError, match="Medusa-1"):
         adapted_target(plain, model)

@@ -66,7 +66,7 @@ from specdec import kv
 from specdec.drafter import Context, Feedback
 from specdec.drafters import checkpoint
 from specdec.drafters.layer_view import causal_mask
-from specdec.drafters.vocab import DraftVocab, stored, stripped
+from specdec.drafters.vocab import DraftVocab, rows, stored, stripped
 from specdec.trees import TokenTree, expand, tree_mask
 
 KIND = "eagle"
@@ -185,9 +185,8 @@ class FrozenTarget:
     def over(self, ids: Tensor) -> FrozenTarget:
         """The same parts with the lm_head cut to the rows of token ids `ids` (copied out once,
         contiguous): `logits(...)[..., j]` then scores token ``ids[j]``."""
-        index = ids.to(self.lm_weight.device)
-        return replace(self, lm_weight=self.lm_weight.index_select(0, index),
-                       lm_bias=None if self.lm_bias is None else self.lm_bias.index_select(0, index))
+        weight, bias = rows(self.lm_weight, self.lm_bias, ids)
+        return replace(self, lm_weight=weight, lm_bias=bias)
 
 
 def predict(head, frozen: FrozenTarget, features: Tensor, tokens: Tensor, position_ids: Tensor,

@@ -1,7 +1,7 @@
 """Draft vocabulary (EAGLE-3's): the lm_head rows a head-based drafter scores.
 
-On a small target the lm_head is most of a draft's cost (SmolLM2: 49k x 576; four Medusa heads
-through it are about two target forwards' worth of multiply-adds). `DraftVocab` keeps a fixed
+On a small target the lm_head is most of a draft's cost (SmolLM2: 49k x 576, a fifth of a
+target forward's multiply-adds per row; four Medusa heads put four rows through it). `DraftVocab` keeps a fixed
 set of token ids (e.g. the 8k most frequent answer tokens of the training data, stored in the
 checkpoint), their rows copied out of the lm_head once for a contiguous matmul, plus every token
 of the current request's context as it appears (`admit`: names and numbers copied from a prompt
@@ -59,7 +59,7 @@ def stripped(ckpt: checkpoint.Checkpoint, directory, vocab_size: int) -> tuple[c
     if ids is not None or size is not None:
         try:
             if ids is not None:
-                checked_vocab(ids, vocab_size, "checkpoint")
+                checked_vocab(ids, vocab_size, "the checkpoint")
             if ids is None or ids.numel() != size:
                 raise ValueError(f"its config says draft_vocab_size={size} but it holds "
                                  f"{0 if ids is None else ids.numel()} draft-vocabulary ids")

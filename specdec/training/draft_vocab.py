@@ -14,11 +14,9 @@ from pathlib import Path
 from torch import Tensor
 
 from specdec.drafters import checkpoint
-from specdec.drafters.eagle import Eagle
-from specdec.drafters.medusa import Medusa
 from specdec.training.data import frequent_answer_tokens
 
-DRAFTERS = {"eagle": Eagle, "medusa": Medusa}  # checkpoint kind -> a drafter that scores lm_head rows
+DRAFTERS = ("eagle", "medusa")  # checkpoint kinds whose drafters score lm_head rows
 
 
 @dataclass
@@ -45,6 +43,8 @@ def pick_draft_vocab(data: str, size: int, vocab_size: int, *, eval_fraction: fl
 def add_draft_vocab(args: DraftVocabArguments, command: str | None = None) -> Path:
     """Save the --drafter again with a draft vocabulary: the --size tokens the target generated
     most often in --data. Drafts then score those lm_head rows (and each context's tokens) only."""
+    from specdec.drafters.eagle import Eagle
+    from specdec.drafters.medusa import Medusa, adapted_target
     from specdec.models import load_model
 
     if args.size < 1:
@@ -54,8 +54,13 @@ def add_draft_vocab(args: DraftVocabArguments, command: str | None = None) -> Pa
         raise ValueError(f"draft-vocab: {args.drafter} holds a {kind!r} drafter; only {', '.join(DRAFTERS)} drafters "
                          "score lm_head rows")
     target = load_model(args.model)[0]
-    cls = DRAFTERS[kind]
+    cls = {"eagle": Eagle, "medusa": Medusa}[kind]
+    if checkpoint.load(args.drafter, kind, target).metadata.get("backbone"):
+        target = adapted_target(args.drafter, target)  # Medusa-2 heads read the LoRA-adapted decoder
     drafter = cls.from_pretrained(args.drafter, target)
+    if getattr(getattr(drafter, "heads", None), "lm_heads", None) is not None:
+        raise ValueError(f"draft-vocab: {args.drafter} holds Medusa heads with their own lm_heads (--own-lm-head); "
+                         "a draft vocabulary picks rows of the target's lm_head, which they do not use")
     training = drafter.metadata.get("training", {}).get("arguments", {})  # the drafter's own train/held-out split
     if training.get("draft_vocab_size"):
         raise ValueError(f"{args.drafter} was trained over its own draft vocabulary (--draft-vocab-size "
