@@ -87,6 +87,23 @@ def run(model, prompt: torch.Tensor, drafter, max_new: int, **kwargs):
     return out, stats
 
 
+def assert_drafts_within(model, drafter, vocab: torch.Tensor, requests: int = 3) -> None:
+    """One drafter over `requests` prompts: every output exact, every drafted token in `vocab` (a
+    draft vocabulary) or in that request's context so far, and some drafted from the context."""
+    outside = set()
+    for seed in range(requests):
+        prompt = random_prompt(seed, 6)
+        out, stats = run(model, prompt, drafter, 30)
+        assert torch.equal(out, reference(model, prompt, 30))
+        t = prompt.shape[1]
+        for step in stats.steps:
+            drafted = set(step.tree.tokens.tolist())
+            assert drafted <= set(vocab.tolist()) | set(out[0, :t].tolist())
+            outside |= drafted - set(vocab.tolist())
+            t += len(step.new_tokens)
+    assert outside  # context tokens were drafted
+
+
 @contextlib.contextmanager
 def leaves_untouched(model):
     """Asserts, after the block, that it changed none of `model`'s weights, its config, or the
