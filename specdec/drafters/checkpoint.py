@@ -142,9 +142,10 @@ def _read_header(directory: Path) -> dict:
     return header
 
 
-def kind_of(directory) -> str:
-    """The drafter kind a checkpoint directory holds ("medusa", "eagle", ...)."""
-    return _read_header(Path(directory))["drafter"]
+def header_of(directory) -> dict:
+    """A checkpoint directory's `CONFIG_NAME` contents (drafter kind, target, config, metadata),
+    checked for form; the tensors are not read."""
+    return _read_header(Path(directory))
 
 
 def check_target(saved: dict, model, where: str, *, check_base_model: bool = True) -> None:

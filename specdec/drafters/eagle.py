@@ -236,11 +236,15 @@ class Eagle:
         self._check(model)
         self._frozen = FrozenTarget.of(model)
         self._vocab = DraftVocab(self._frozen.lm_weight, self._frozen.lm_bias, draft_vocab, "Eagle")
-        self.draft_vocab = self._vocab.ids  # [V] sorted token ids, or None: every row
         self._reset()
         # Decayed sums of accepted drafts and of the proposed trees' scores; the prior (1, 1)
         # trusts the draft probabilities until feedback says otherwise.
         self._accepted, self._expected = 1.0, 1.0
+
+    @property
+    def draft_vocab(self) -> Tensor | None:
+        """[V] sorted token ids of the draft vocabulary, or None: every row."""
+        return self._vocab.ids
 
     def _check(self, target) -> None:
         if target.config.hidden_size != self.head.hidden_size:

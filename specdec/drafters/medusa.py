@@ -215,11 +215,15 @@ class Medusa:
             self.paths = validate(tree, max_depth=heads.num_heads)[:budget]
         self._calibrated: tuple[object, list] | None = None  # (verify_cost it was sized for, paths)
         if draft_vocab is not None and heads.lm_heads is not None:
-            raise ValueError("Medusa: draft_vocab picks rows of the target's lm_head, but these heads own their "
-                             "lm_heads; pass draft_vocab=None")
+            raise ValueError("Medusa: a draft vocabulary picks rows of the target's lm_head, but these heads own their "
+                             "lm_heads (trained with --own-lm-head); use them without one")
         self._vocab = DraftVocab(*lm_head_of(model), draft_vocab, "Medusa")
         self._vocab_of = model  # the target whose lm_head rows `_vocab` holds
-        self.draft_vocab = self._vocab.ids  # [V] sorted token ids, or None: every row
+
+    @property
+    def draft_vocab(self) -> Tensor | None:
+        """[V] sorted token ids of the draft vocabulary, or None: every row."""
+        return self._vocab.ids
 
     def _check(self, target) -> None:
         vocab = target.get_output_embeddings().weight.shape[0]

@@ -49,19 +49,16 @@ def add_draft_vocab(args: DraftVocabArguments, command: str | None = None) -> Pa
 
     if args.size < 1:
         raise ValueError(f"draft-vocab: --size must be >= 1, got {args.size}")
-    kind = checkpoint.kind_of(args.drafter)
+    header = checkpoint.header_of(args.drafter)
+    kind, metadata = header["drafter"], header.get("metadata", {})
     if kind not in DRAFTERS:
         raise ValueError(f"draft-vocab: {args.drafter} holds a {kind!r} drafter; only {', '.join(DRAFTERS)} drafters "
                          "score lm_head rows")
     target = load_model(args.model)[0]
     cls = {"eagle": Eagle, "medusa": Medusa}[kind]
-    if checkpoint.load(args.drafter, kind, target).metadata.get("backbone"):
+    if metadata.get("backbone"):
         target = adapted_target(args.drafter, target)  # Medusa-2 heads read the LoRA-adapted decoder
-    drafter = cls.from_pretrained(args.drafter, target)
-    if getattr(getattr(drafter, "heads", None), "lm_heads", None) is not None:
-        raise ValueError(f"draft-vocab: {args.drafter} holds Medusa heads with their own lm_heads (--own-lm-head); "
-                         "a draft vocabulary picks rows of the target's lm_head, which they do not use")
-    training = drafter.metadata.get("training", {}).get("arguments", {})  # the drafter's own train/held-out split
+    training = metadata.get("training", {}).get("arguments", {})  # the drafter's own train/held-out split
     if training.get("draft_vocab_size"):
         raise ValueError(f"{args.drafter} was trained over its own draft vocabulary (--draft-vocab-size "
                          f"{training['draft_vocab_size']}); another one would score rows it never learnt to rank: "
