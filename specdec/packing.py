@@ -25,8 +25,8 @@ for frozen CPU linears); `available()` says whether this torch build has them.
 from __future__ import annotations
 
 import contextlib
-
 import weakref
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -66,13 +66,16 @@ class PackedLinears:
     False where there is nothing to pack (no oneDNN, float64 or GPU weights): the context is a no-op.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, extra: Iterable[Tensor] = ()):
+        """Packs `model`'s linear weights and the `extra` weight tensors ([out, in], e.g. a drafter's
+        copied lm_head rows, used through ``F.linear`` outside any module)."""
         # id(weight) -> (weak ref to the weight, its version when packed, the packed copy)
         self._packed: dict[int, tuple[weakref.ref, int, Tensor]] = {}
         if available():
-            for module in model.modules():
-                if isinstance(module, nn.Linear) and _packable(module.weight):
-                    self._pack(module.weight)
+            weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)] + list(extra)
+            for weight in weights:
+                if _packable(weight):
+                    self._pack(weight)
         self.enabled = bool(self._packed)
         self._modes: list[_Route] = []  # a stack, so nested `with` blocks work
 
@@ -116,9 +119,15 @@ class PackedRoute:
     ``k >= packed_from`` (the crossover measured by `specdec.profile`), else the stock forward.
     ``packed_from=None`` never packs (and builds nothing)."""
 
-    def __init__(self, model: nn.Module, packed_from: int | None):
+    def __init__(self, model: nn.Module, packed_from: int | None, extra: Iterable[Tensor] = ()):
+        """`extra`: more weights to pack (see `PackedLinears`); they make a route of its own,
+        not the model's shared `packed_linears`."""
         self.packed_from = packed_from
-        self._packs = packed_linears(model) if packed_from is not None else None
+        if packed_from is None:
+            self._packs = None
+        else:
+            extra = list(extra)
+            self._packs = PackedLinears(model, extra) if extra else packed_linears(model)
 
     def __call__(self, k: int) -> contextlib.AbstractContextManager:
         if self._packs is not None and k >= self.packed_from:

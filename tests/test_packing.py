@@ -10,7 +10,7 @@ import torch
 
 import specdec
 from specdec import profile
-from specdec.drafters import DraftModel, PromptLookup
+from specdec.drafters import DraftModel, Eagle, Medusa, PromptLookup
 from specdec.packing import PackedLinears, PackedRoute, available, packed_linears
 from conftest import random_prompt, reference, tiny_model
 
@@ -116,6 +116,63 @@ def test_draft_model_forwards_can_run_packed_and_stay_exact():
         out = specdec.generate(target, prompt, drafter, max_new_tokens=16, packed_from=None)
         assert torch.equal(out, ref)
         assert isinstance(drafter._route(1), PackedLinears) == (packed_from == 1)
+
+
+class OneDnnSpy(torch.overrides.TorchFunctionMode):
+    """Counts oneDNN linear calls made under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.ops.mkldnn._linear_pointwise
+        return func(*args, **(kwargs or {}))
+
+
+def head_drafter(kind: str, model, packed_from, draft_vocab):
+    from test_eagle import random_head
+    from test_medusa import random_heads
+
+    if kind == "eagle":
+        return Eagle(model, random_head(model, 1), packed_from=packed_from, draft_vocab=draft_vocab)
+    return Medusa(model, random_heads(model, 1), tree="medusa-16", packed_from=packed_from, draft_vocab=draft_vocab)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+@pytest.mark.parametrize("vocab", [None, torch.arange(0, 96, 3)])
+def test_head_drafters_run_packed_and_stay_exact(kind, vocab):
+    """Eagle's and Medusa's draft forwards go through oneDNN when asked (the verifier here never
+    does: packed_from=None), draft what the stock forward drafts, and stay exact."""
+    model = fp32_model(seed=8)
+    prompt = random_prompt(8, 20)
+    ref = reference(model, prompt, 16)
+    trees, calls = {}, {}
+    for packed_from in (1, None):
+        drafter = head_drafter(kind, model, packed_from, vocab)
+        steps = []
+        with OneDnnSpy() as spy:
+            out = specdec.generate(model, prompt, drafter, max_new_tokens=16, packed_from=None, guard=None,
+                                   on_step=lambda info: steps.append(info.tree.tokens))
+        assert torch.equal(out, ref)
+        trees[packed_from], calls[packed_from] = steps, spy.calls
+    assert calls[1] > 0 and calls[None] == 0
+    assert len(trees[1]) == len(trees[None]) and all(torch.equal(a, b) for a, b in zip(trees[1], trees[None]))
+
+
+def test_head_drafters_pack_lazily_and_once():
+    """No packing before the first draft; begin() on the same target keeps the packed copies;
+    an invalid packed_from is refused at construction."""
+    model = fp32_model(seed=9)
+    drafter = head_drafter("eagle", model, 1, torch.arange(0, 96, 2))
+    route = drafter._route
+    assert route._routes is None
+    for seed in (9, 10):  # two requests: two begin() calls on the same target
+        specdec.generate(model, random_prompt(seed, 8), drafter, max_new_tokens=4, packed_from=None, guard=None)
+        assert drafter._route is route and route._routes is not None
+    for kind in ("eagle", "medusa"):
+        with pytest.raises(ValueError, match="packed_from"):
+            head_drafter(kind, model, 0, None)
 
 
 def test_packed_from_is_validated():

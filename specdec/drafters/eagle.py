@@ -66,7 +66,8 @@ from specdec import kv
 from specdec.drafter import Context, Feedback
 from specdec.drafters import checkpoint
 from specdec.drafters.layer_view import causal_mask
-from specdec.drafters.vocab import DraftVocab, rows, stored, stripped
+from specdec.decode import resolve_packed_from
+from specdec.drafters.vocab import DraftVocab, PackedDraft, rows, stored, stripped
 from specdec.trees import TokenTree, expand, tree_mask
 
 KIND = "eagle"
@@ -203,7 +204,7 @@ class Eagle:
     def __init__(
         self, model, head: EagleHead, *, depth: int = 4, topk: int = 8, width: int | None = None,
         budget: int | None = 32, min_confidence: float = 0.0, calibration_decay: float = 0.95,
-        draft_vocab: Tensor | None = None, metadata: dict | None = None,
+        draft_vocab: Tensor | None = None, packed_from: int | None | str = "auto", metadata: dict | None = None,
     ):
         """`depth`: levels of the draft tree (head steps per proposal; 4 because on SmolLM2 the
         shipped head's greedy chain needs depth 5 on 13% of steps while a level costs a tenth of a
@@ -215,6 +216,9 @@ class Eagle:
         `calibration_decay`: weight of past steps in the running acceptance calibration.
         `draft_vocab`: [V] token ids the head scores (with each request's context tokens added);
         None: the whole vocabulary. `from_pretrained` passes the checkpoint's, if it has one.
+        `packed_from`: head steps over this many rows or more run with oneDNN-prepacked linears
+        (`specdec.packing`; "auto": from the target's stored cost curve, as the verifier does;
+        None: never). A step is a few rows, where MKL's fp32 matmul is slowest.
         `metadata`: the checkpoint's training record, saved again by `save_pretrained`."""
         if not isinstance(head, EagleHead):
             raise TypeError(f"Eagle: head must be an EagleHead, got {type(head).__name__}")
@@ -236,6 +240,8 @@ class Eagle:
         self._check(model)
         self._frozen = FrozenTarget.of(model)
         self._vocab = DraftVocab(self._frozen.lm_weight, self._frozen.lm_bias, draft_vocab, "Eagle")
+        self.packed_from = packed_from
+        self._route = PackedDraft(head, self._vocab, model, resolve_packed_from(model, packed_from))
         self._reset()
         # Decayed sums of accepted drafts and of the proposed trees' scores; the prior (1, 1)
         # trusts the draft probabilities until feedback says otherwise.
@@ -304,6 +310,7 @@ class Eagle:
             self._reset()
         else:  # the cache stays (propose keeps its common prefix with the next prompt); the last
             self._vocab.reset()  # request's context tokens leave the draft vocabulary
+        self._route = self._route.rebuilt(self.head, self._vocab, target, resolve_packed_from(target, self.packed_from))
 
     @property
     def acceptance_ratio(self) -> float:
@@ -344,11 +351,13 @@ class Eagle:
     def _step(self, feats: Tensor, tokens: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
         """One head forward over m pairs -> [m, H] predicted features."""
         device = self.head.fc.weight.device
-        return predict(self.head, self._frozen, feats.to(device)[None], tokens.to(device)[None],
-                       positions.to(device)[None], mask.to(device), self.cache)[0]
+        with self._route(tokens.numel()):
+            return predict(self.head, self._frozen, feats.to(device)[None], tokens.to(device)[None],
+                           positions.to(device)[None], mask.to(device), self.cache)[0]
 
     def _log_probs(self, feats: Tensor) -> Tensor:
-        logits = self._vocab.logits(feats)
+        with self._route(feats.shape[0]):
+            logits = self._vocab.logits(feats)
         # [m, V' + c] over the draft vocabulary's rows, normalised over them: the tree's scores
         # overstate q by the mass outside, which `size`'s running calibration absorbs.
         return torch.log_softmax(logits.float(), dim=-1).cpu()
