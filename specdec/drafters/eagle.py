@@ -63,10 +63,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from specdec import kv
+from specdec.decode import resolve_packed_from
 from specdec.drafter import Context, Feedback
 from specdec.drafters import checkpoint
 from specdec.drafters.layer_view import causal_mask
-from specdec.decode import resolve_packed_from
 from specdec.drafters.vocab import DraftVocab, PackedDraft, rows, stored, stripped
 from specdec.trees import TokenTree, expand, tree_mask
 
