@@ -21,6 +21,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import specdec
 from specdec.drafter import Context, Feedback
+from specdec.trees import TokenTree
 from specdec.drafters.checkpoint import CheckpointError
 from specdec.drafters.eagle import Eagle, EagleHead, FrozenTarget
 from specdec.models import load_model
@@ -51,7 +52,7 @@ def test_random_head_is_exact(arch, kwargs):
     for seed in range(2):
         prompt = random_prompt(seed, 6)
         ref = reference(model, prompt, 30)
-        out, stats = run(model, prompt, Eagle(model, random_head(model, seed), **kwargs), 30)
+        out, stats = run(model, prompt, Eagle(model, random_head(model, seed), **kwargs, min_gain=0), 30)
         assert torch.equal(out, ref)
         assert all(len(s.tree) > 0 for s in stats.steps[:-1])  # every step drafted
 
@@ -99,17 +100,17 @@ def test_oracle_head_accepts_every_depth(arch, prompt_len):
     model = tiny_model(arch)
     prompt = random_prompt(11, prompt_len)
     ref = reference(model, prompt, 50)
-    out, stats = run(model, prompt, Eagle(model, OracleHead(model, ref), depth=4, topk=1), 40)
+    out, stats = run(model, prompt, Eagle(model, OracleHead(model, ref), depth=4, topk=1, min_gain=0), 40)
     assert torch.equal(out, ref[:, : prompt_len + 40])
     assert all(len(s.accepted_nodes) == 4 for s in stats.steps[:-1])
-    out, stats = run(model, prompt, Eagle(model, OracleHead(model, ref), depth=4, topk=3, budget=None), 40)
+    out, stats = run(model, prompt, Eagle(model, OracleHead(model, ref), depth=4, topk=3, budget=None, min_gain=0), 40)
     assert torch.equal(out, ref[:, : prompt_len + 40])
     assert all(len(s.accepted_nodes) == 4 for s in stats.steps[:-1])
 
 
 def test_one_token_prompt_drafts_nothing_first():
     model = tiny_model("llama")
-    assert_drafts_from_the_second_step(model, Eagle(model, random_head(model, 0)))
+    assert_drafts_from_the_second_step(model, Eagle(model, random_head(model, 0), min_gain=0))
 
 
 def test_session_turns_keep_the_alignment():
@@ -120,7 +121,7 @@ def test_session_turns_keep_the_alignment():
     ref1 = reference(model, first, 12)
     second = torch.cat([ref1, random_prompt(7, 4)], dim=1)
     ref2 = reference(model, second, 24)
-    drafter = Eagle(model, OracleHead(model, ref2), depth=3, topk=1)
+    drafter = Eagle(model, OracleHead(model, ref2), depth=3, topk=1, min_gain=0)
     session = specdec.Session(model, drafter, guard=None, eos_token_id=[])
     assert torch.equal(session.generate(first, max_new_tokens=12), ref1)
     stats = specdec.GenerationStats()
@@ -129,7 +130,7 @@ def test_session_turns_keep_the_alignment():
     assert all(len(s.accepted_nodes) == 3 for s in stats.steps[:-1])
     assert_cache_holds_real_pairs(drafter, model, ref2)
     # A random head through the same two turns: exact.
-    session = specdec.Session(model, Eagle(model, random_head(model, 1)), guard=None, eos_token_id=[])
+    session = specdec.Session(model, Eagle(model, random_head(model, 1), min_gain=0), guard=None, eos_token_id=[])
     session.generate(first, max_new_tokens=12)
     assert torch.equal(session.generate(second, max_new_tokens=16), ref2[:, : second.shape[1] + 16])
 
@@ -153,13 +154,13 @@ def test_guard_pauses_leave_gaps_but_stay_exact(arch):
     model = tiny_model(arch)
     prompt = random_prompt(3, 6)
     ref = reference(model, prompt, 60)
-    drafter = Eagle(model, OracleHead(model, ref), depth=3, topk=2, budget=6)
+    drafter = Eagle(model, OracleHead(model, ref), depth=3, topk=2, budget=6, min_gain=0)
     out, stats = run(model, prompt, drafter, 50, guard=PausingGuard())
     assert torch.equal(out, ref[:, : prompt.shape[1] + 50])
     drafted = [s for s in stats.steps[:-1] if len(s.tree)]
     assert len(drafted) < len(stats.steps) - 3 and all(len(s.accepted_nodes) == 3 for s in drafted)
     assert_cache_holds_real_pairs(drafter, model, ref)
-    out, _ = run(model, prompt, Eagle(model, random_head(model, 2)), 50, guard=PausingGuard())
+    out, _ = run(model, prompt, Eagle(model, random_head(model, 2), min_gain=0), 50, guard=PausingGuard())
     assert torch.equal(out, ref[:, : prompt.shape[1] + 50])
 
 
@@ -168,7 +169,7 @@ def test_propose_from_context_alone():
     model = tiny_model("llama")
     ids = random_prompt(0, 9)[0]
     hidden = states_of(model, ids[None])[:-1]  # [8, H]: ids[:-1], as after the prefill
-    drafter = Eagle(model, random_head(model, 0), depth=3, topk=2)
+    drafter = Eagle(model, random_head(model, 0), depth=3, topk=2, min_gain=0)
     drafter.begin(model)
     assert len(drafter.propose(Context(ids, None))) == 0  # nothing cached, no features
     first = drafter.propose(Context(ids, hidden))
@@ -176,7 +177,7 @@ def test_propose_from_context_alone():
     assert len(first) > 0 and torch.equal(first.tokens, again.tokens) and torch.equal(first.parents, again.parents)
     assert torch.allclose(first.scores, again.scores)
     assert len(drafter.propose(Context(ids, hidden[-1:]))) == len(first)  # only the newest row
-    fresh = Eagle(model, drafter.head, depth=3, topk=2)
+    fresh = Eagle(model, drafter.head, depth=3, topk=2, min_gain=0)
     gap = fresh.propose(Context(ids, hidden[-2:]))  # an earlier gap: drafts from the rows it has
     assert len(gap) > 0 and fresh._pos.tolist() == [6, 7]
     other = torch.cat([ids[:4], (ids[4:] + 1) % 90])  # diverges at 4: pairs from position 3 on are stale
@@ -193,7 +194,7 @@ def test_tree_scores_and_sizing():
     model = tiny_model("llama")
     ids = random_prompt(1, 8)[0]
     hidden = states_of(model, ids[None])[:-1]
-    drafter = Eagle(model, random_head(model, 0), depth=4, topk=4, budget=12)
+    drafter = Eagle(model, random_head(model, 0), depth=4, topk=4, budget=12, min_gain=0)
     drafter.begin(model)
     tree = drafter.propose(Context(ids, hidden))
     assert len(tree) == 12 and tree.draft_probs is None
@@ -215,11 +216,38 @@ def test_tree_scores_and_sizing():
     assert len(drafter.propose(Context(ids, hidden, verify_cost=lambda n: 1.0 + 0.3 * n))) > before
 
 
+def test_min_gain_stops_growth_by_calibrated_chance():
+    """Growth stops below the first level whose best node's calibrated chance misses min_gain (the
+    levels above it are drafted as without the bar); feedback that raises the acceptance ratio
+    lowers the bar on draft probabilities, and the tree grows deeper again."""
+    model = tiny_model("llama")
+    ids = random_prompt(2, 8)[0]
+    hidden = states_of(model, ids[None])[:-1]
+    full = Eagle(model, random_head(model, 0), depth=4, topk=4, budget=None, min_gain=0)
+    full.begin(model)
+    tree = full.propose(Context(ids, hidden))
+    depths, scores = tree.depths(), tree.scores
+    best = [float(scores[depths == d].max()) for d in range(int(depths.min()), int(depths.max()) + 1)]
+    assert best == sorted(best, reverse=True) and len(best) == 4
+    bar = (best[1] + best[2]) / 2  # above the third level's best node, below the second's
+    cut = Eagle(model, full.head, depth=4, topk=4, budget=None, min_gain=bar)
+    cut.begin(model)
+    shallow = cut.propose(Context(ids, hidden))
+    keep = [i for i in range(len(tree)) if int(depths[i]) <= int(depths.min()) + 2]
+    assert shallow.tokens.tolist() == tree.subtree(keep).tokens.tolist()  # three levels, no fourth step
+    chain = TokenTree(torch.zeros(4, dtype=torch.long), torch.arange(-1, 3), scores=torch.full((4,), 1e-9, dtype=torch.float64))
+    for _ in range(100):  # unlikely proposals fully accepted: the ratio rises, the bar on q falls
+        cut.update(Feedback(chain, [0, 1, 2, 3], torch.zeros(5, dtype=torch.long)))
+    assert cut.acceptance_ratio * best[3] > bar
+    assert len(cut.propose(Context(ids, hidden))) == len(tree)
+
+
 def test_argument_errors():
     model = tiny_model("llama")
     head = random_head(model, 0)
     for kwargs, message in [({"depth": 0}, "depth"), ({"topk": 0}, "topk"), ({"width": 0}, "width"),
                             ({"budget": 0}, "budget"), ({"min_confidence": 1.0}, "min_confidence"),
+                            ({"min_gain": 1.0}, "min_gain"), ({"min_gain": -0.1}, "min_gain"),
                             ({"calibration_decay": 1.0}, "calibration_decay")]:
         with pytest.raises(ValueError, match=message):
             Eagle(model, head, **kwargs)
@@ -255,8 +283,8 @@ def test_training_alignment_matches_drafting():
     with torch.no_grad():
         metrics = recipe.evaluate(head, model, iter([batch]))["eval"]
     assert metrics["acceptance"][0] > 0.8 and metrics["expected_chain_tokens"] > 3
-    _, untrained = run(model, prompt, Eagle(model, recipe.build(model, TrainArguments()), topk=1), 50)
-    out, stats = run(model, prompt, Eagle(model, head, topk=1), 50)
+    _, untrained = run(model, prompt, Eagle(model, recipe.build(model, TrainArguments()), topk=1, min_gain=0), 50)
+    out, stats = run(model, prompt, Eagle(model, head, topk=1, min_gain=0), 50)
     assert torch.equal(out, ref[:, : prompt.shape[1] + 50])
     assert stats.mean_accepted > 3.0 and stats.mean_accepted > untrained.mean_accepted + 1.5
 
@@ -268,7 +296,7 @@ def test_training_unroll_computes_what_drafting_computes():
     model = tiny_model("qwen")
     ids = random_prompt(8, 9)[0]
     head = random_head(model, 4)
-    drafter = Eagle(model, head, depth=3, topk=1)
+    drafter = Eagle(model, head, depth=3, topk=1, min_gain=0)
     drafter.begin(model)
     tree = drafter.propose(Context(ids, states_of(model, ids[None])[:-1]))
     assert tree.is_chain and len(tree) == 3
@@ -334,7 +362,7 @@ def test_draft_vocabulary_admits_the_contexts_tokens(guard):
             break
     assert continuation & set(prompt[0].tolist())
     small = torch.tensor(sorted(continuation - set(prompt[0].tolist())))
-    drafter = Eagle(model, OracleHead(model, ref), depth=4, topk=1, draft_vocab=small)
+    drafter = Eagle(model, OracleHead(model, ref), depth=4, topk=1, draft_vocab=small, min_gain=0)
     out, stats = run(model, prompt, drafter, 40, guard=guard and guard())
     assert torch.equal(out, ref[:, :47])
     drafted = [s for s in stats.steps[:-1] if len(s.tree)]
@@ -345,12 +373,12 @@ def test_draft_vocabulary_forgets_the_last_requests_tokens_and_stays_exact(tmp_p
     model = tiny_model("llama")
     vocab_size = model.config.vocab_size
     small = torch.tensor([3, 9, 1, 30, 17, 9])  # unsorted, with a repeat: kept sorted and unique
-    drafter = Eagle(model, random_head(model, 0), topk=3, depth=4, budget=None, draft_vocab=small)
+    drafter = Eagle(model, random_head(model, 0), topk=3, depth=4, budget=None, draft_vocab=small, min_gain=0)
     assert drafter.draft_vocab.tolist() == [1, 3, 9, 17, 30]
     assert_drafts_within(model, drafter, small)  # three requests: each from small and its own context
     # The whole vocabulary as the draft vocabulary drafts what no draft vocabulary drafts.
-    everything = Eagle(model, random_head(model, 5), draft_vocab=torch.arange(vocab_size))
-    assert_same_drafts(model, Eagle(model, random_head(model, 5)), everything)
+    everything = Eagle(model, random_head(model, 5), draft_vocab=torch.arange(vocab_size), min_gain=0)
+    assert_same_drafts(model, Eagle(model, random_head(model, 5), min_gain=0), everything)
     # The vocabulary is saved and loaded with the head; an explicit draft_vocab=None drops it.
     everything.save_pretrained(tmp_path / "e")
     loaded = Eagle.from_pretrained(tmp_path / "e", model)

@@ -160,3 +160,18 @@ def test_expand_stops_below_min_confidence():
     assert len(expand(step, depth=5, topk=1, min_confidence=0.5)) == 2
     assert len(expand(step, depth=5, topk=1)) == 5
     assert len(expand(lambda tree, frontier: torch.stack([unsure]), depth=5, topk=1, min_confidence=0.5)) == 0
+
+
+def test_expand_stops_once_no_frontier_node_reaches_min_score():
+    confident = torch.log(torch.tensor([0.9, 0.05, 0.05]))  # cumulative scores 0.9, 0.81, 0.729, 0.656, ...
+    calls = []
+
+    def step(tree, frontier):
+        calls.append(len(frontier))
+        return torch.stack([confident for _ in frontier])
+
+    tree = expand(step, depth=6, topk=1, min_score=0.7)
+    assert len(tree) == 4 and len(calls) == 4  # the level at 0.656 is kept, no step runs below it
+    assert tree.scores.min() < 0.7 <= tree.scores[:3].min()
+    calls.clear()
+    assert len(expand(step, depth=6, topk=2, width=2, min_score=0.0)) == 12 and len(calls) == 6

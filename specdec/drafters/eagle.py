@@ -202,17 +202,22 @@ class Eagle:
     needs_hidden_states = True
 
     def __init__(
-        self, model, head: EagleHead, *, depth: int = 4, topk: int = 8, width: int | None = None,
-        budget: int | None = 32, min_confidence: float = 0.0, calibration_decay: float = 0.95,
+        self, model, head: EagleHead, *, depth: int = 6, topk: int = 8, width: int | None = None,
+        budget: int | None = 32, min_confidence: float = 0.0, min_gain: float = 0.1, calibration_decay: float = 0.95,
         draft_vocab: Tensor | None = None, packed_from: int | None | str = "auto", metadata: dict | None = None,
     ):
-        """`depth`: levels of the draft tree (head steps per proposal; 4 because on SmolLM2 the
-        shipped head's greedy chain needs depth 5 on 13% of steps while a level costs a tenth of a
-        target forward, BENCHMARKS.md "Eagle retrained"). Each frontier node offers
+        """`depth`: most levels of the draft tree (head steps per proposal; `min_gain` decides how
+        many of them a proposal runs). Each frontier node offers
         its `topk` most likely next tokens; the `width` (default `topk`) best offers by cumulative
         draft probability form the next level; the `budget` best nodes overall are kept (None:
         all), fewer when the target's verify-cost curve says a smaller tree pays more.
         `min_confidence`: stop growing once no frontier node's best token is that likely.
+        `min_gain`: stop growing once no frontier node's calibrated acceptance chance (running
+        acceptance ratio x cumulative draft probability, what `size` counts) reaches it: a level
+        costs a head step, and deeper nodes can only be less likely. 0.1 because on SmolLM2 a head
+        step costs about 7% of a verify forward, so a level must add about a tenth of a token to
+        pay; it halved the draft time there at the same accepted length (BENCHMARKS.md "Packed
+        draft forwards"). 0: always grow `depth` levels.
         `calibration_decay`: weight of past steps in the running acceptance calibration.
         `draft_vocab`: [V] token ids the head scores (with each request's context tokens added);
         None: the whole vocabulary. `from_pretrained` passes the checkpoint's, if it has one.
@@ -231,11 +236,13 @@ class Eagle:
             raise ValueError(f"Eagle: budget must be an int >= 1 or None (no cut), got {budget!r}")
         if not 0 <= min_confidence < 1:
             raise ValueError(f"Eagle: min_confidence must be in [0, 1), got {min_confidence}")
+        if not 0 <= min_gain < 1:
+            raise ValueError(f"Eagle: min_gain must be in [0, 1), got {min_gain}")
         if not 0 < calibration_decay < 1:
             raise ValueError(f"Eagle: calibration_decay must be in (0, 1), got {calibration_decay}")
         self.model, self.head = model, head
         self.depth, self.topk, self.width, self.budget = depth, topk, width or topk, budget
-        self.min_confidence, self.calibration_decay = min_confidence, calibration_decay
+        self.min_confidence, self.min_gain, self.calibration_decay = min_confidence, min_gain, calibration_decay
         self.metadata = dict(metadata or {})
         self._check(model)
         self._frozen = FrozenTarget.of(model)
@@ -394,7 +401,8 @@ class Eagle:
             return self._log_probs(out)  # [f, vocab]
 
         tree = expand(step, depth=depth, topk=self.topk, width=self.width, budget=self.budget,
-                      min_confidence=self.min_confidence, vocab=self._vocab.tokens)
+                      min_confidence=self.min_confidence, min_score=self.min_gain / self.acceptance_ratio,
+                      vocab=self._vocab.tokens)
         kv.drop_last(self.cache, kv.length(self.cache) - real)  # tree nodes carry guessed features
         if ctx.verify_cost is not None and len(tree) > 1:
             tree = self.size(tree, ctx.verify_cost)

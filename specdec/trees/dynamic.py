@@ -27,6 +27,7 @@ def expand(
     width: int | None = None,
     budget: int | None = None,
     min_confidence: float = 0.0,
+    min_score: float = 0.0,
     vocab: Tensor | None = None,
 ) -> TokenTree:
     """Grow `depth` levels: each frontier node offers its top-`topk` tokens, the best `width` of all
@@ -37,6 +38,9 @@ def expand(
     sampling must treat them as one-hot proposals. Growth stops early (SpecDec++'s idea, as a
     confidence rule) when no frontier node's best next token has draft probability
     `min_confidence` or more: such a level would most likely be rejected and only cost time.
+    Likewise it stops when no frontier node's cumulative draft probability reaches `min_score`:
+    every deeper node scores at most its parent, so another `step` could only add nodes that a
+    ranking by score would put below that bar.
     `vocab` ([V] token ids): `step` scores only these tokens (a draft vocabulary, EAGLE-3's cheaper
     lm_head), column j being token ``vocab[j]``; None: column j is token j.
     """
@@ -66,6 +70,8 @@ def expand(
             tokens.append(int(top_tok.flatten()[b]))
             scores.append(float(cand[b]))
         frontier, frontier_scores = new_frontier, cand[best]
+        if min_score > 0 and float(frontier_scores.max().exp()) < min_score:
+            break
     tree = TokenTree(
         torch.tensor(tokens, dtype=torch.long),
         torch.tensor(parents, dtype=torch.long),
