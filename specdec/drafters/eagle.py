@@ -216,8 +216,8 @@ class Eagle:
         acceptance ratio x cumulative draft probability, what `size` counts) reaches it: a level
         costs a head step, and deeper nodes can only be less likely. 0.1 because on SmolLM2 a head
         step costs about 7% of a verify forward, so a level must add about a tenth of a token to
-        pay; it halved the draft time there at the same accepted length (BENCHMARKS.md "Packed
-        draft forwards"). 0: always grow `depth` levels.
+        pay; it cut the draft time there by 40-50% at the same accepted length (BENCHMARKS.md,
+        "Cheaper drafts for the trained heads"). 0: always grow `depth` levels.
         `calibration_decay`: weight of past steps in the running acceptance calibration.
         `draft_vocab`: [V] token ids the head scores (with each request's context tokens added);
         None: the whole vocabulary. `from_pretrained` passes the checkpoint's, if it has one.

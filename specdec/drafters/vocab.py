@@ -127,7 +127,7 @@ class PackedDraft:
     prepacked linears (`specdec.packing`) when ``rows >= packed_from``: the head module's weights
     and the vocabulary's copied rows, or, for every row, the target's lm_head (packed once for the
     verifier, not copied again). Drafts put a few rows at a time through small weights, where
-    MKL's fp32 matmul is slowest (SmolLM2's Eagle: 33 -> 20 ms of drafting per target forward)."""
+    MKL's fp32 matmul is slowest (SmolLM2's Eagle: 29 -> 21 ms of drafting per target forward)."""
 
     def __init__(self, head: nn.Module, vocab: DraftVocab, target: nn.Module, packed_from: int | None):
         self.parts = (head, vocab, target, packed_from)
