@@ -242,12 +242,29 @@ def test_min_gain_stops_growth_by_calibrated_chance():
     assert len(cut.propose(Context(ids, hidden))) == len(tree)
 
 
+def test_min_gain_with_nothing_accepted_lately_drafts_one_level():
+    model = tiny_model("llama")
+    ids = random_prompt(3, 8)[0]
+    hidden = states_of(model, ids[None])[:-1]
+    chain = TokenTree(torch.zeros(2, dtype=torch.long), torch.arange(-1, 1), scores=torch.full((2,), 0.5, dtype=torch.float64))
+    for min_gain in (0.0, 0.1):
+        drafter = Eagle(model, random_head(model, 0), depth=4, topk=2, budget=None, min_gain=min_gain,
+                        calibration_decay=0.01)
+        drafter.begin(model)
+        for _ in range(200):  # every proposal rejected: the accepted sum underflows to 0
+            drafter.update(Feedback(chain, [], torch.zeros(1, dtype=torch.long)))
+        assert drafter.acceptance_ratio == 0
+        tree = drafter.propose(Context(ids, hidden))
+        assert int(tree.depths().max()) == (4 if min_gain == 0 else 1) + int(tree.depths().min()) - 1
+
+
 def test_argument_errors():
     model = tiny_model("llama")
     head = random_head(model, 0)
     for kwargs, message in [({"depth": 0}, "depth"), ({"topk": 0}, "topk"), ({"width": 0}, "width"),
                             ({"budget": 0}, "budget"), ({"min_confidence": 1.0}, "min_confidence"),
                             ({"min_gain": 1.0}, "min_gain"), ({"min_gain": -0.1}, "min_gain"),
+                            ({"packed_from": 0}, "packed_from"), ({"packed_from": "fast"}, "packed_from"),
                             ({"calibration_decay": 1.0}, "calibration_decay")]:
         with pytest.raises(ValueError, match=message):
             Eagle(model, head, **kwargs)

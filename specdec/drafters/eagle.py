@@ -46,14 +46,15 @@ only those rows plus every token of the current request's context as it appears
 (`specdec.drafters.vocab`). Its probabilities are normalised over those rows, so they overstate q
 a little; the tree sizing's running calibration absorbs that.
 
-Boundary: imports the core interface, `specdec.kv`, `specdec.trees` and the checkpoint, mask and
-draft-vocabulary helpers of this package; works with Llama-layout decoders (``get_decoder()`` with
+Boundary: imports the core interface, `specdec.kv`, `specdec.trees`, `specdec.decode`'s
+`resolve_packed_from`, and the checkpoint, mask and draft-vocabulary helpers of this package; works with Llama-layout decoders (``get_decoder()`` with
 ``layers``, ``rotary_emb`` and an RMS ``norm``), checked on construction.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -207,23 +208,25 @@ class Eagle:
         draft_vocab: Tensor | None = None, packed_from: int | None | str = "auto", metadata: dict | None = None,
     ):
         """`depth`: most levels of the draft tree (head steps per proposal; `min_gain` decides how
-        many of them a proposal runs). Each frontier node offers
+        many of them a proposal runs, so levels 5-6 cost only where a node is still likely; with
+        ``min_gain=0`` every proposal runs all of them). Each frontier node offers
         its `topk` most likely next tokens; the `width` (default `topk`) best offers by cumulative
         draft probability form the next level; the `budget` best nodes overall are kept (None:
         all), fewer when the target's verify-cost curve says a smaller tree pays more.
         `min_confidence`: stop growing once no frontier node's best token is that likely.
         `min_gain`: stop growing once no frontier node's calibrated acceptance chance (running
         acceptance ratio x cumulative draft probability, what `size` counts) reaches it: a level
-        costs a head step, and deeper nodes can only be less likely. 0.1 because on SmolLM2 a head
-        step costs about 7% of a verify forward, so a level must add about a tenth of a token to
-        pay; it cut the draft time there by 40-50% at the same accepted length (BENCHMARKS.md,
-        "Cheaper drafts for the trained heads"). 0: always grow `depth` levels.
+        costs a head step, and a node can only be less likely than its parent. A per-node bar,
+        set by measurement: on SmolLM2, where a head step costs about 7% of a verify forward,
+        0.1 cut the draft time by 38-49% at the same accepted length (BENCHMARKS.md, "Cheaper
+        drafts for the trained heads"; 0.05 and 0.2 did about as well). 0: always grow `depth` levels.
         `calibration_decay`: weight of past steps in the running acceptance calibration.
         `draft_vocab`: [V] token ids the head scores (with each request's context tokens added);
         None: the whole vocabulary. `from_pretrained` passes the checkpoint's, if it has one.
         `packed_from`: head steps over this many rows or more run with oneDNN-prepacked linears
-        (`specdec.packing`; "auto": from the target's stored cost curve, as the verifier does;
-        None: never). A step is a few rows, where MKL's fp32 matmul is slowest.
+        (`specdec.packing`; "auto": the crossover of the target's stored cost curve, as the
+        verifier uses, a proxy for the head's own; None: never). A step is a few rows, where MKL's
+        fp32 matmul is slowest.
         `metadata`: the checkpoint's training record, saved again by `save_pretrained`."""
         if not isinstance(head, EagleHead):
             raise TypeError(f"Eagle: head must be an EagleHead, got {type(head).__name__}")
@@ -248,7 +251,7 @@ class Eagle:
         self._frozen = FrozenTarget.of(model)
         self._vocab = DraftVocab(self._frozen.lm_weight, self._frozen.lm_bias, draft_vocab, "Eagle")
         self.packed_from = packed_from
-        self._route = PackedDraft(head, self._vocab, model, resolve_packed_from(model, packed_from))
+        self._route = PackedDraft(head, self._vocab, resolve_packed_from(model, packed_from))
         self._reset()
         # Decayed sums of accepted drafts and of the proposed trees' scores; the prior (1, 1)
         # trusts the draft probabilities until feedback says otherwise.
@@ -317,7 +320,7 @@ class Eagle:
             self._reset()
         else:  # the cache stays (propose keeps its common prefix with the next prompt); the last
             self._vocab.reset()  # request's context tokens leave the draft vocabulary
-        self._route = self._route.rebuilt(self.head, self._vocab, target, resolve_packed_from(target, self.packed_from))
+        self._route = self._route.rebuilt(self.head, self._vocab, resolve_packed_from(target, self.packed_from))
 
     @property
     def acceptance_ratio(self) -> float:
@@ -401,12 +404,18 @@ class Eagle:
             return self._log_probs(out)  # [f, vocab]
 
         tree = expand(step, depth=depth, topk=self.topk, width=self.width, budget=self.budget,
-                      min_confidence=self.min_confidence, min_score=self.min_gain / self.acceptance_ratio,
-                      vocab=self._vocab.tokens)
+                      min_confidence=self.min_confidence, min_score=self._min_score(), vocab=self._vocab.tokens)
         kv.drop_last(self.cache, kv.length(self.cache) - real)  # tree nodes carry guessed features
         if ctx.verify_cost is not None and len(tree) > 1:
             tree = self.size(tree, ctx.verify_cost)
         return tree
+
+    def _min_score(self) -> float:
+        """`min_gain` as a bar on cumulative draft probability (calibrated chance = ratio x score)."""
+        ratio = self.acceptance_ratio
+        if self.min_gain == 0:
+            return 0.0
+        return self.min_gain / ratio if ratio > 0 else math.inf  # nothing accepted lately: one level
 
     def size(self, tree: TokenTree, verify_cost: Callable[[int], float]) -> TokenTree:
         """The best-scored n nodes of `tree` (an ancestor-closed set), with n maximising expected

@@ -29,8 +29,8 @@ the heads score only those rows and the request's context tokens (`specdec.draft
 shared with Eagle). The accuracy table still ranks over every row, a close stand-in: a token's
 rank among fewer rows is never worse, unless it is not among them.
 
-Boundary: imports the core interface, `specdec.trees` and the checkpoint and draft-vocabulary
-helpers only.
+Boundary: imports the core interface, `specdec.trees`, `specdec.decode`'s `resolve_packed_from`,
+and the checkpoint and draft-vocabulary helpers only.
 """
 
 from __future__ import annotations
@@ -187,8 +187,8 @@ class Medusa:
         context tokens added (`specdec.drafters.vocab`; heads sharing the target's lm_head only);
         None: every row. `from_pretrained` passes the checkpoint's, if it has one.
         `packed_from`: head forwards over this many lm_head rows (one per head) or more run with
-        oneDNN-prepacked linears (`specdec.packing`; "auto": from the target's stored cost curve,
-        as the verifier does; None: never)."""
+        oneDNN-prepacked linears (`specdec.packing`; "auto": the crossover of the target's stored
+        cost curve, as the verifier uses, a proxy for the heads' own; None: never)."""
         if not isinstance(heads, MedusaHeads):
             raise TypeError(f"Medusa: heads must be a MedusaHeads, got {type(heads).__name__}")
         if budget is not None and (not isinstance(budget, int) or budget < 1):
@@ -224,7 +224,7 @@ class Medusa:
         self._vocab = DraftVocab(*lm_head_of(model), draft_vocab, "Medusa")
         self._vocab_of = model  # the target whose lm_head rows `_vocab` holds
         self.packed_from = packed_from
-        self._route = PackedDraft(heads, self._vocab, model, resolve_packed_from(model, packed_from))
+        self._route = PackedDraft(heads, self._vocab, resolve_packed_from(model, packed_from))
 
     @property
     def draft_vocab(self) -> Tensor | None:
@@ -288,7 +288,7 @@ class Medusa:
         if target is not self._vocab_of:  # refused before anything changes
             self._vocab, self._vocab_of = DraftVocab(*lm_head_of(target), self.draft_vocab, "Medusa"), target
         self._vocab.reset()  # the last request's context tokens leave the draft vocabulary
-        self._route = self._route.rebuilt(self.heads, self._vocab, target, resolve_packed_from(target, self.packed_from))
+        self._route = self._route.rebuilt(self.heads, self._vocab, resolve_packed_from(target, self.packed_from))
 
     @torch.no_grad()
     def propose(self, ctx: Context) -> TokenTree:

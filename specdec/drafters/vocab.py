@@ -11,7 +11,8 @@ normalised over these columns overstate q a little; drafting only proposes, so o
 Checkpoints carry the ids as the tensor `VOCAB_KEY` and their count as ``draft_vocab_size`` in
 the drafter config (`stored`, `stripped`).
 
-Boundary: torch and the checkpoint helpers; used by `Eagle` and `Medusa`, which own one per target.
+Boundary: torch, the checkpoint helpers and `specdec.packing`; used by `Eagle` and `Medusa`, which
+own one per target.
 """
 
 from __future__ import annotations
@@ -112,9 +113,10 @@ class DraftVocab:
         return torch.cat([F.linear(feats.to(w.dtype), w, b) for w, b in self._blocks if w.shape[0]], dim=-1)
 
     @property
-    def owned_weights(self) -> list[Tensor]:
-        """The weights this vocabulary scores on every call and owns (its copied rows); none for
-        every row, which is the target's own lm_head weight."""
+    def fixed_weights(self) -> list[Tensor]:
+        """The copied rows of the fixed ids, worth packing once; none for every row (the target's
+        own lm_head weight, not copied). The context block changes with each request and is
+        scored as it is."""
         return [] if self._base is None else [self._base[0]]
 
     def token_ids(self, columns: Tensor) -> Tensor:
@@ -125,26 +127,24 @@ class DraftVocab:
 class PackedDraft:
     """``with route(rows): ...`` runs a head-based drafter's forward over `rows` rows with oneDNN-
     prepacked linears (`specdec.packing`) when ``rows >= packed_from``: the head module's weights
-    and the vocabulary's copied rows, or, for every row, the target's lm_head (packed once for the
-    verifier, not copied again). Drafts put a few rows at a time through small weights, where
-    MKL's fp32 matmul is slowest (SmolLM2's Eagle: 29 -> 21 ms of drafting per target forward)."""
+    and the vocabulary's fixed rows, packed on first use. Drafts put a few rows at a time through
+    small weights, where MKL's fp32 matmul is slowest (SmolLM2's Eagle: 29 -> 21 ms of drafting per
+    target forward). Scoring every row (no draft vocabulary) stays on the stock path: packing the
+    target's lm_head again would copy it."""
 
-    def __init__(self, head: nn.Module, vocab: DraftVocab, target: nn.Module, packed_from: int | None):
-        self.parts = (head, vocab, target, packed_from)
-        self._routes: list[PackedRoute] | None = None  # packed on first use, not for drafters never run
+    def __init__(self, head: nn.Module, vocab: DraftVocab, packed_from: int | None):
+        self.parts = (head, vocab, packed_from)
+        self._route: PackedRoute | None = None  # packed on first use, not for drafters never run
 
-    def rebuilt(self, head: nn.Module, vocab: DraftVocab, target: nn.Module, packed_from: int | None) -> PackedDraft:
+    def rebuilt(self, head: nn.Module, vocab: DraftVocab, packed_from: int | None) -> PackedDraft:
         """This route when built from the same parts, else a new one (packing reads every weight)."""
-        same = all(a is b for a, b in zip(self.parts[:3], (head, vocab, target))) and self.parts[3] == packed_from
-        return self if same else PackedDraft(head, vocab, target, packed_from)
+        same = self.parts[0] is head and self.parts[1] is vocab and self.parts[2] == packed_from
+        return self if same else PackedDraft(head, vocab, packed_from)
 
-    def __call__(self, rows: int) -> contextlib.ExitStack:
-        if self._routes is None:
-            head, vocab, target, packed_from = self.parts
-            self._routes = [PackedRoute(head, packed_from, vocab.owned_weights)]
-            if vocab.ids is None:
-                self._routes.append(PackedRoute(target, packed_from))
-        stack = contextlib.ExitStack()
-        for route in self._routes:
-            stack.enter_context(route(rows))
-        return stack
+    @contextlib.contextmanager
+    def __call__(self, rows: int):
+        if self._route is None:
+            head, vocab, packed_from = self.parts
+            self._route = PackedRoute(head, packed_from, vocab.fixed_weights)
+        with self._route(rows):
+            yield

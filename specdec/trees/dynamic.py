@@ -38,15 +38,18 @@ def expand(
     sampling must treat them as one-hot proposals. Growth stops early (SpecDec++'s idea, as a
     confidence rule) when no frontier node's best next token has draft probability
     `min_confidence` or more: such a level would most likely be rejected and only cost time.
-    Likewise it stops when no frontier node's cumulative draft probability reaches `min_score`:
-    every deeper node scores at most its parent, so another `step` could only add nodes that a
-    ranking by score would put below that bar.
+    It also stops once no node of the newest level has cumulative draft probability `min_score`
+    or more (that level is kept; no `step` runs below it): every deeper node scores at most its
+    parent, so another `step` could only add nodes below that bar. `min_score` may exceed 1
+    (then only the first level grows).
     `vocab` ([V] token ids): `step` scores only these tokens (a draft vocabulary, EAGLE-3's cheaper
     lm_head), column j being token ``vocab[j]``; None: column j is token j.
     """
     width = topk if width is None else width
     if depth < 0 or topk < 1 or width < 1:
         raise ValueError(f"expand: need depth >= 0, topk >= 1, width >= 1 (got {depth}, {topk}, {width})")
+    if not min_score >= 0:  # NaN too
+        raise ValueError(f"expand: min_score must be >= 0 (0: no bar), got {min_score}")
     tokens: list[int] = []
     parents: list[int] = []
     scores: list[float] = []
