@@ -47,8 +47,9 @@ only those rows plus every token of the current request's context as it appears
 a little; the tree sizing's running calibration absorbs that.
 
 Boundary: imports the core interface, `specdec.kv`, `specdec.trees`, `specdec.decode`'s
-`resolve_packed_from`, and the checkpoint, mask and draft-vocabulary helpers of this package; works with Llama-layout decoders (``get_decoder()`` with
-``layers``, ``rotary_emb`` and an RMS ``norm``), checked on construction.
+`resolve_packed_from`, and the checkpoint, mask and draft-vocabulary helpers of this package;
+works with Llama-layout decoders (``get_decoder()`` with ``layers``, ``rotary_emb`` and an RMS
+``norm``), checked on construction.
 """
 
 from __future__ import annotations
@@ -412,9 +413,9 @@ class Eagle:
 
     def _min_score(self) -> float:
         """`min_gain` as a bar on cumulative draft probability (calibrated chance = ratio x score)."""
-        ratio = self.acceptance_ratio
         if self.min_gain == 0:
             return 0.0
+        ratio = self.acceptance_ratio
         return self.min_gain / ratio if ratio > 0 else math.inf  # nothing accepted lately: one level
 
     def size(self, tree: TokenTree, verify_cost: Callable[[int], float]) -> TokenTree:

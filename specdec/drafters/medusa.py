@@ -24,8 +24,8 @@ accuracy table (from training) the default shape is calibrated from it and sized
 target's verify-cost curve (Medusa's sparse tree, Sequoia's size rule).
 
 Draft vocabulary. Four heads through SmolLM2's 49k-row lm_head cost about 0.8 of a target
-forward's multiply-adds per step; with `draft_vocab` (stored in the checkpoint by ``specdec train draft-vocab``)
-the heads score only those rows and the request's context tokens (`specdec.drafters.vocab`,
+forward's multiply-adds per step; with `draft_vocab` (stored in the checkpoint by
+``specdec train draft-vocab``) the heads score only those rows and the request's context tokens (`specdec.drafters.vocab`,
 shared with Eagle). The accuracy table still ranks over every row, a close stand-in: a token's
 rank among fewer rows is never worse, unless it is not among them.
 

@@ -4,8 +4,8 @@ On a small target the lm_head is most of a draft's cost (SmolLM2: 49k x 576, a f
 target forward's multiply-adds per row; four Medusa heads put four rows through it).
 `DraftVocab` keeps a fixed set of token ids (e.g. the 8k most frequent answer tokens of the
 training data, stored in the checkpoint), their rows copied out of the lm_head once for a
-contiguous matmul, plus every token of the current request's context as it appears (`admit`: names and numbers copied from a prompt
-stay draftable). Logits come in columns; `tokens` maps a column to its token id. Probabilities
+contiguous matmul, plus every token of the current request's context as it appears (`admit`:
+names and numbers copied from a prompt stay draftable). Logits come in columns; `tokens` maps a column to its token id. Probabilities
 normalised over these columns overstate q a little; drafting only proposes, so outputs stay exact.
 
 Checkpoints carry the ids as the tensor `VOCAB_KEY` and their count as ``draft_vocab_size`` in

@@ -43,8 +43,8 @@ def pick_draft_vocab(data: str, size: int, vocab_size: int, *, eval_fraction: fl
 def add_draft_vocab(args: DraftVocabArguments, command: str | None = None) -> Path:
     """Save the --drafter again with a draft vocabulary: the --size tokens the target generated
     most often in --data. Drafts then score those lm_head rows (and each context's tokens) only."""
-    from specdec.drafters.eagle import Eagle
-    from specdec.drafters.medusa import Medusa, adapted_target
+    from specdec.drafters import TRAINED
+    from specdec.drafters.medusa import adapted_target
     from specdec.models import load_model
 
     if args.size < 1:
@@ -55,7 +55,6 @@ def add_draft_vocab(args: DraftVocabArguments, command: str | None = None) -> Pa
         raise ValueError(f"draft-vocab: {args.drafter} holds a {kind!r} drafter; only {', '.join(DRAFTERS)} drafters "
                          "score lm_head rows")
     target = load_model(args.model)[0]
-    cls = {"eagle": Eagle, "medusa": Medusa}[kind]
     if metadata.get("backbone"):
         target = adapted_target(args.drafter, target)  # Medusa-2 heads read the LoRA-adapted decoder
     training = metadata.get("training", {}).get("arguments", {})  # the drafter's own train/held-out split
@@ -65,7 +64,7 @@ def add_draft_vocab(args: DraftVocabArguments, command: str | None = None) -> Pa
                          "train with the --draft-vocab-size you want instead")
     vocab, record = pick_draft_vocab(args.data, args.size, target.get_output_embeddings().weight.shape[0],
                                      eval_fraction=training.get("eval_fraction", 0.05), seed=training.get("seed", 0))
-    drafter = cls.from_pretrained(args.drafter, target, draft_vocab=vocab)
+    drafter = TRAINED[kind].from_pretrained(args.drafter, target, draft_vocab=vocab)
     drafter.metadata.pop("shipped_dtype", None)  # saved in the target's dtype now
     drafter.metadata["draft_vocab"] = {**record, "command": command}
     return drafter.save_pretrained(args.output_dir or args.drafter)
