@@ -1,0 +1,62 @@
+"""The CLI's refusals (issue 20): bad inputs and Ctrl-C get one `specdec: error:` (or
+`specdec: interrupted`) line and the right exit status, before any long work.
+
+In-process through `specdec.cli.main`; model loading is replaced by a tiny random model (or by a
+function that fails the test, where nothing may load before the refusal)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_model
+
+import specdec.models
+from specdec import cli
+from specdec.bench import read_questions
+
+GOOD = {"question_id": 1, "category": "qa", "turns": ["Name a color."]}
+
+
+def one_error_line(err: str) -> str:
+    """The single `specdec: error:` line of stderr (and nothing else there)."""
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("specdec: error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading a model fails the test: the refusal must come first."""
+
+    def load_model(name, *args, **kwargs):
+        raise AssertionError(f"loaded {name} before refusing the arguments")
+
+    monkeypatch.setattr(specdec.models, "load_model", load_model)
+
+
+def write_lines(path, *lines) -> str:
+    path.write_bytes(b"\n".join(line if isinstance(line, bytes) else json.dumps(line).encode() for line in lines) + b"\n")
+    return str(path)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 20 item 1: the question schema is not validated")
+@pytest.mark.parametrize(
+    "bad, complaint",
+    [
+        ({"question_id": 2, "category": "qa", "turns": "Name a color."}, "turns"),  # every character a turn
+        ({"question_id": 2, "category": "qa", "turns": []}, "turns"),
+        ({"question_id": 2, "category": "qa", "turns": ["Fine.", ""]}, "turns"),
+        ({"question_id": 2, "category": "qa", "turns": ["Fine.", 3]}, "turns"),
+        ({"question_id": 2, "category": 3, "turns": ["Fine."]}, "category"),
+        ({"question_id": None, "category": "qa", "turns": ["Fine."]}, "question_id"),
+        ([GOOD], "question_id"),  # not an object
+    ],
+    ids=["turns-string", "turns-empty", "turn-empty", "turn-number", "category-number", "question_id-null", "not-object"],
+)
+def test_bench_refuses_bad_question_schema(tmp_path, capsys, no_loading, bad, complaint):
+    path = write_lines(tmp_path / "q.jsonl", GOOD, bad)
+    with pytest.raises(ValueError, match=rf"^{path}:2: .*{complaint}"):
+        read_questions(path)
+    assert cli.main(["bench", "--questions", path]) == 2
+    assert f"{path}:2: " in one_error_line(capsys.readouterr().err)
