@@ -111,14 +111,25 @@ def read_questions(
             if not line.strip():
                 continue
             q = json.loads(line)
-            if not {"question_id", "category", "turns"} <= q.keys():
-                raise ValueError(f"{path}:{n}: a Spec-Bench question needs question_id, category and turns")
+            check_question(q, f"{path}:{n}")
             taken = sum(p["category"] == q["category"] for p in questions)
             if (keep is None or q["category"] in keep) and (per_category is None or taken < per_category):
                 questions.append(q)
     if keep is not None and not questions:
         raise ValueError(f"--categories {categories}: no question of {path} has these categories")
     return questions[:limit] if limit else questions
+
+
+def check_question(q, where: str) -> None:
+    """Refuse a question that is not Spec-Bench's shape, naming `where` (file:line): a string
+    `turns` would otherwise run every character as its own turn."""
+    if not isinstance(q, dict) or q.get("question_id") is None:
+        raise ValueError(f"{where}: a Spec-Bench question is an object with question_id, category and turns")
+    if not isinstance(q.get("category"), str):
+        raise ValueError(f"{where}: category must be a string, got {q.get('category')!r:.60}")
+    turns = q.get("turns")
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+        raise ValueError(f'{where}: turns must be a non-empty list of non-empty strings, e.g. ["Name a color."], got {turns!r:.60}')
 
 
 class _ForwardCounter:

@@ -40,7 +40,6 @@ def write_lines(path, *lines) -> str:
     return str(path)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 item 1: the question schema is not validated")
 @pytest.mark.parametrize(
     "bad, complaint",
     [
