@@ -59,3 +59,27 @@ def test_bench_refuses_bad_question_schema(tmp_path, capsys, no_loading, bad, co
         read_questions(path)
     assert cli.main(["bench", "--questions", path]) == 2
     assert f"{path}:2: " in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 20 item 12: JSON and UTF-8 errors name neither the file nor the right line")
+@pytest.mark.parametrize(
+    "bad, complaint",
+    [(b'{"question_id": 2, "category": "qa", ', "not valid JSON"), (b'{"question_id": 2, "category": "caf\xe9"}', "UTF-8")],
+    ids=["json", "utf8"],
+)
+def test_bench_json_and_utf8_errors_name_file_and_line(tmp_path, capsys, no_loading, bad, complaint):
+    path = write_lines(tmp_path / "q.jsonl", GOOD, GOOD, bad)
+    assert cli.main(["bench", "--questions", path]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{path}:3: " in line and complaint in line and "line 1" not in line  # json's own "line 1 column ..." misleads
+
+
+@pytest.mark.xfail(strict=True, reason="issue 20 item 12: a non-UTF-8 corpus error has no file name")
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_datastore_corpus_utf8_error_names_file_and_line(tmp_path, suffix):
+    from specdec.drafters.retrieval import read_corpus
+
+    path = tmp_path / f"corpus{suffix}"
+    path.write_bytes(b'{"text": "fine"}\n\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=rf"^{path}:3: not UTF-8"):
+        list(read_corpus(path))
