@@ -104,17 +104,17 @@ class Record:
 def read_questions(
     path: str, limit: int | None = None, categories: str | None = None, per_category: int | None = None
 ) -> list[dict]:
+    """Spec-Bench questions of a .jsonl file, each checked (`check_question`); every refusal names
+    the file and line."""
+    from specdec.drafters.retrieval import read_jsonl
+
     keep = set(categories.split(",")) if categories else None
     questions = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            q = json.loads(line)
-            check_question(q, f"{path}:{n}")
-            taken = sum(p["category"] == q["category"] for p in questions)
-            if (keep is None or q["category"] in keep) and (per_category is None or taken < per_category):
-                questions.append(q)
+    for n, q in read_jsonl(path):
+        check_question(q, f"{path}:{n}")
+        taken = sum(p["category"] == q["category"] for p in questions)
+        if (keep is None or q["category"] in keep) and (per_category is None or taken < per_category):
+            questions.append(q)
     if keep is not None and not questions:
         raise ValueError(f"--categories {categories}: no question of {path} has these categories")
     return questions[:limit] if limit else questions

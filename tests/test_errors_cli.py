@@ -61,7 +61,6 @@ def test_bench_refuses_bad_question_schema(tmp_path, capsys, no_loading, bad, co
     assert f"{path}:2: " in one_error_line(capsys.readouterr().err)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 item 12: JSON and UTF-8 errors name neither the file nor the right line")
 @pytest.mark.parametrize(
     "bad, complaint",
     [(b'{"question_id": 2, "category": "qa", ', "not valid JSON"), (b'{"question_id": 2, "category": "caf\xe9"}', "UTF-8")],
@@ -74,7 +73,6 @@ def test_bench_json_and_utf8_errors_name_file_and_line(tmp_path, capsys, no_load
     assert f"{path}:3: " in line and complaint in line and "line 1" not in line  # json's own "line 1 column ..." misleads
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 item 12: a non-UTF-8 corpus error has no file name")
 @pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
 def test_datastore_corpus_utf8_error_names_file_and_line(tmp_path, suffix):
     from specdec.drafters.retrieval import read_corpus

@@ -32,6 +32,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -319,40 +320,57 @@ def read_corpus(path: str | os.PathLike, fields: tuple[str, ...] = ("text",), li
     return records if limit is None else itertools.islice(records, limit)
 
 
-def _read_jsonl(path: Path, fields: tuple[str, ...]) -> Iterator[list[str]]:
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line number from 1, text) of each line of a UTF-8 file, ``\r\n`` read as ``\n``; a line
+    that is not UTF-8 is refused as ``path:line``, so the user knows which line to fix."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err})") from None
-            if not isinstance(obj, dict) or not set(fields) <= obj.keys():
-                have = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
-                raise ValueError(f"{path}:{line_no}: a record needs field(s) {', '.join(fields)} (it has {have}); "
-                                 "choose them with --field NAME[,NAME...]")
-            texts: list[str] = []
-            for name in fields:
-                value = obj[name]
-                if isinstance(value, str):
-                    texts.append(value)
-                elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-                    texts += value
-                else:
-                    raise ValueError(f"{path}:{line_no}: field {name!r} must be a string or a list of strings")
-            yield texts
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{n}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1}); "
+                                 "save the file as UTF-8") from None
+            yield n, text.replace("\r\n", "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number from 1, value) of each non-blank line of a ``.jsonl`` file; a line that is not
+    UTF-8 or not JSON is refused as ``path:line`` (json's own "line 1 column c" counts within the line)."""
+    for n, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: not valid JSON ({err.msg} at column {err.colno})") from None
+
+
+def _read_jsonl(path: Path, fields: tuple[str, ...]) -> Iterator[list[str]]:
+    for line_no, obj in read_jsonl(path):
+        if not isinstance(obj, dict) or not set(fields) <= obj.keys():
+            have = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise ValueError(f"{path}:{line_no}: a record needs field(s) {', '.join(fields)} (it has {have}); "
+                             "choose them with --field NAME[,NAME...]")
+        texts: list[str] = []
+        for name in fields:
+            value = obj[name]
+            if isinstance(value, str):
+                texts.append(value)
+            elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                texts += value
+            else:
+                raise ValueError(f"{path}:{line_no}: field {name!r} must be a string or a list of strings")
+        yield texts
 
 
 def _read_txt(path: Path) -> Iterator[list[str]]:
     block: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                block.append(line)
-            elif block:
-                yield ["".join(block).rstrip("\n")]
-                block = []
+    for _, line in read_lines(path):
+        if line.strip():
+            block.append(line)
+        elif block:
+            yield ["".join(block).rstrip("\n")]
+            block = []
     if block:
         yield ["".join(block).rstrip("\n")]
 
