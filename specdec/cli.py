@@ -88,6 +88,16 @@ def _setup(threads: int | None) -> None:
     logging.set_verbosity_error()  # HF's per-call generation-flag warnings would drown the output
 
 
+def _check_utf8(prompt: str) -> None:
+    """Refuse a prompt with bytes that were not UTF-8 (Python keeps such argv bytes as lone
+    surrogates, which the tokenizer rejects with a TypeError)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"the prompt is not valid UTF-8 (an undecodable byte at character {err.start + 1}); "
+                         "pass UTF-8 text (check the terminal's encoding, e.g. LANG=C.UTF-8)") from None
+
+
 def cmd_generate(cfg: GenerateConfig) -> int:
     import torch
     from transformers import TextStreamer
@@ -98,6 +108,7 @@ def cmd_generate(cfg: GenerateConfig) -> int:
     from specdec.sampling import temperature_kwargs
 
     _setup(cfg.threads)
+    _check_utf8(cfg.prompt)
     if cfg.drafter != "none":
         check_name(cfg.drafter)
     model, tokenizer = load_model(cfg.model)

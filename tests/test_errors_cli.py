@@ -83,7 +83,6 @@ def test_datastore_corpus_utf8_error_names_file_and_line(tmp_path, suffix):
         list(read_corpus(path))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 item 5: a non-UTF-8 prompt reaches the tokenizer (TypeError)")
 def test_generate_refuses_non_utf8_prompt(capsys, no_loading):
     prompt = b"caf\xe9 au lait".decode("utf-8", "surrogateescape")  # what Python makes of such an argv byte
     assert cli.main(["generate", prompt]) == 2
