@@ -35,6 +35,17 @@ def no_loading(monkeypatch):
     monkeypatch.setattr(specdec.models, "load_model", load_model)
 
 
+@pytest.fixture
+def no_demo(monkeypatch):
+    """Building the demo page (which preloads a model) fails the test."""
+    import specdec.demo
+
+    def build_demo(**kwargs):
+        raise AssertionError("built the demo (preloading its model) before refusing the arguments")
+
+    monkeypatch.setattr(specdec.demo, "build_demo", build_demo)
+
+
 def write_lines(path, *lines) -> str:
     path.write_bytes(b"\n".join(line if isinstance(line, bytes) else json.dumps(line).encode() for line in lines) + b"\n")
     return str(path)
@@ -87,3 +98,12 @@ def test_generate_refuses_non_utf8_prompt(capsys, no_loading):
     prompt = b"caf\xe9 au lait".decode("utf-8", "surrogateescape")  # what Python makes of such an argv byte
     assert cli.main(["generate", prompt]) == 2
     assert "UTF-8" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 20 item 10: --threads 0 is accepted and treated as unset")
+@pytest.mark.parametrize("command", ["generate", "bench", "profile", "demo"])
+@pytest.mark.parametrize("threads", ["0", "-2"])
+def test_threads_below_one_refused(tmp_path, capsys, no_loading, no_demo, command, threads):
+    args = {"generate": ["Say hi."], "bench": ["--questions", write_lines(tmp_path / "q.jsonl", GOOD)]}.get(command, [])
+    assert cli.main([command, "--threads", threads, *args]) == 2
+    assert f"--threads must be >= 1, got {threads}" in one_error_line(capsys.readouterr().err)
