@@ -80,10 +80,13 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def _setup(threads: int | None) -> None:
+    """Every subcommand's first step: the thread count (refused below 1), quiet HF logging."""
     import torch
     from transformers.utils import logging
 
-    if threads:
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads} (leave it out for torch's default)")
+    if threads is not None:
         torch.set_num_threads(threads)
     logging.set_verbosity_error()  # HF's per-call generation-flag warnings would drown the output
 

@@ -100,7 +100,6 @@ def test_generate_refuses_non_utf8_prompt(capsys, no_loading):
     assert "UTF-8" in one_error_line(capsys.readouterr().err)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 item 10: --threads 0 is accepted and treated as unset")
 @pytest.mark.parametrize("command", ["generate", "bench", "profile", "demo"])
 @pytest.mark.parametrize("threads", ["0", "-2"])
 def test_threads_below_one_refused(tmp_path, capsys, no_loading, no_demo, command, threads):
