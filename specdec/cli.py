@@ -221,11 +221,31 @@ def cmd_bench(cfg: BenchConfig) -> int:
     return 1 if any(not r.exact for r in records) else 0
 
 
+def _check_port(host: str, port: int) -> None:
+    """Refuse a port outside 1..65535 or one already served on, before the models load and the
+    URL is printed (gradio would say so only after both). Bound as gradio binds: SO_REUSEADDR,
+    so a port left in TIME_WAIT by a previous run counts as free."""
+    import errno
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port must be in 1..65535, got {port}")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise OSError(f"--port {port}: {host}:{port} is in use; pick a free one with --port N") from None
+            raise OSError(f"--host {host} --port {port}: cannot serve there: {err.strerror or err}") from None
+
+
 def cmd_demo(cfg: DemoConfig) -> int:
     from specdec.demo import build_demo
     from specdec.models import load_model
 
     _setup(cfg.threads)
+    _check_port(cfg.host, cfg.port)
 
     def load(name: str):
         model, tokenizer = load_model(name)  # converts a GGUF the first time

@@ -108,14 +108,12 @@ def test_threads_below_one_refused(tmp_path, capsys, no_loading, no_demo, comman
     assert f"--threads must be >= 1, got {threads}" in one_error_line(capsys.readouterr().err)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 item 9: --port is not validated (OverflowError after loading)")
 @pytest.mark.parametrize("port", ["99999", "0", "-1"])
 def test_demo_refuses_port_out_of_range(capsys, no_loading, no_demo, port):
     assert cli.main(["demo", "--port", port]) == 2
     assert f"--port must be in 1..65535, got {port}" in one_error_line(capsys.readouterr().err)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 item 9: a busy port is reported only after the URL is printed")
 def test_demo_refuses_busy_port_before_printing_the_url(capsys, no_loading, no_demo):
     import socket
 
