@@ -173,12 +173,35 @@ def check_methods(cfg: BenchConfig) -> list[str]:
     return names
 
 
-def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor, int], tuple[Tensor, int, GenerationStats | None]]]:
+def make_drafters(cfg: BenchConfig, target, draft) -> dict:
+    """method name -> its drafter, for the methods that have one; built before any long work
+    (`specdec bench` builds them before the one-time cost profiling), so a missing datastore,
+    draft model or trained head is refused first."""
+    from specdec.drafters import DraftModel, PromptLookup, Resources, make_drafter
+
+    drafters = {}
+    for name in check_methods(cfg):
+        base, _, variant = name.partition(":")
+        if base in (*HF_METHODS, "plain"):
+            continue
+        drafter = make_drafter(base, Resources(target, cfg.model, draft, cfg.datastore))
+        if isinstance(drafter, PromptLookup):  # the same draft length as HF's prompt lookup
+            drafter = dataclasses.replace(drafter, num_tokens=cfg.num_tokens)
+        if isinstance(drafter, DraftModel) and variant == "stock":
+            drafter.packed_from = None  # ":stock" means every forward, the draft model's too
+        drafters[name] = drafter
+    return drafters
+
+
+def make_methods(
+    cfg: BenchConfig, target, draft, drafters: dict | None = None
+) -> dict[str, Callable[[Tensor, int], tuple[Tensor, int, GenerationStats | None]]]:
     """name -> run(prompt [1, t], turn) -> (output [1, t + new], target forwards that produced
     tokens, specdec's per-step stats or None for transformers' methods). specdec methods run each
     question as one `specdec.Session` (turn 0 starts it), so a later turn reuses the cache of the
-    earlier ones, as a chat server does; model.generate prefills every turn afresh."""
-    from specdec.drafters import DraftModel, PromptLookup, Resources, make_drafter
+    earlier ones, as a chat server does; model.generate prefills every turn afresh. `drafters`:
+    from `make_drafters` (None: built here)."""
+    drafters = make_drafters(cfg, target, draft) if drafters is None else drafters
 
     def hf(**kwargs):
         def run(ids, turn):
@@ -224,15 +247,8 @@ def make_methods(cfg: BenchConfig, target, draft) -> dict[str, Callable[[Tensor,
             draft.generation_config.num_assistant_tokens_schedule = "constant"
             draft.generation_config.assistant_confidence_threshold = cfg.assistant_confidence
             methods[name] = hf(assistant_model=draft)
-        elif base == "plain":
-            methods[name] = spec(None, variant)
         else:
-            drafter = make_drafter(base, Resources(target, cfg.model, draft, cfg.datastore))
-            if isinstance(drafter, PromptLookup):  # the same draft length as HF's prompt lookup
-                drafter = dataclasses.replace(drafter, num_tokens=cfg.num_tokens)
-            if isinstance(drafter, DraftModel) and variant == "stock":
-                drafter.packed_from = None  # ":stock" means every forward, the draft model's too
-            methods[name] = spec(drafter, variant)
+            methods[name] = spec(drafters.get(name), variant)  # plain: no drafter
     return methods
 
 
@@ -241,12 +257,15 @@ def encode_chat(tokenizer, messages: list[dict]) -> Tensor:
     return torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
 
 
-def run_bench(cfg: BenchConfig, target, tokenizer, draft=None, progress: bool = True, on_question=None) -> list[Record]:
-    """All records; `on_question(records so far)` after each question (for incremental reports)."""
+def run_bench(
+    cfg: BenchConfig, target, tokenizer, draft=None, progress: bool = True, on_question=None, drafters: dict | None = None
+) -> list[Record]:
+    """All records; `on_question(records so far)` after each question (for incremental reports);
+    `drafters` as `make_methods` takes them."""
     from tqdm.auto import tqdm
 
     questions = read_questions(cfg.questions, cfg.limit, cfg.categories, cfg.per_category)
-    methods = make_methods(cfg, target, draft)
+    methods = make_methods(cfg, target, draft, drafters)
     names = list(methods)
     warm = encode_chat(tokenizer, [{"role": "user", "content": "Say hello."}])
     for run in methods.values():  # first calls pay one-time costs (allocations, kernel selection)

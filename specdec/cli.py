@@ -116,9 +116,10 @@ def cmd_generate(cfg: GenerateConfig) -> int:
         check_name(cfg.drafter)
     model, tokenizer = load_model(cfg.model)
     draft = load_model(cfg.draft_model)[0] if cfg.draft_model else None
-    ensure_profiles(model, draft)
     resources = Resources(model, cfg.model, draft, cfg.datastore)
+    # Before the one-time profiling: a missing datastore, draft model or trained head fails now.
     drafter = None if cfg.drafter == "none" else make_drafter(cfg.drafter, resources)
+    ensure_profiles(model, draft)
     if cfg.no_chat:
         ids = tokenizer(cfg.prompt, return_tensors="pt").input_ids
     else:
@@ -199,7 +200,9 @@ def cmd_profile(cfg: ProfileConfig) -> int:
 
 
 def cmd_bench(cfg: BenchConfig) -> int:
-    from specdec.bench import check_methods, describe_device, parse_packed_from, read_questions, run_bench, write_results
+    from specdec.bench import (
+        check_methods, describe_device, make_drafters, parse_packed_from, read_questions, run_bench, write_results,
+    )
     from specdec.decode import resolve_packed_from
     from specdec.models import load_model
 
@@ -208,6 +211,7 @@ def cmd_bench(cfg: BenchConfig) -> int:
     _setup(cfg.threads)
     target, tokenizer = load_model(cfg.model)
     draft = load_model(cfg.draft_model)[0] if cfg.draft_model else None
+    drafters = make_drafters(cfg, target, draft)  # a missing resource fails before the one-time profiling
     ensure_profiles(target, draft)
     packed_from = resolve_packed_from(target, parse_packed_from(cfg.packed_from))
     device = describe_device(target) + (
@@ -215,7 +219,10 @@ def cmd_bench(cfg: BenchConfig) -> int:
         if packed_from is not None else "; specdec verifies with the stock forward"
     )
     # Rewritten after every question, so an interrupted run still leaves a valid partial report.
-    records = run_bench(cfg, target, tokenizer, draft, on_question=lambda rs: write_results(rs, cfg, cfg.out, device, plots=False))
+    records = run_bench(
+        cfg, target, tokenizer, draft, drafters=drafters,
+        on_question=lambda rs: write_results(rs, cfg, cfg.out, device, plots=False),
+    )
     print(write_results(records, cfg, cfg.out, device))
     print(f"written: {cfg.out}/report.md, {cfg.out}/results.json", file=sys.stderr)
     return 1 if any(not r.exact for r in records) else 0

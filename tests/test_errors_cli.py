@@ -149,7 +149,6 @@ def test_demo_refuses_busy_port_before_printing_the_url(capsys, no_loading, no_d
     assert f"127.0.0.1:{port} is in use" in line and "--port" in line
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 item 14: a missing datastore is reported after the one-time profiling")
 @pytest.mark.parametrize("command", ["generate", "bench"])
 def test_missing_datastore_refused_before_profiling(tmp_path, capsys, monkeypatch, tiny_loading, command):
     def ensure_profiles(target, draft=None):
