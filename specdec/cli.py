@@ -25,7 +25,7 @@ class GenerateConfig:
     draft_model: str | None = field(default=None, metadata={"help": "draft model for draft-model* drafters"})
     datastore: str | None = field(default=None, metadata={"help": "datastore for the retrieval drafters (default: the model's, see `specdec datastore build`)"})
     max_new_tokens: int = field(default=256, metadata={"help": "most new tokens"})
-    no_chat: bool = field(default=False, metadata={"help": "feed the prompt as raw text, without the chat template"})
+    chat: bool = field(default=True, metadata={"help": "wrap the prompt in the model's chat template; --no-chat feeds it as raw text"})
     compare: bool = field(default=False, metadata={"help": "also run model.generate: report speedup, check identity"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy; above 0 samples (lossless), as model.generate would"})
     seed: int | None = field(default=None, metadata={"help": "seed for sampling (reproducible runs)"})
@@ -62,7 +62,8 @@ class DatastoreConfig:
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """One option per field: `--snake-case` names, types from the annotations, help from metadata."""
+    """One option per field: `--snake-case` names, types from the annotations, help from metadata.
+    A bool field is named positively (``chat``, not ``no_chat``): it becomes ``--chat/--no-chat``."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
@@ -120,12 +121,12 @@ def cmd_generate(cfg: GenerateConfig) -> int:
     # Before the one-time profiling: a missing datastore, draft model or trained head fails now.
     drafter = None if cfg.drafter == "none" else make_drafter(cfg.drafter, resources)
     ensure_profiles(model, draft)
-    if cfg.no_chat:
-        ids = tokenizer(cfg.prompt, return_tensors="pt").input_ids
-    else:
+    if cfg.chat:
         from specdec.bench import encode_chat
 
         ids = encode_chat(tokenizer, [{"role": "user", "content": cfg.prompt}])
+    else:
+        ids = tokenizer(cfg.prompt, return_tensors="pt").input_ids
     if cfg.compare:  # both sides timed warm: one-time costs (packing the weights) are not the method's
         from specdec.demo.compare import warm_up
 
