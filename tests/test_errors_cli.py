@@ -184,3 +184,50 @@ def test_help_names_boolean_options_positively(capsys, tiny_loading):
         WordTokenizer.chats = 0
         assert cli.main(["generate", *flag, "--drafter", "none", "--max-new-tokens", "2", "Say hi."]) == 0
         assert WordTokenizer.chats == chats, flag
+
+
+def interrupted(args) -> int | str:
+    """`cli.main(args)`; a KeyboardInterrupt that escapes it is returned, not raised (pytest would stop)."""
+    try:
+        return cli.main(args)
+    except KeyboardInterrupt:
+        return "KeyboardInterrupt escaped"
+
+
+@pytest.mark.xfail(strict=True, reason="issue 20 item 8: Ctrl-C in generate is a traceback after a partial line")
+def test_ctrl_c_during_generate(capsys, monkeypatch, tiny_loading):
+    decoded = []
+
+    def decode(self, ids, skip_special_tokens=True):  # the streamer decodes once per new token
+        decoded.append(len(ids))
+        if len(decoded) == 3:
+            raise KeyboardInterrupt
+        return "".join(f"w{int(i)} " for i in ids)
+
+    monkeypatch.setattr(WordTokenizer, "decode", decode)
+    assert interrupted(["generate", "--drafter", "none", "--max-new-tokens", "8", "Say hi."]) == 130
+    out, err = capsys.readouterr()
+    assert out.startswith("w") and out.endswith(" \n")  # the streamed words, their line ended
+    assert err == "specdec: interrupted\n"
+
+
+@pytest.mark.xfail(strict=True, reason="issue 20 item 8: Ctrl-C in bench is a traceback")
+def test_ctrl_c_during_bench_keeps_the_finished_questions(tmp_path, capsys, monkeypatch, tiny_loading):
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
+        if messages[-1]["content"] == "STOP":  # Ctrl-C while question 2 runs
+            raise KeyboardInterrupt
+        return " ".join(m["content"] for m in messages) + " >"
+
+    monkeypatch.setattr(WordTokenizer, "apply_chat_template", apply_chat_template)
+    questions = write_lines(tmp_path / "q.jsonl", GOOD, {**GOOD, "question_id": 2, "turns": ["STOP"]}, {**GOOD, "question_id": 3})
+    out = tmp_path / "out"
+    args = ["bench", "--questions", questions, "--methods", "baseline,prompt-lookup", "--max-new-tokens", "3",
+            "--packed-from", "none", "--out", str(out)]
+    assert interrupted(args) == 130
+    err = capsys.readouterr().err
+    before, _, line = err.rpartition("specdec: interrupted")
+    assert "Traceback" not in err and before.endswith("\n") and line.count("\n") == 1  # one line, on a line of its own
+    assert f"{out}/results.json" in line and "1 finished question" in line
+    saved = json.loads((out / "results.json").read_text())  # valid, with question 1's records only
+    assert [(r["question_id"], r["method"]) for r in saved["records"]] == [(1, "baseline"), (1, "prompt-lookup")]
+    assert sorted(p.name for p in out.iterdir()) == ["report.md", "results.json"]  # nothing half-written
