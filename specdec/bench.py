@@ -411,9 +411,14 @@ def _atomic_figure(fig, path: Path) -> None:
 
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
     os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C included: no half-written file is left behind
+        os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
 
 
 def describe_device(model) -> str:
@@ -439,5 +444,9 @@ def write_results(records: list[Record], cfg: BenchConfig, out_dir: str, device:
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:  # Ctrl-C included: no half-written file is left behind
+        tmp.unlink(missing_ok=True)
+        raise

@@ -102,9 +102,23 @@ def _check_utf8(prompt: str) -> None:
                          "pass UTF-8 text (check the terminal's encoding, e.g. LANG=C.UTF-8)") from None
 
 
+def _line_streamer(tokenizer):
+    """A TextStreamer (stdout) that knows whether its text left a line open, so Ctrl-C can end it."""
+    from transformers import TextStreamer
+
+    class LineStreamer(TextStreamer):
+        open_line = False
+
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            super().on_finalized_text(text, stream_end)
+            if text or stream_end:
+                self.open_line = not stream_end and not text.endswith("\n")
+
+    return LineStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
 def cmd_generate(cfg: GenerateConfig) -> int:
     import torch
-    from transformers import TextStreamer
 
     from specdec.decode import GenerationStats, generate
     from specdec.drafters import Resources, check_name, make_drafter
@@ -132,11 +146,16 @@ def cmd_generate(cfg: GenerateConfig) -> int:
 
         warm_up(model)
     stats = GenerationStats()
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = _line_streamer(tokenizer)
     sampling = temperature_kwargs(cfg.temperature)
     if cfg.seed is not None and cfg.temperature > 0:
         sampling["seed"] = cfg.seed
-    out = generate(model, ids, drafter, max_new_tokens=cfg.max_new_tokens, streamer=streamer, stats=stats, **sampling)
+    try:
+        out = generate(model, ids, drafter, max_new_tokens=cfg.max_new_tokens, streamer=streamer, stats=stats, **sampling)
+    except KeyboardInterrupt:
+        if streamer.open_line:  # end the streamed line: main's "interrupted" starts a line of its own
+            print(flush=True)
+        raise
     speed = stats.new_tokens / stats.total_s
     parts = [
         f"{stats.new_tokens} tokens in {stats.total_s:.2f} s: {speed:.2f} tokens/s",
@@ -219,11 +238,18 @@ def cmd_bench(cfg: BenchConfig) -> int:
         f"; specdec runs forwards over k >= {packed_from} tokens with packed linears"
         if packed_from is not None else "; specdec verifies with the stock forward"
     )
-    # Rewritten after every question, so an interrupted run still leaves a valid partial report.
-    records = run_bench(
-        cfg, target, tokenizer, draft, drafters=drafters,
-        on_question=lambda rs: write_results(rs, cfg, cfg.out, device, plots=False),
-    )
+    written: list = []  # the records on disk: rewritten after every question, so Ctrl-C keeps a valid partial report
+
+    def on_question(records):
+        write_results(records, cfg, cfg.out, device, plots=False)
+        written[:] = records
+
+    try:
+        records = run_bench(cfg, target, tokenizer, draft, drafters=drafters, on_question=on_question)
+    except KeyboardInterrupt:
+        n = len({r.question_id for r in written})
+        raise KeyboardInterrupt(f"{cfg.out}/results.json and report.md keep the {n} finished question(s)" if n
+                                else f"no question finished, nothing written to {cfg.out}") from None
     print(write_results(records, cfg, cfg.out, device))
     print(f"written: {cfg.out}/report.md, {cfg.out}/results.json", file=sys.stderr)
     return 1 if any(not r.exact for r in records) else 0
@@ -336,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     cls, run, _ = COMMANDS[args.pop("command")]
     try:
         return run(cls(**args))
+    except KeyboardInterrupt as err:  # Ctrl-C: one line (what was kept, if anything), status 130 as shells use
+        print("specdec: interrupted" + (f"; {err}" if str(err) else ""), file=sys.stderr)
+        return 130
     except (ValueError, RuntimeError, OSError, ImportError) as err:  # bad inputs: one readable line
         print(f"specdec: error: {err}", file=sys.stderr)
         return 2

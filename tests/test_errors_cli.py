@@ -194,7 +194,6 @@ def interrupted(args) -> int | str:
         return "KeyboardInterrupt escaped"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 item 8: Ctrl-C in generate is a traceback after a partial line")
 def test_ctrl_c_during_generate(capsys, monkeypatch, tiny_loading):
     decoded = []
 
@@ -211,7 +210,6 @@ def test_ctrl_c_during_generate(capsys, monkeypatch, tiny_loading):
     assert err == "specdec: interrupted\n"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 item 8: Ctrl-C in bench is a traceback")
 def test_ctrl_c_during_bench_keeps_the_finished_questions(tmp_path, capsys, monkeypatch, tiny_loading):
     def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
         if messages[-1]["content"] == "STOP":  # Ctrl-C while question 2 runs
