@@ -257,17 +257,18 @@ def cmd_bench(cfg: BenchConfig) -> int:
 
 def _check_port(host: str, port: int) -> None:
     """Refuse a port outside 1..65535 or one already served on, before the models load and the
-    URL is printed (gradio would say so only after both). Bound as gradio binds: SO_REUSEADDR,
-    so a port left in TIME_WAIT by a previous run counts as free."""
+    URL is printed (gradio would say so only after both). Probed like gradio's own check, with
+    SO_REUSEADDR, so a port left in TIME_WAIT by a previous run counts as free."""
     import errno
     import socket
 
     if not 1 <= port <= 65535:
         raise ValueError(f"--port must be in 1..65535, got {port}")
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+    address = host.removeprefix("[").removesuffix("]")  # [::1] as a browser writes it
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind((host, port))
+            probe.bind((address, port))
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
                 raise OSError(f"--port {port}: {host}:{port} is in use; pick a free one with --port N") from None

@@ -321,7 +321,7 @@ def read_corpus(path: str | os.PathLike, fields: tuple[str, ...] = ("text",), li
 
 
 def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
-    """(line number from 1, text) of each line of a UTF-8 file, ``\r\n`` read as ``\n``; a line
+    """(line number from 1, text) of each line of a UTF-8 file (CRLF read as LF); a line
     that is not UTF-8 is refused as ``path:line``, so the user knows which line to fix."""
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
