@@ -41,7 +41,6 @@ def medusa(workdir: Path, *extra: str) -> list[str]:
             "--batch-size", "2", "--num-heads", "2", *extra]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 item 6: train mistakes are tracebacks")
 def test_train_mistakes_are_one_line(workdir, capsys):
     out = workdir / "never"
     cases = [
@@ -100,16 +99,17 @@ def killed_run(workdir: Path, name: str, after: int, save_steps: int) -> Path:
     return workdir / name
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 item 6: rerunning a killed job without --resume")
 def test_rerunning_a_killed_job_needs_resume(workdir, capsys):
     argv = lambda out, *extra: medusa(workdir, "--output-dir", str(out), "--max-steps", "6", "--log-steps", "1",  # noqa: E731
                                       "--num-heads", "3", *extra)
     # Killed after its first checkpoint ...
     out = killed_run(workdir, "killed", after=3, save_steps=2)
+    capsys.readouterr()  # its progress bars
     one_error(capsys, main(argv(out)), "--resume", str(out))
     # ... and before it: the log would otherwise get a second step 1.
     early = killed_run(workdir, "killed-early", after=3, save_steps=5)
     assert [r["step"] for r in read_log(early)] == [1, 2, 3]
+    capsys.readouterr()
     one_error(capsys, main(argv(early)), "--resume", "log.jsonl")
     assert main(argv(early, "--resume")) == 0
     assert [r["step"] for r in read_log(early) if "loss" in r] == [1, 2, 3, 4, 5, 6]

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from specdec.models import load_model
+from specdec.training import arguments
 from specdec.training.data import Batch, collate, load_examples, manifest_of, split, target_states
 
 LOG = "log.jsonl"
@@ -129,6 +130,8 @@ def _resume(accelerator, out: Path) -> tuple[int, float]:
     found = _checkpoints(out)
     if not found:
         accelerator.print(f"--resume: no checkpoint in {out / CHECKPOINTS}, starting from step 0")
+        if accelerator.is_main_process and (out / LOG).is_file():
+            (out / LOG).unlink()  # its steps will be trained (and logged) again
         return 0, 0.0
     accelerator.load_state(str(found[-1]))
     state = json.loads((found[-1] / STATE).read_text())
@@ -149,11 +152,24 @@ def train(args: TrainArguments, recipe: Recipe, command: str | None = None) -> P
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
-    for name in ("max_steps", "batch_size", "save_steps", "log_steps", "max_length"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    from transformers import SchedulerType
+
+    # Every argument is checked before the model loads and before anything is written.
+    arguments.at_least_one(**{name: getattr(args, name) for name in (
+        "max_steps", "batch_size", "save_steps", "log_steps", "max_length", "threads")})
+    dtype = arguments.dtype(args.dtype)
     if args.mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"--mixed-precision must be no, bf16 or fp16, got {args.mixed_precision!r}")
+    if args.lr_scheduler not in {s.value for s in SchedulerType}:
+        raise ValueError(f"--lr-scheduler must be one of {', '.join(s.value for s in SchedulerType)}, "
+                         f"got {args.lr_scheduler!r}")
+    out = arguments.output_dir(args.output_dir)
+    left = [name for name in (CHECKPOINTS, LOG, DRAFTER_DIR) if (out / name).exists()]
+    if left and not args.resume:  # a killed (or finished) run: starting over would mix two runs' files
+        raise ValueError(f"--output-dir {str(out)!r} already holds a training run ({', '.join(left)}): pass --resume "
+                         "to continue it, or choose another --output-dir")
+    ds = load_examples(args.data)
+    train_idx, eval_idx = split(len(ds), args.eval_fraction, args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     # Without a GPU, processes started by `accelerate launch --multi_gpu` must be told to use
@@ -167,22 +183,16 @@ def train(args: TrainArguments, recipe: Recipe, command: str | None = None) -> P
         raise RuntimeError(f"launched as {launched} processes but accelerate joined {accelerator.num_processes}; "
                            "start several processes with `accelerate launch --multi_gpu --num_processes N ...`")
     set_seed(args.seed)
-    out = Path(args.output_dir)
-    if not args.resume and _checkpoints(out):
-        raise ValueError(f"{out} already has checkpoints: pass --resume to continue, or choose another --output-dir")
-    main = accelerator.is_main_process
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-
-    target, _ = load_model(args.model, dtype=getattr(torch, args.dtype))
-    target.to(accelerator.device)
-    ds = load_examples(args.data)
-    train_idx, eval_idx = split(len(ds), args.eval_fraction, args.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
     steps_per_epoch = len(train_idx) // (args.batch_size * world)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_idx)} training examples cannot fill one step of {world} x --batch-size "
                          f"{args.batch_size}; lower --batch-size or make more data")
+    target, _ = load_model(args.model, dtype=dtype)
+    target.to(accelerator.device)
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
 
     module = recipe.build(target, args)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=args.learning_rate,
