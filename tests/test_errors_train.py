@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from test_training import RECIPE, data_args, read_log, train_args, write_prompts, write_target
 
 from specdec.training.cli import main
@@ -114,3 +115,34 @@ def test_rerunning_a_killed_job_needs_resume(workdir, capsys):
     assert main(argv(early, "--resume")) == 0
     assert [r["step"] for r in read_log(early) if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert json.loads((early / "drafter" / "drafter_config.json").read_text())["drafter"] == "medusa"
+
+
+@pytest.mark.xfail(strict=True, reason="issue 20 item 7: --resume on a truncated newest checkpoint")
+def test_resume_falls_back_from_a_truncated_checkpoint(workdir, capsys):
+    from safetensors.torch import load_file
+
+    straight = train(train_args(workdir, workdir / "data", "straight", max_steps=8, save_steps=3), MedusaRecipe(RECIPE))
+    run = workdir / "truncated"
+    train(train_args(workdir, workdir / "data", run.name, max_steps=8, save_steps=3), MedusaRecipe(RECIPE))
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == ["step-00000006", "step-00000008"]
+    weights = run / "checkpoints" / "step-00000008" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    capsys.readouterr()
+    resumed = train(train_args(workdir, workdir / "data", run.name, max_steps=8, save_steps=3, resume=True),
+                    MedusaRecipe(RECIPE))
+    said = [line for line in capsys.readouterr().err.splitlines() if "step-00000008" in line]
+    assert len(said) == 1 and "step-00000006" in said[0] and "model.safetensors" in said[0], said
+    log = [r for r in read_log(run) if "loss" in r]
+    assert [r["step"] for r in log] == list(range(1, 9))
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in read_log(workdir / "straight") if "loss" in r],
+                                                     rel=1e-5)
+    a, b = load_file(str(straight / "drafter.safetensors")), load_file(str(resumed / "drafter.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # With no complete checkpoint left, --resume says so instead of starting over.
+    for step in ("step-00000006", "step-00000008"):
+        state = run / "checkpoints" / step / "model.safetensors"
+        state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        train(train_args(workdir, workdir / "data", run.name, max_steps=8, save_steps=3, resume=True),
+              MedusaRecipe(RECIPE))
