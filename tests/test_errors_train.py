@@ -117,7 +117,6 @@ def test_rerunning_a_killed_job_needs_resume(workdir, capsys):
     assert json.loads((early / "drafter" / "drafter_config.json").read_text())["drafter"] == "medusa"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 item 7: --resume on a truncated newest checkpoint")
 def test_resume_falls_back_from_a_truncated_checkpoint(workdir, capsys):
     from safetensors.torch import load_file
 

@@ -10,9 +10,11 @@ a pure function of the step and a resumed run sees exactly the batches the unint
 would have.
 
 Output directory: ``log.jsonl`` (one record per logged step, and the final evaluation),
-``checkpoints/step-N/`` (accelerate state: weights, optimizer, schedule, RNG; plus the step and
-elapsed time), each written atomically, and ``drafter/`` (the trained drafter, loadable with the
-drafter's ``from_pretrained``) whose config records how it was made and how well it predicts.
+``checkpoints/step-N/`` (accelerate state: weights, optimizer, schedule, RNG; plus the step,
+elapsed time and the size of every file), each written atomically, and ``drafter/`` (the trained
+drafter, loadable with the drafter's ``from_pretrained``) whose config records how it was made and
+how well it predicts. ``--resume`` continues from the newest checkpoint whose files are all there
+at their recorded sizes, and says so when it passes over a damaged one (a copy cut short).
 
 A recipe (`Recipe`) supplies the module, its loss, its held-out evaluation and how to save it.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -118,12 +121,31 @@ def _save_checkpoint(accelerator, out: Path, step: int, seconds: float, keep: in
     accelerator.save_state(str(staged))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (staged / STATE).write_text(json.dumps({"step": step, "seconds": seconds}) + "\n")
+        files = {str(f.relative_to(staged)): f.stat().st_size for f in sorted(staged.rglob("*")) if f.is_file()}
+        (staged / STATE).write_text(json.dumps({"step": step, "seconds": seconds, "files": files}) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         staged.rename(final)
         for old in _checkpoints(out)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _damage(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint's files (missing, or not the size `STATE` recorded), or None.
+    A checkpoint saved before sizes were recorded is taken as it is."""
+    try:
+        state = json.loads((checkpoint / STATE).read_text())
+        files = state.get("files", {})
+        int(state["step"]), float(state["seconds"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{STATE} is missing or unreadable"
+    for name, size in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} of its {size} bytes"
+    return None
 
 
 def _resume(accelerator, out: Path) -> tuple[int, float]:
@@ -133,6 +155,15 @@ def _resume(accelerator, out: Path) -> tuple[int, float]:
         if accelerator.is_main_process and (out / LOG).is_file():
             (out / LOG).unlink()  # its steps will be trained (and logged) again
         return 0, 0.0
+    damaged = []
+    while found and (problem := _damage(found[-1])):
+        damaged.append(f"{found.pop().name} ({problem})")
+    if not found:
+        raise ValueError(f"--resume: no complete checkpoint in {out / CHECKPOINTS}: {'; '.join(damaged)}; "
+                         "start again in another --output-dir")
+    if damaged and accelerator.is_main_process:
+        print(f"--resume: skipping damaged checkpoint {'; '.join(damaged)}; resuming from {found[-1].name}",
+              file=sys.stderr)
     accelerator.load_state(str(found[-1]))
     state = json.loads((found[-1] / STATE).read_text())
     if accelerator.is_main_process and (out / LOG).is_file():
