@@ -366,6 +366,27 @@ def test_mismatched_target_is_refused(tmp_path):
         Eagle.shipped(named_model("base-b"))
 
 
+@pytest.mark.xfail(strict=True, reason="issue 20 item 13: Eagle takes a config whose hidden_size was edited")
+def test_an_edited_config_shape_is_refused(tmp_path):
+    """A drafter_config.json whose hidden_size no longer matches the weights is a corrupt
+    checkpoint for every trained drafter, not only for those built from their config."""
+    from specdec.drafters.early_exit import EarlyExit, ExitAdapter
+    from specdec.drafters.medusa import Medusa, MedusaHeads
+
+    model = tiny_model("llama")
+    hidden = model.config.hidden_size
+    drafters = [(Eagle, Eagle(model, random_head(model, 0))), (Medusa, Medusa(model, MedusaHeads(hidden, 2).double())),
+                (EarlyExit, EarlyExit(model, adapter=ExitAdapter(hidden, 1, rank=4).double()))]
+    for cls, drafter in drafters:
+        directory = drafter.save_pretrained(tmp_path / cls.__name__)
+        cls.from_pretrained(directory, model)  # as saved
+        header = json.loads((directory / "drafter_config.json").read_text())
+        header["config"]["hidden_size"] = 2 * hidden
+        (directory / "drafter_config.json").write_text(json.dumps(header))
+        with pytest.raises(CheckpointError, match=f"corrupt.*hidden_size={2 * hidden}"):
+            cls.from_pretrained(directory, model)
+
+
 @pytest.mark.parametrize("guard", [None, PausingGuard])
 def test_draft_vocabulary_admits_the_contexts_tokens(guard):
     """The draft vocabulary holds only the continuation's tokens that the prompt lacks: an oracle
