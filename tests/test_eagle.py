@@ -366,7 +366,6 @@ def test_mismatched_target_is_refused(tmp_path):
         Eagle.shipped(named_model("base-b"))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 item 13: Eagle takes a config whose hidden_size was edited")
 def test_an_edited_config_shape_is_refused(tmp_path):
     """A drafter_config.json whose hidden_size no longer matches the weights is a corrupt
     checkpoint for every trained drafter, not only for those built from their config."""
