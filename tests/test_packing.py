@@ -186,6 +186,51 @@ def test_head_drafters_pack_lazily_and_once():
     assert drafter._route is not route and drafter._route.parts[1] is drafter._vocab
 
 
+def test_packing_that_does_not_fit_in_memory_is_skipped_and_said(monkeypatch, caplog):
+    """Where the packed copy would not fit in the memory available, the model keeps its stock
+    forward (exact, slower) and one warning says what packing needs; unknown memory packs as before."""
+    from specdec import memory
+
+    model = fp32_model(seed=8)
+    needed = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    monkeypatch.setattr(memory, "available", lambda: needed // 2)
+    packs = PackedLinears(model)
+    assert not packs.enabled
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "pack" in said[0] and memory.size(needed) in said[0], said
+    prompt = random_prompt(8, 20)
+    drafter = head_drafter("medusa", model, 1, None)  # its heads are not packed either
+    with OneDnnSpy() as spy:
+        out = specdec.generate(model, prompt, drafter, max_new_tokens=16, packed_from=1, guard=None)
+    assert torch.equal(out, reference(model, prompt, 16)) and spy.calls == 0
+    monkeypatch.setattr(memory, "available", lambda: None)  # not known here: packs as before
+    assert PackedLinears(model).enabled
+
+
+def test_weight_copies_that_do_not_fit_in_memory_are_refused(monkeypatch, tmp_path):
+    """A draft vocabulary's lm_head rows and a Medusa-2 target's merged copy are required copies:
+    refused with what they need, before anything is copied."""
+    import json
+
+    from specdec import memory
+    from specdec.drafters.medusa import adapted_target
+
+    model = fp32_model(seed=8)
+    monkeypatch.setattr(memory, "available", lambda: 1 << 20)
+    rows = 96 * model.config.hidden_size * 4
+    for kind in ("eagle", "medusa"):
+        with pytest.raises(memory.NotEnoughMemoryError, match=f"draft_vocab.*{memory.size(rows)}.*1.0 MiB"):
+            head_drafter(kind, model, None, torch.arange(96))
+    head_drafter("medusa", model, None, None).save_pretrained(tmp_path / "m")
+    header = json.loads((tmp_path / "m" / "drafter_config.json").read_text())
+    header["metadata"]["backbone"] = {"lora": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]},
+                                      "fingerprint": [0.0, 0.0]}
+    (tmp_path / "m" / "drafter_config.json").write_text(json.dumps(header))
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    with pytest.raises(memory.NotEnoughMemoryError, match=f"adapted_target.*{memory.size(params)}"):
+        adapted_target(tmp_path / "m", model)
+
+
 def test_packed_from_is_validated():
     model = fp32_model()
     with pytest.raises(ValueError, match="packed_from"):

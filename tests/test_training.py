@@ -162,7 +162,7 @@ def test_training_lowers_the_loss_and_saves_a_loadable_drafter(workdir, trained)
     assert sorted(p.name for p in (workdir / "run" / "checkpoints").iterdir()) == ["step-00000008", "step-00000012"]
 
 
-def test_draft_vocab_command_gives_medusa_heads_one(workdir, dataset, trained):
+def test_draft_vocab_command_gives_medusa_heads_one(workdir, dataset, trained, capsys):
     """`specdec train draft-vocab` on Medusa heads: the split's most frequent answer tokens, saved
     and loaded with the heads, drafts only from them and the context, output exact."""
     out = workdir / "run-vocab"
@@ -179,9 +179,10 @@ def test_draft_vocab_command_gives_medusa_heads_one(workdir, dataset, trained):
     for step in stats.steps:
         assert set(step.tree.tokens.tolist()) <= set(drafter.draft_vocab.tolist()) | set(output[0, :t].tolist())
         t += len(step.new_tokens)
-    with pytest.raises(ValueError, match="size must be >= 1"):
-        main(["draft-vocab", "--model", str(workdir / "tiny-target"), "--drafter", str(trained), "--data",
-              str(dataset), "--size", "0", "--output-dir", str(workdir / "run-vocab-0")])
+    capsys.readouterr()
+    assert main(["draft-vocab", "--model", str(workdir / "tiny-target"), "--drafter", str(trained), "--data",
+                 str(dataset), "--size", "0", "--output-dir", str(workdir / "run-vocab-0")]) == 2
+    assert "specdec: error: draft-vocab: --size must be >= 1" in capsys.readouterr().err
 
 
 def test_resume_continues_exactly(workdir, dataset, trained):

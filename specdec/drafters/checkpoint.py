@@ -5,7 +5,11 @@ names the drafter kind, the target it was trained for (base model name, hidden s
 layer count), the drafter's constructor config and free-form metadata (how it was trained, its
 measured accuracy). Loading checks the target first and refuses a mismatch with a message that
 names both sides, because a drafter trained on another model still yields exact output but
-would be silently useless. Saving is atomic: the files are written into a temporary directory
+would be silently useless. Every dimension the drafter config stores (``hidden_size``,
+``vocab_size``) must equal the recorded target's, which the weights are checked against when they
+load into a module built for that target (`instantiate`, or a drafter's own ``load_state_dict``):
+a config edited by hand is a corrupt checkpoint for every drafter, whether or not it builds its
+module from the config. Saving is atomic: the files are written into a temporary directory
 next to the destination and renamed into place, so a crash never leaves a half-written drafter
 (`write_directory`, which the draft-model training recipe uses for its saved models too).
 
@@ -35,6 +39,7 @@ CONFIG_NAME = "drafter_config.json"
 WEIGHTS_NAME = "drafter.safetensors"
 FORMAT_VERSION = 1
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+DIMENSIONS = ("hidden_size", "vocab_size")  # target dimensions a drafter config may store too
 M = TypeVar("M")
 
 
@@ -136,6 +141,9 @@ def _read_header(directory: Path) -> dict:
     if not isinstance(header, dict) or not keys <= header.keys():
         raise CheckpointError(f"drafter checkpoint {str(directory)!r} is corrupt: {CONFIG_NAME} lacks "
                               f"{sorted(keys - set(header) if isinstance(header, dict) else keys)}")
+    if not isinstance(header["target"], dict) or not isinstance(header["config"], dict):
+        raise CheckpointError(f"drafter checkpoint {str(directory)!r} is corrupt: its target and config in "
+                              f"{CONFIG_NAME} must be JSON objects")
     if header["format_version"] != FORMAT_VERSION:
         raise CheckpointError(f"drafter checkpoint {str(directory)!r} has format version {header['format_version']}; "
                               f"this specdec reads version {FORMAT_VERSION}")
@@ -175,6 +183,12 @@ def load(directory, kind: str, model, *, check_base_model: bool = True) -> Check
         raise CheckpointError(f"{where} holds a {header['drafter']!r} drafter, not {kind!r}; "
                               f"load it with the {header['drafter']!r} drafter's from_pretrained")
     check_target(header["target"], model, where, check_base_model=check_base_model)
+    for key in DIMENSIONS:
+        stored = header["config"].get(key)
+        if stored is not None and stored != header["target"][key]:
+            raise CheckpointError(f"{where} is corrupt: its config says {key}={stored} but the target it was saved "
+                                  f"for (and its weights) have {key}={header['target'][key]}; re-save it with "
+                                  "save_pretrained or retrain it")
     try:
         tensors = load_file(str(directory / WEIGHTS_NAME))
     except (SafetensorError, OSError, ValueError) as e:

@@ -30,7 +30,7 @@ shared with Eagle). The accuracy table still ranks over every row, a close stand
 rank among fewer rows is never worse, unless it is not among them.
 
 Boundary: imports the core interface, `specdec.trees`, `specdec.decode`'s `resolve_packed_from`,
-and the checkpoint and draft-vocabulary helpers only.
+`specdec.memory`, and the checkpoint and draft-vocabulary helpers only.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from specdec import memory
 from specdec.decode import resolve_packed_from
 from specdec.drafter import Context, Feedback
 from specdec.drafters import checkpoint
@@ -143,6 +144,10 @@ def adapted_target(directory, model):
         raise checkpoint.CheckpointError(f"drafter checkpoint {str(directory)!r} holds Medusa-1 heads (trained on the "
                                          "unchanged target): use the model itself as the target")
     lora, _ = _split_lora(ckpt.tensors)
+    if model.device.type == "cpu":
+        memory.require(sum(p.numel() * p.element_size() for p in model.parameters()),
+                       "adapted_target: a copy of the target to merge the adapter into",
+                       "free memory, or use Medusa-1 heads, which read the target itself")
     adapted = copy.deepcopy(model)
     decoder = get_peft_model(adapted.get_decoder(), lora_config(backbone))  # injects into the copy's decoder
     unexpected = set_peft_model_state_dict(decoder, {k: v.to(model.dtype) for k, v in lora.items()}).unexpected_keys

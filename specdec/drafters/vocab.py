@@ -11,8 +11,8 @@ normalised over these columns overstate q a little; drafting only proposes, so o
 Checkpoints carry the ids as the tensor `VOCAB_KEY` and their count as ``draft_vocab_size`` in
 the drafter config (`stored`, `stripped`).
 
-Boundary: torch, the checkpoint helpers and `specdec.packing`; used by `Eagle` and `Medusa`, which
-own one per target.
+Boundary: torch, the checkpoint helpers, `specdec.packing` and `specdec.memory`; used by `Eagle`
+and `Medusa`, which own one per target.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from specdec import memory
 from specdec.drafters import checkpoint
 from specdec.packing import PackedRoute
 
@@ -79,6 +80,11 @@ class DraftVocab:
     def __init__(self, weight: Tensor, bias: Tensor | None, ids: Tensor | None, who: str = "drafter"):
         self._weight, self._bias = weight, bias
         self.ids = None if ids is None else checked_vocab(ids, weight.shape[0], who)
+        if self.ids is not None and weight.device.type == "cpu":
+            row = weight.shape[1] * weight.element_size() + (0 if bias is None else bias.element_size())
+            memory.require(self.ids.numel() * row, f"{who}: copying draft_vocab's {self.ids.numel()} lm_head rows",
+                           "use a smaller draft vocabulary, or none (draft_vocab=None scores the target's own "
+                           "lm_head without a copy)")
         self._base = None if self.ids is None else rows(weight, bias, self.ids)
         self.reset()
 

@@ -7,6 +7,7 @@
 - `eagle`: the EAGLE recipe (feature regression + cross-entropy, unrolled training-time test).
 - `early_exit`: the exit-adapter recipe (cross-entropy against the target's own next token).
 - `draft_model`: distils a smaller same-vocabulary LM toward the target (KL; full or LoRA).
+- `arguments`: the checks every command runs on its arguments before any long work.
 - `cli`: ``specdec train <make-data|medusa|eagle|early-exit|draft-model>``.
 
 Boundary: the training layer; it may import the core and the drafters, never the edge.

@@ -4,6 +4,9 @@ Each command's arguments are dataclasses parsed by `transformers.HfArgumentParse
 ``--help`` lists every field with its help text and default. The same entry point runs under
 ``accelerate launch -m specdec.training <command> ...`` for several processes or GPUs.
 
+Every mistake (a bad or unknown argument, a missing file, an output directory that holds another
+run) is one ``specdec: error: ...`` line on stderr and exit status 2, as in `specdec.cli`.
+
 Boundary: the edge of the training layer; `specdec.cli` hands ``specdec train ...`` here.
 """
 
@@ -40,6 +43,19 @@ RECIPES = {MedusaArguments: MedusaRecipe, EagleArguments: EagleRecipe, EarlyExit
            DraftModelArguments: DraftModelRecipe}
 
 
+# What a bad input raises (CheckpointError is a ValueError); anything else is a bug and keeps its traceback.
+ERRORS = (ValueError, RuntimeError, OSError, ImportError)
+
+
+class UsageError(Exception):
+    """A command line that does not parse."""
+
+
+class _Parser(HfArgumentParser):
+    def error(self, message: str):  # argparse's own: usage and a message over several lines, exit 2
+        raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
 def _usage() -> str:
     lines = ["usage: specdec train <command> [--help] [arguments]", "", "commands:"]
     lines += [f"  {name:<12} {help_text}" for name, (help_text, _) in COMMANDS.items()]
@@ -49,20 +65,31 @@ def _usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
+        print(_usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
+    try:
+        return _run(argv)
+    except (UsageError, *ERRORS) as err:
+        print("specdec: error: " + " ".join(str(err).split()), file=sys.stderr)  # one line
+        return 2
+
+
+def _run(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"specdec train: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
+        raise UsageError(f"specdec train: unknown command {command!r}; the commands are {', '.join(COMMANDS)} "
+                         "(see `specdec train --help`)")
     import datasets
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # per-call generation-flag warnings would drown the progress bars
     datasets.disable_progress_bars()  # one bar per saved shard otherwise
     help_text, classes = COMMANDS[command]
-    parser = HfArgumentParser(classes, prog=f"specdec train {command}", description=help_text)
-    parsed = parser.parse_args_into_dataclasses(rest)
+    parser = _Parser(classes, prog=f"specdec train {command}", description=help_text)
+    *parsed, unknown = parser.parse_args_into_dataclasses(rest, return_remaining_strings=True,
+                                                          look_for_args_file=False)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if command == "make-prompts":
         print(make_prompts(*parsed))
     elif command == "make-data":

@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from specdec.models import load_model
+from specdec.training import arguments
 
 DATASET_DIR = "dataset"
 MANIFEST = "manifest.json"
@@ -55,13 +56,24 @@ class MakeDataArguments:
 
 
 def read_prompts(path: str | Path, key: str, limit: int | None = None) -> list[str]:
+    """The `key` field of each line of the jsonl file `path` (the first `limit`); a bad line is
+    refused with its file and line number."""
+    if not Path(path).is_file():
+        raise ValueError(f"--prompts {str(path)!r}: no such file; give a jsonl file with a {key!r} field on each line "
+                         "(`specdec train make-prompts` writes one)")
     prompts = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                row = json.loads(line)
-                if key not in row:
-                    raise ValueError(f"{path}:{n} has no field {key!r} (fields: {sorted(row)}); pass --field NAME")
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                row = json.loads(raw.decode("utf-8")) if raw.strip() else None
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n} is not valid JSON ({e.msg} at column {e.colno})") from None
+            if row is not None:
+                if not isinstance(row, dict) or key not in row:
+                    fields = f"fields: {sorted(row)}" if isinstance(row, dict) else f"a JSON {type(row).__name__}"
+                    raise ValueError(f"{path}:{n} has no field {key!r} ({fields}); pass --field NAME")
                 prompts.append(str(row[key]))
             if limit is not None and len(prompts) >= limit:
                 break
@@ -172,7 +184,8 @@ def load_examples(path: str | Path):
                              "same arguments to finish it")
         path = path / DATASET_DIR
     if not path.is_dir():
-        raise ValueError(f"no training data at {str(path)!r}: run `specdec train make-data --output-dir {path}` first")
+        raise ValueError(f"--data {str(path)!r}: no training data there; run `specdec train make-data --output-dir "
+                         f"{path}` first")
     return datasets.load_from_disk(str(path)).with_format("torch")
 
 
@@ -262,13 +275,13 @@ def make_data(args: MakeDataArguments) -> Path:
     """Self-distilled training data in ``args.output_dir`` (resumable); returns the dataset dir."""
     import datasets
 
-    if args.batch_size < 1 or args.shard_size < 1 or args.max_new_tokens < 1:
-        raise ValueError("make-data: --batch-size, --shard-size and --max-new-tokens must be >= 1")
+    arguments.at_least_one(batch_size=args.batch_size, shard_size=args.shard_size,
+                           max_new_tokens=args.max_new_tokens, limit=args.limit, threads=args.threads)
+    dtype = arguments.dtype(args.dtype)
+    out = arguments.output_dir(args.output_dir)
+    prompts = read_prompts(args.prompts, args.field, args.limit)
     if args.threads:
         torch.set_num_threads(args.threads)
-    prompts = read_prompts(args.prompts, args.field, args.limit)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in asdict(args).items() if k not in ("output_dir", "batch_size", "threads")}
     settings.update(prompts=str(Path(args.prompts).resolve()), num_prompts=len(prompts))
     manifest = {"settings": settings, "shards": [], "seconds": 0.0, "done": False}
@@ -282,7 +295,8 @@ def make_data(args: MakeDataArguments) -> Path:
     if manifest["done"] and (out / DATASET_DIR).is_dir():
         return out / DATASET_DIR
 
-    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
+    model, tok = load_model(args.model, dtype=dtype)
+    out.mkdir(parents=True, exist_ok=True)
     tok.padding_side = "left"  # batched generation continues every row from its last prompt token
     done = max((s["end"] for s in manifest["shards"]), default=0)
     starts = range(done, len(prompts), args.shard_size)

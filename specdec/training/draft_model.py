@@ -34,11 +34,11 @@ from torch import Tensor, nn
 
 from specdec.drafters import checkpoint
 from specdec.models import load_model
+from specdec.training import arguments
 from specdec.training.data import Batch
 from specdec.training.train import TrainArguments
 
 REPORT = "distillation.json"
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -78,8 +78,7 @@ class DraftModelRecipe:
         if args.lora and (args.lora_rank < 1 or args.lora_alpha <= 0):
             raise ValueError(f"draft-model: --lora-rank must be >= 1 and --lora-alpha > 0, got "
                              f"{args.lora_rank}, {args.lora_alpha}")
-        if args.save_dtype not in _DTYPES:
-            raise ValueError(f"draft-model: --save-dtype must be one of {', '.join(_DTYPES)}, got {args.save_dtype!r}")
+        arguments.dtype(args.save_dtype, "draft-model: --save-dtype")
         self.args = args
         self._tokenizer = None
 
@@ -158,7 +157,7 @@ class DraftModelRecipe:
     def save(self, draft, target, directory: Path, metadata: dict) -> Path:
         if self.args.lora:
             draft = draft.merge_and_unload()  # an ordinary model again: LoRA folded into its weights
-        draft = draft.to(dtype=getattr(torch, self.args.save_dtype))
+        draft = draft.to(dtype=arguments.dtype(self.args.save_dtype))
         tokenizer = self._tokenizer if self._tokenizer is not None else load_model(self.args.draft)[1]
         report = {"target": str(target.config.name_or_path), "draft": self.args.draft, **metadata}
         return _save_atomically(Path(directory), draft, tokenizer, report)

@@ -14,7 +14,8 @@ from pathlib import Path
 from torch import Tensor
 
 from specdec.drafters import checkpoint
-from specdec.training.data import frequent_answer_tokens
+from specdec.training import arguments
+from specdec.training.data import frequent_answer_tokens, load_examples
 
 DRAFTERS = ("eagle", "medusa")  # checkpoint kinds whose drafters score lm_head rows
 
@@ -49,11 +50,14 @@ def add_draft_vocab(args: DraftVocabArguments, command: str | None = None) -> Pa
 
     if args.size < 1:
         raise ValueError(f"draft-vocab: --size must be >= 1, got {args.size}")
+    if args.output_dir is not None:
+        arguments.output_dir(args.output_dir)
     header = checkpoint.header_of(args.drafter)
     kind, metadata = header["drafter"], header.get("metadata", {})
     if kind not in DRAFTERS:
         raise ValueError(f"draft-vocab: {args.drafter} holds a {kind!r} drafter; only {', '.join(DRAFTERS)} drafters "
                          "score lm_head rows")
+    load_examples(args.data)  # refuses missing data before the model loads
     target = load_model(args.model)[0]
     if metadata.get("backbone"):
         target = adapted_target(args.drafter, target)  # Medusa-2 heads read the LoRA-adapted decoder

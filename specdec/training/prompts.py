@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from specdec.models import load_model
+from specdec.training import arguments
 from specdec.training.data import eos_ids, write_text_atomic
 
 _MARKER = "SPECDEC_USER_MESSAGE"
@@ -65,6 +66,8 @@ def make_prompts(args: MakePromptsArguments) -> Path:
     if min(args.num_prompts, args.max_new_tokens, args.batch_size) < 1 or args.temperature <= 0 or not 0 < args.top_p <= 1:
         raise ValueError("make-prompts: --num-prompts, --max-new-tokens and --batch-size must be >= 1, "
                          "--temperature > 0 and 0 < --top-p <= 1")
+    arguments.at_least_one(max_batches=args.max_batches, threads=args.threads)
+    path = arguments.output_file(args.output)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
@@ -99,7 +102,6 @@ def make_prompts(args: MakePromptsArguments) -> Path:
     if not kept:
         raise ValueError(f"make-prompts: none of {sampled} samples ended its user turn within --max-new-tokens "
                          f"{args.max_new_tokens} with at least --min-chars {args.min_chars} characters")
-    path = Path(args.output)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, "".join(json.dumps({"prompt": p}) + "\n" for p in kept))
     print(f"make-prompts: kept {len(kept)} of {sampled} samples in {time.perf_counter() - start:.0f} s")

@@ -10,9 +10,11 @@ a pure function of the step and a resumed run sees exactly the batches the unint
 would have.
 
 Output directory: ``log.jsonl`` (one record per logged step, and the final evaluation),
-``checkpoints/step-N/`` (accelerate state: weights, optimizer, schedule, RNG; plus the step and
-elapsed time), each written atomically, and ``drafter/`` (the trained drafter, loadable with the
-drafter's ``from_pretrained``) whose config records how it was made and how well it predicts.
+``checkpoints/step-N/`` (accelerate state: weights, optimizer, schedule, RNG; plus the step,
+elapsed time and the size of every file), each written atomically, and ``drafter/`` (the trained
+drafter, loadable with the drafter's ``from_pretrained``) whose config records how it was made and
+how well it predicts. ``--resume`` continues from the newest checkpoint whose files are all there
+at their recorded sizes, and says so when it passes over a damaged one (a copy cut short).
 
 A recipe (`Recipe`) supplies the module, its loss, its held-out evaluation and how to save it.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -35,6 +38,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from specdec.models import load_model
+from specdec.training import arguments
 from specdec.training.data import Batch, collate, load_examples, manifest_of, split, target_states
 
 LOG = "log.jsonl"
@@ -117,7 +121,8 @@ def _save_checkpoint(accelerator, out: Path, step: int, seconds: float, keep: in
     accelerator.save_state(str(staged))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (staged / STATE).write_text(json.dumps({"step": step, "seconds": seconds}) + "\n")
+        files = {str(f.relative_to(staged)): f.stat().st_size for f in sorted(staged.rglob("*")) if f.is_file()}
+        (staged / STATE).write_text(json.dumps({"step": step, "seconds": seconds, "files": files}) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         staged.rename(final)
         for old in _checkpoints(out)[:-keep] if keep > 0 else []:
@@ -125,11 +130,40 @@ def _save_checkpoint(accelerator, out: Path, step: int, seconds: float, keep: in
     accelerator.wait_for_everyone()
 
 
+def _damage(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint's files (missing, or not the size `STATE` recorded), or None.
+    A checkpoint saved before sizes were recorded is taken as it is."""
+    try:
+        state = json.loads((checkpoint / STATE).read_text())
+        files = state.get("files", {})
+        int(state["step"]), float(state["seconds"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{STATE} is missing or unreadable"
+    for name, size in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} of its {size} bytes"
+    return None
+
+
 def _resume(accelerator, out: Path) -> tuple[int, float]:
     found = _checkpoints(out)
     if not found:
         accelerator.print(f"--resume: no checkpoint in {out / CHECKPOINTS}, starting from step 0")
+        if accelerator.is_main_process and (out / LOG).is_file():
+            (out / LOG).unlink()  # its steps will be trained (and logged) again
         return 0, 0.0
+    damaged = []
+    while found and (problem := _damage(found[-1])):
+        damaged.append(f"{found.pop().name} ({problem})")
+    if not found:
+        raise ValueError(f"--resume: no complete checkpoint in {out / CHECKPOINTS}: {'; '.join(damaged)}; "
+                         "start again in another --output-dir")
+    if damaged and accelerator.is_main_process:
+        print(f"--resume: skipping damaged checkpoint {'; '.join(damaged)}; resuming from {found[-1].name}",
+              file=sys.stderr)
     accelerator.load_state(str(found[-1]))
     state = json.loads((found[-1] / STATE).read_text())
     if accelerator.is_main_process and (out / LOG).is_file():
@@ -149,11 +183,24 @@ def train(args: TrainArguments, recipe: Recipe, command: str | None = None) -> P
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
-    for name in ("max_steps", "batch_size", "save_steps", "log_steps", "max_length"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    from transformers import SchedulerType
+
+    # Every argument is checked before the model loads and before anything is written.
+    arguments.at_least_one(**{name: getattr(args, name) for name in (
+        "max_steps", "batch_size", "save_steps", "log_steps", "max_length", "threads")})
+    dtype = arguments.dtype(args.dtype)
     if args.mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"--mixed-precision must be no, bf16 or fp16, got {args.mixed_precision!r}")
+    if args.lr_scheduler not in {s.value for s in SchedulerType}:
+        raise ValueError(f"--lr-scheduler must be one of {', '.join(s.value for s in SchedulerType)}, "
+                         f"got {args.lr_scheduler!r}")
+    out = arguments.output_dir(args.output_dir)
+    left = [name for name in (CHECKPOINTS, LOG, DRAFTER_DIR) if (out / name).exists()]
+    if left and not args.resume:  # a killed (or finished) run: starting over would mix two runs' files
+        raise ValueError(f"--output-dir {str(out)!r} already holds a training run ({', '.join(left)}): pass --resume "
+                         "to continue it, or choose another --output-dir")
+    ds = load_examples(args.data)
+    train_idx, eval_idx = split(len(ds), args.eval_fraction, args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     # Without a GPU, processes started by `accelerate launch --multi_gpu` must be told to use
@@ -167,22 +214,16 @@ def train(args: TrainArguments, recipe: Recipe, command: str | None = None) -> P
         raise RuntimeError(f"launched as {launched} processes but accelerate joined {accelerator.num_processes}; "
                            "start several processes with `accelerate launch --multi_gpu --num_processes N ...`")
     set_seed(args.seed)
-    out = Path(args.output_dir)
-    if not args.resume and _checkpoints(out):
-        raise ValueError(f"{out} already has checkpoints: pass --resume to continue, or choose another --output-dir")
-    main = accelerator.is_main_process
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-
-    target, _ = load_model(args.model, dtype=getattr(torch, args.dtype))
-    target.to(accelerator.device)
-    ds = load_examples(args.data)
-    train_idx, eval_idx = split(len(ds), args.eval_fraction, args.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
     steps_per_epoch = len(train_idx) // (args.batch_size * world)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_idx)} training examples cannot fill one step of {world} x --batch-size "
                          f"{args.batch_size}; lower --batch-size or make more data")
+    target, _ = load_model(args.model, dtype=dtype)
+    target.to(accelerator.device)
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
 
     module = recipe.build(target, args)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=args.learning_rate,
