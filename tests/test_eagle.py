@@ -65,7 +65,7 @@ class OracleHead(EagleHead):
     def __init__(self, model, ref: torch.Tensor):
         base = EagleHead.for_target(model)
         super().__init__(base.config, type(base.layer), type(base.rotary))
-        self.to(model.dtype)
+        self.to(device=model.device, dtype=model.dtype)
         self.ref, self.states = ref[0], states_of(model, ref)  # [L], [L, H]
         self.table = model.get_input_embeddings().weight.detach()
         frozen = FrozenTarget.of(model)
