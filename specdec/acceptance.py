@@ -11,6 +11,11 @@ processors (temperature, top-k/top-p, penalties), as in ``model.generate(do_samp
 Rules are called with ``position``, the index in the sequence of the token the root's row
 predicts. A seeded `Speculative` uses it to make its output a function of the seed and the
 context alone, whatever was drafted (see `Speculative`).
+
+Devices: `logits` stay on the model's device; what a rule reads on the host comes over in as few
+transfers as the rule allows: `Greedy` one [n + 1] argmax per step, the sampling rules one
+[vocab] row per node they visit (never one value per child tried). Random draws use host
+generators, so a seed means the same thing on every device.
 """
 
 from __future__ import annotations
@@ -104,10 +109,10 @@ class Speculative:
         tokens = tree.tokens.tolist()
         path, node = [], -1
         while True:
-            p = probs[node + 1]
+            p = probs[node + 1].cpu()  # this node's row on the host: every draw below reads it there
             for child in tree.children(node):
                 x = tokens[child]
-                q = None if tree.draft_probs is None else tree.draft_probs[child].double()
+                q = None if tree.draft_probs is None else tree.draft_probs[child].double().cpu()
                 if q is not None and q[x] <= 0:
                     raise ValueError(f"Speculative: draft_probs gives probability 0 to drafted token {x} (node {child})")
                 accept = p[x] if q is None else torch.clamp(p[x] / q[x], max=1.0)
@@ -161,11 +166,11 @@ class Typical:
         gen = generator if generator is not None else self.generator
         probs = torch.softmax(logits.double(), dim=-1)  # [n + 1, vocab]
         entropy = -(probs * torch.log(probs.clamp_min(1e-300))).sum(-1)  # [n + 1]
-        threshold = torch.clamp(self.delta * torch.exp(-entropy), max=self.epsilon)  # [n + 1]
+        threshold = torch.clamp(self.delta * torch.exp(-entropy), max=self.epsilon).tolist()  # [n + 1]
         tokens = tree.tokens.tolist()
         path, node = [], -1
         while True:
-            p, bar = probs[node + 1], float(threshold[node + 1])
+            p, bar = probs[node + 1].cpu(), threshold[node + 1]  # this node's row on the host
             plausible = [c for c in tree.children(node) if float(p[tokens[c]]) > bar]
             if not plausible:
                 return Decision(path, int(torch.multinomial(p, 1, generator=gen)))

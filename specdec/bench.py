@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import tempfile
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor
 
 from specdec.decode import GenerationStats, resolve_packed_from
+from specdec.devices import clock, device_field, dtype_field
 from specdec.guard import Guard
 from specdec.profile import cpu_name
 from specdec.sampling import temperature_kwargs
@@ -37,6 +37,8 @@ HF_METHODS = ("baseline", "hf-prompt-lookup", "hf-assisted")
 @dataclass(frozen=True)
 class BenchConfig:
     model: str = field(default="smollm2-135m", metadata={"help": "target: embedded name, HF path/id or .gguf file"})
+    device: str = device_field()
+    dtype: str = dtype_field()
     questions: str = field(default="../shared/data/spec_bench_dev.jsonl", metadata={"help": "Spec-Bench .jsonl file"})
     methods: str = field(
         default="baseline,hf-prompt-lookup,prompt-lookup",
@@ -267,7 +269,7 @@ def run_bench(
     questions = read_questions(cfg.questions, cfg.limit, cfg.categories, cfg.per_category)
     methods = make_methods(cfg, target, draft, drafters)
     names = list(methods)
-    warm = encode_chat(tokenizer, [{"role": "user", "content": "Say hello."}])
+    warm = encode_chat(tokenizer, [{"role": "user", "content": "Say hello."}]).to(target.device)
     for run in methods.values():  # first calls pay one-time costs (allocations, kernel selection)
         run(warm, 0)
     records: list[Record] = []
@@ -278,10 +280,10 @@ def run_bench(
             outputs: dict[str, Tensor] = {}
             for name in order:
                 history[name].append({"role": "user", "content": text})
-                ids = encode_chat(tokenizer, history[name])
-                t0 = time.perf_counter()
+                ids = encode_chat(tokenizer, history[name]).to(target.device)  # every method gets them there
+                t0 = clock(target.device)
                 out, forwards, stats = methods[name](ids, turn)
-                seconds = time.perf_counter() - t0
+                seconds = clock(target.device) - t0
                 outputs[name] = new = out[0, ids.shape[1] :]
                 history[name].append({"role": "assistant", "content": tokenizer.decode(new, skip_special_tokens=True)})
                 rec = Record(q["question_id"], q["category"], turn, name, new.numel(), seconds, forwards, True)
@@ -422,9 +424,10 @@ def _atomic_figure(fig, path: Path) -> None:
 
 
 def describe_device(model) -> str:
+    dtype = str(model.dtype).removeprefix("torch.")
     if model.device.type == "cuda":
-        return torch.cuda.get_device_name(model.device)
-    return f"CPU {cpu_name()}"
+        return f"{torch.cuda.get_device_name(model.device)} ({model.device}), {dtype}"
+    return f"CPU {cpu_name()}, {dtype}"
 
 
 def write_results(records: list[Record], cfg: BenchConfig, out_dir: str, device: str, plots: bool = True) -> str:

@@ -15,12 +15,15 @@ import typing
 from dataclasses import dataclass, field
 
 from specdec.bench import BenchConfig
+from specdec.devices import device_field, dtype_field
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
     prompt: str = field(metadata={"help": "the user message (or raw text with --no-chat)", "positional": True})
     model: str = field(default="smollm2-135m", metadata={"help": "target: embedded name, HF path/id or .gguf file"})
+    device: str = device_field()
+    dtype: str = dtype_field()
     drafter: str = field(default="prompt-lookup", metadata={"help": "drafter name, composed with + (merge trees) and | (fallback), e.g. prompt-lookup+token-recycling; 'none' for plain decoding"})
     draft_model: str | None = field(default=None, metadata={"help": "draft model for draft-model* drafters"})
     datastore: str | None = field(default=None, metadata={"help": "datastore for the retrieval drafters (default: the model's, see `specdec datastore build`)"})
@@ -35,6 +38,8 @@ class GenerateConfig:
 @dataclass(frozen=True)
 class ProfileConfig:
     model: str = field(default="smollm2-135m", metadata={"help": "target: embedded name, HF path/id or .gguf file"})
+    device: str = device_field()
+    dtype: str = dtype_field()
     ks: str = field(default="1,2,3,4,6,8,12,16,24,32,48,64", metadata={"help": "comma list of token counts k"})
     context: int = field(default=300, metadata={"help": "cached tokens before the k new ones"})
     repeats: int = field(default=5, metadata={"help": "timed forwards per k (the median is kept)"})
@@ -44,6 +49,8 @@ class ProfileConfig:
 @dataclass(frozen=True)
 class DemoConfig:
     model: str = field(default="smollm2-135m", metadata={"help": "the model selected when the page opens"})
+    device: str = device_field()
+    dtype: str = dtype_field()
     host: str = field(default="127.0.0.1", metadata={"help": "address to serve on (0.0.0.0 for every interface)"})
     port: int = field(default=7860, metadata={"help": "port to serve on"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
@@ -117,6 +124,13 @@ def _line_streamer(tokenizer):
     return LineStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
+def _placement(cfg) -> dict:
+    """`load_model`'s device and dtype from a config's --device / --dtype (refused before any loading)."""
+    from specdec.devices import parse_device, parse_dtype
+
+    return {"device": parse_device(cfg.device), "dtype": parse_dtype(cfg.dtype)}
+
+
 def cmd_generate(cfg: GenerateConfig) -> int:
     import torch
 
@@ -125,12 +139,13 @@ def cmd_generate(cfg: GenerateConfig) -> int:
     from specdec.models import load_model
     from specdec.sampling import temperature_kwargs
 
+    placement = _placement(cfg)
     _setup(cfg.threads)
     _check_utf8(cfg.prompt)
     if cfg.drafter != "none":
         check_name(cfg.drafter)
-    model, tokenizer = load_model(cfg.model)
-    draft = load_model(cfg.draft_model)[0] if cfg.draft_model else None
+    model, tokenizer = load_model(cfg.model, **placement)
+    draft = load_model(cfg.draft_model, **placement)[0] if cfg.draft_model else None
     resources = Resources(model, cfg.model, draft, cfg.datastore)
     # Before the one-time profiling: a missing datastore, draft model or trained head fails now.
     drafter = None if cfg.drafter == "none" else make_drafter(cfg.drafter, resources)
@@ -141,6 +156,7 @@ def cmd_generate(cfg: GenerateConfig) -> int:
         ids = encode_chat(tokenizer, [{"role": "user", "content": cfg.prompt}])
     else:
         ids = tokenizer(cfg.prompt, return_tensors="pt").input_ids
+    ids = ids.to(model.device)  # model.generate (--compare) wants them there; specdec answers there
     if cfg.compare:  # both sides timed warm: one-time costs (packing the weights) are not the method's
         from specdec.demo.compare import warm_up
 
@@ -203,8 +219,9 @@ def cmd_profile(cfg: ProfileConfig) -> int:
         ks = tuple(sorted({int(k) for k in cfg.ks.split(",")}))
     except ValueError:
         raise ValueError(f"--ks: expected a comma list of integers, got {cfg.ks!r}") from None
+    placement = _placement(cfg)
     _setup(cfg.threads)
-    model, _ = load_model(cfg.model)
+    model, _ = load_model(cfg.model, **placement)
     key = profile.model_key(model)
     prof = profile.profile(model, key, ks=ks, context=cfg.context, repeats=cfg.repeats, progress=True)
     path = profile.profile_path(cache_dir(), key)
@@ -226,11 +243,12 @@ def cmd_bench(cfg: BenchConfig) -> int:
     from specdec.decode import resolve_packed_from
     from specdec.models import load_model
 
+    placement = _placement(cfg)
     check_methods(cfg)  # fail on bad arguments before loading models
     read_questions(cfg.questions, cfg.limit, cfg.categories, cfg.per_category)
     _setup(cfg.threads)
-    target, tokenizer = load_model(cfg.model)
-    draft = load_model(cfg.draft_model)[0] if cfg.draft_model else None
+    target, tokenizer = load_model(cfg.model, **placement)
+    draft = load_model(cfg.draft_model, **placement)[0] if cfg.draft_model else None
     drafters = make_drafters(cfg, target, draft)  # a missing resource fails before the one-time profiling
     ensure_profiles(target, draft)
     packed_from = resolve_packed_from(target, parse_packed_from(cfg.packed_from))
@@ -276,6 +294,7 @@ def _check_port(host: str, port: int) -> None:
 
 
 def cmd_demo(cfg: DemoConfig) -> int:
+    placement = _placement(cfg)  # before gradio loads
     from specdec.demo import build_demo
     from specdec.models import load_model
 
@@ -283,7 +302,7 @@ def cmd_demo(cfg: DemoConfig) -> int:
     _check_port(cfg.host, cfg.port)
 
     def load(name: str):
-        model, tokenizer = load_model(name)  # converts a GGUF the first time
+        model, tokenizer = load_model(name, **placement)  # converts a GGUF the first time
         ensure_profile(model)
         return model, tokenizer
 

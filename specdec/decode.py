@@ -8,11 +8,14 @@ of step 3.
 
 Boundary: the loop knows the `Drafter` protocol, the `Verifier`, the guard and acceptance
 rules; it never imports a concrete drafter and never asks which drafter it holds.
+
+Devices: the model's forward, logits and hidden states stay on the model's device; the committed
+token ids and the trees are host data (Python reads them every step). docs/device.md lists every
+place a step waits for the device and why.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,11 +23,12 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessorList
 
-from specdec import profile
+from specdec import devices, profile
 from specdec.acceptance import AcceptanceRule, Greedy, Speculative
 from specdec.drafter import Context, Drafter, Feedback
 from specdec.guard import Guard
 from specdec.models import cache_dir
+from specdec.packing import packable
 from specdec.sampling import sampling_processors
 from specdec.trees import TokenTree
 from specdec.verifier import Verifier
@@ -42,7 +46,9 @@ class StepInfo:
 
 @dataclass
 class GenerationStats:
-    """Filled in by `generate(stats=...)`; one `StepInfo` per target forward after the prefill."""
+    """Filled in by `generate(stats=...)`; one `StepInfo` per target forward after the prefill.
+    Each span ends when the model's device has finished its work (`specdec.devices.clock`), so on
+    CUDA the split is where the time went, not where kernels were launched."""
 
     steps: list[StepInfo] = field(default_factory=list)
     prefill_s: float = 0.0
@@ -156,8 +162,9 @@ DEFAULT_PACKED_FROM = 4
 
 
 def verify_cost(model, packed_from: int | None) -> Callable[[int], float] | None:
-    """`Context.verify_cost` from this model's stored curve on this machine (None if unmeasured)."""
-    prof = profile.stored(model, cache_dir())
+    """`Context.verify_cost` from this model's curve on this machine and device (`profile.for_model`:
+    stored, or off the CPU measured on first use; None if unmeasured)."""
+    prof = profile.for_model(model, cache_dir())
     if prof is None:
         return None
     seconds = prof.forward_cost(packed_from)
@@ -168,7 +175,9 @@ def verify_cost(model, packed_from: int | None) -> Callable[[int], float] | None
 def resolve_packed_from(model, packed_from: int | None | str) -> int | None:
     if packed_from == "auto":
         prof = profile.stored(model, cache_dir())
-        return prof.packed_from if prof is not None else DEFAULT_PACKED_FROM
+        if prof is not None:
+            return prof.packed_from
+        return DEFAULT_PACKED_FROM if packable(model) else None  # nothing to pack off the CPU
     if packed_from is not None and (not isinstance(packed_from, int) or packed_from < 1):
         raise ValueError(f"packed_from must be 'auto', None or a token count >= 1, got {packed_from!r}")
     return packed_from
@@ -266,11 +275,12 @@ def generate(
     if streamer is not None:
         streamer.put(prompt[None])
 
-    t0 = time.perf_counter()
+    device = model.device
+    packed_from = resolve_packed_from(model, packed_from)
+    cost = verify_cost(model, packed_from) if drafter is not None else None  # may measure a curve: not timed
+    t0 = devices.clock(device)
     if drafter is not None:
         drafter.begin(model)
-    packed_from = resolve_packed_from(model, packed_from)
-    cost = verify_cost(model, packed_from) if drafter is not None else None
     keep_hidden = drafter is not None and drafter.needs_hidden_states
     if verifier is None:
         verifier = Verifier(model, keep_hidden_states=keep_hidden, packed_from=packed_from)
@@ -279,12 +289,12 @@ def generate(
     else:
         verifier.configure(keep_hidden_states=keep_hidden, packed_from=packed_from)
     hidden = verifier.prefill(prompt)
-    stats.prefill_s = time.perf_counter() - t0
+    stats.prefill_s = devices.clock(device) - t0
     ids, done = prompt, False
 
     while not done:
         remaining = max_new_tokens - (ids.numel() - prompt.numel())
-        t0 = time.perf_counter()
+        t0 = devices.clock(device)
         # 1. Propose: a tree under the root (the last committed token). Nodes deeper than
         #    remaining - 1 could only yield tokens past max_new_tokens.
         asked = drafter is not None and remaining > 1 and (guard is None or guard.speculate())
@@ -293,11 +303,11 @@ def generate(
         else:
             tree = drafter.propose(Context(ids, hidden, remaining - 1, cost)).truncate(remaining - 1)
             _check_in_vocab(tree.tokens, vocab, f"{type(drafter).__name__} proposed")
-        t1 = time.perf_counter()
+        t1 = devices.clock(device)
         # 2. Verify: one target forward over [root] + tree.
         scores = verifier.score(int(ids[-1]), tree)
         logits = _processed(scores.logits.float(), ids, tree, logits_processor)  # [n + 1, vocab], fp32 as in HF
-        t2 = time.perf_counter()
+        t2 = devices.clock(device)
         # 3. Accept: the longest path the target agrees with, plus the target's own next token.
         decision = rule(tree, logits, position=ids.numel())  # row 0 predicts token ids.numel()
         path = decision.accepted_nodes
@@ -330,7 +340,7 @@ def generate(
                 k = getattr(drafter, "feedback_topk", 0)
                 top = logits.topk(k, dim=-1).indices.cpu() if k else None  # [n + 1, k]
                 drafter.update(Feedback(tree, path, torch.tensor(new), top))
-        step = StepInfo(tree, path, emitted, t1 - t0, t2 - t1, time.perf_counter() - t2)
+        step = StepInfo(tree, path, emitted, t1 - t0, t2 - t1, devices.clock(device) - t2)
         stats.steps.append(step)
         if guard is not None and drafter is not None:
             # A step the drafter was asked for counts as speculative even when it proposed

@@ -66,8 +66,11 @@ def keep(cache: Cache, n_prefix: int, slots: list[int]) -> None:
         drop_last(cache, total - n_prefix - len(slots))
         return
     index = torch.tensor(list(range(n_prefix)) + slots, dtype=torch.long)
+    on: dict[torch.device, torch.Tensor] = {}  # the index copied once per device, not once per layer
     for layer in cache.layers:
         if layer.is_initialized:
-            index_dev = index.to(layer.keys.device)
-            layer.keys = layer.keys.index_select(-2, index_dev)
-            layer.values = layer.values.index_select(-2, index_dev)
+            device = layer.keys.device
+            if device not in on:
+                on[device] = index.to(device)
+            layer.keys = layer.keys.index_select(-2, on[device])
+            layer.values = layer.values.index_select(-2, on[device])

@@ -297,9 +297,10 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return _with_pad(_from_pretrained(AutoTokenizer, source))
 
 
-def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32,
+def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                attn_implementation: str = "sdpa") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model in eval mode with the given dtype and attention implementation, and its tokenizer."""
+    """Model in eval mode with the given dtype and attention implementation, on `device`, and its
+    tokenizer. Weights are loaded on the CPU in `dtype`, then moved."""
     source, kwargs = _resolve(name_or_path), dict(dtype=dtype, attn_implementation=attn_implementation)
     if isinstance(source, Path) and source.is_file():  # a local GGUF: dequantized on every load, not cached
         model, tok = _load_gguf(source, **kwargs)
@@ -307,4 +308,4 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32,
         model = _from_pretrained(AutoModelForCausalLM, source, **kwargs)
         tok = _with_pad(_from_pretrained(AutoTokenizer, source))
         _fix_special_ids(model, tok)
-    return model.eval(), tok
+    return model.to(device).eval(), tok

@@ -13,6 +13,8 @@ copy: the model and its parameters are left untouched) and, used as a context ma
 ops, other tensors, autograd, float64, a weight changed in place since packing) runs unchanged.
 The copy costs as much memory as the linear weights; where that memory is not available
 (`specdec.memory`) nothing is packed, one warning says so, and forwards stay on the stock path.
+Packing is a CPU kernel: a model on another device (or in another dtype) has nothing packable, so
+every route is its stock forward, decided here (`packable`) and never by the verifier or a drafter.
 
 Results differ from MKL's by float rounding only (another summation order), the same kind of
 difference a k-token forward already has from k one-token forwards; `specdec bench` checks outputs
@@ -46,6 +48,12 @@ def available() -> bool:
 
 def _packable(weight: Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+
+
+def packable(model: nn.Module) -> bool:
+    """Whether `PackedLinears(model)` would pack anything: oneDNN is there and some linear weight
+    is an fp32 matrix on the CPU (not on a GPU, not in bf16/fp16/fp64)."""
+    return available() and any(_packable(m.weight) for m in model.modules() if isinstance(m, nn.Linear))
 
 
 class _Route(TorchFunctionMode):

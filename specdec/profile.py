@@ -3,9 +3,13 @@
 Speculation pays off only when verifying a k-token tree costs little more than decoding one token,
 so this curve decides tree budgets and draft lengths. `measure` times the forward the verifier
 really runs (k tokens after a realistic KV cache, median of repeats), with and without
-`specdec.packing`; curves are stored as JSON under the cache directory, one per model and machine.
+`specdec.packing` (CPU only); curves are stored as JSON under the cache directory, one per model,
+device type and dtype (`model_key`), valid on the machine that measured them (`machine_id`: the
+CPU, its threads and torch, plus the GPU's name off the CPU). `for_model` is what `generate` asks:
+the stored profile, or off the CPU a short curve measured on first use.
 
-Boundary: core level; knows the model's public forward, `specdec.kv` and `specdec.packing`.
+Boundary: core level; knows the model's public forward, `specdec.kv`, `specdec.packing` and
+`specdec.devices`.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ import contextlib
 import functools
 import itertools
 import json
+import logging
 import os
 import platform
 import statistics
 import tempfile
-import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,11 +32,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from specdec import kv
-from specdec.packing import packed_linears
+from specdec import devices, kv
+from specdec.packing import packable, packed_linears
 from specdec.trees import TokenTree, verify_inputs
 
+log = logging.getLogger(__name__)
+
 DEFAULT_KS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# The short curve `for_model` measures on first use: the shape of the curve, in about 30 forwards.
+FIRST_USE = dict(ks=(1, 2, 4, 8, 16, 32, 64), context=128, repeats=3)
 
 
 @dataclass(frozen=True)
@@ -69,8 +78,15 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_id() -> str:
-    return f"{cpu_name()} x{torch.get_num_threads()} torch {torch.__version__}"
+def machine_id(device: torch.device | str = "cpu") -> str:
+    """What a curve measured on `device` is valid for: the CPU, its torch threads and the torch
+    version, and off the CPU the accelerator's name (a CUDA step also pays the host's launches)."""
+    device = torch.device(device)
+    host = f"{cpu_name()} x{torch.get_num_threads()} torch {torch.__version__}"
+    if device.type == "cpu":
+        return host
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{name} ({device.type}) on {host}"
 
 
 @torch.no_grad()
@@ -90,7 +106,8 @@ def measure(
     if context < 1 or repeats < 1 or not ks or min(ks) < 1:
         raise ValueError("context, repeats and every k must be >= 1")
     vocab = model.get_output_embeddings().weight.shape[0]
-    gen = torch.Generator().manual_seed(seed)
+    device = model.device
+    gen = torch.Generator().manual_seed(seed)  # tokens drawn on the host: the same on every device
     prompt = torch.randint(vocab, (context,), generator=gen)
     packs = packed_linears(model) if packed else None
     method = "packed" if packs is not None and packs.enabled else "stock"
@@ -98,23 +115,23 @@ def measure(
     cache = kv.new_cache(model)
     seconds = []
     with route:
-        model(input_ids=prompt[None].to(model.device), **kv.cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+        model(input_ids=prompt[None].to(device), **kv.cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         for k in tqdm(ks, desc=f"{name}, {method} forward, k", disable=not progress):
             tree = TokenTree.chain(torch.randint(vocab, (k - 1,), generator=gen).tolist())
-            inputs = verify_inputs(int(prompt[-1]), tree, context, model.dtype)
+            inputs = verify_inputs(int(prompt[-1]), tree, context, model.dtype, device)
             times = []
             for _ in range(repeats + 1):  # the first run warms up allocations for this shape
-                t0 = time.perf_counter()
+                t0 = devices.clock(device)
                 model(
-                    input_ids=inputs.input_ids.to(model.device),
-                    position_ids=inputs.position_ids.to(model.device),
+                    input_ids=inputs.input_ids,
+                    position_ids=inputs.position_ids,
                     **kv.cache_kwargs(model, cache),
                     use_cache=True,
                 )
-                times.append(time.perf_counter() - t0)
+                times.append(devices.clock(device) - t0)  # the forward has run, not just been queued
                 kv.drop_last(cache, k)
             seconds.append(statistics.median(times[1:]))
-    return CostCurve(name, method, tuple(ks), tuple(seconds), context, torch.get_num_threads(), machine_id())
+    return CostCurve(name, method, tuple(ks), tuple(seconds), context, torch.get_num_threads(), machine_id(device))
 
 
 @dataclass(frozen=True)
@@ -122,7 +139,7 @@ class Profile:
     """Both curves for one model on one machine, and the forward plan they imply."""
 
     stock: CostCurve
-    packed: CostCurve | None  # None where packing is unavailable (no oneDNN, float64, GPU)
+    packed: CostCurve | None  # None where packing is unavailable (no oneDNN, not float32, not on the CPU)
 
     @property
     def packed_from(self) -> int | None:
@@ -157,15 +174,23 @@ class Profile:
 
 
 def profile(model, name: str, **kwargs) -> Profile:
+    """The stock curve, and the packed one where packing applies (`specdec.packing.packable`)."""
     stock = measure(model, name, packed=False, **kwargs)
-    packed = measure(model, name, packed=True, **kwargs)
-    return Profile(stock, packed if packed.method == "packed" else None)
+    packed = measure(model, name, packed=True, **kwargs) if packable(model) else None
+    return Profile(stock, packed if packed is not None and packed.method == "packed" else None)
 
 
 def model_key(model) -> str:
-    """Profiles are keyed by the directory or hub id the model was loaded from."""
+    """Profiles are keyed by the directory or hub id the model was loaded from, its device type and
+    its dtype ("smollm2-135m.cpu.float32"): a CPU curve never sizes trees for a CUDA or bf16 model.
+    "" for a model with no source name (built in-process), which has no stored profile."""
     source = str(getattr(model, "name_or_path", "") or model.config.name_or_path or "")
-    return Path(source).name or source
+    name = Path(source).name or source
+    return f"{name}.{_placement(model)}" if name else ""
+
+
+def _placement(model) -> str:
+    return f"{model.device.type}.{str(model.dtype).removeprefix('torch.')}"
 
 
 def profile_path(cache_dir: Path, key: str) -> Path:
@@ -200,7 +225,8 @@ def _load(path: str, version: tuple) -> Profile:
 
 
 def stored(model, cache_dir: Path) -> Profile | None:
-    """This model's stored profile if it was measured on this machine with this thread count."""
+    """This model's stored profile (for its device and dtype) if it was measured on this machine
+    with this thread count."""
     key = model_key(model)
     path = profile_path(cache_dir, key) if key else None
     if path is None or not path.exists():
@@ -209,7 +235,43 @@ def stored(model, cache_dir: Path) -> Profile | None:
         prof = load(path)
     except (ValueError, KeyError, TypeError):
         return None  # unreadable: treated as absent, `specdec profile` rewrites it
-    return prof if prof.stock.machine == machine_id() else None
+    return prof if prof.stock.machine == machine_id(model.device) else None
+
+
+def measures_on_first_use(device: torch.device) -> bool:
+    """Whether `for_model` measures a missing curve by default. Off the CPU: there the fallback
+    without a curve (the CPU's ``1 + 0.2 n``, or none) undersizes trees. Not on the CPU, where the
+    CLI measures the full profile before it decodes (`specdec profile`) and a library call keeps
+    its old behaviour; `for_model(..., first_use=True)` measures there too."""
+    return device.type not in ("cpu", "meta")  # meta runs nothing, so it cannot be timed
+
+
+# model -> (its placement and machine when measured, the curve): first-use curves, once per model
+# in a process, also for models without a key (nothing stored) or an unwritable cache directory.
+_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def for_model(model, cache_dir: Path, *, first_use: bool | None = None) -> Profile | None:
+    """The verify cost profile `generate` sizes trees with: the stored one (`stored`); else, when
+    `first_use` (None: `measures_on_first_use(model.device)`), a short stock curve (`FIRST_USE`,
+    about 30 forwards) measured now, once per model in this process, and stored for the next one
+    when the model has a key; else None."""
+    prof = stored(model, cache_dir)
+    if prof is not None or not (measures_on_first_use(model.device) if first_use is None else first_use):
+        return prof
+    here = (_placement(model), machine_id(model.device))
+    known = _MEASURED.get(model)
+    if known is not None and known[0] == here:
+        return known[1]
+    key = model_key(model)
+    log.warning("specdec: measuring a short verify cost curve of %s on %s (once; `specdec profile` measures "
+                "the full one)", key or type(model).__name__, model.device)
+    prof = Profile(measure(model, key or type(model).__name__, **FIRST_USE), None)
+    if key:
+        with contextlib.suppress(OSError):  # a read-only cache still keeps this process's curve
+            save(prof, profile_path(cache_dir, key))
+    _MEASURED[model] = (here, prof)
+    return prof
 
 
 def table(curves: list[CostCurve]) -> str:

@@ -5,6 +5,8 @@ Only public model arguments are used: a 4D additive float mask, ``position_ids``
 `packed_from` tokens run with `specdec.packing`'s oneDNN-prepacked linears (faster on CPU for
 small k; the crossover comes from `specdec.profile`); shorter ones run the model as it is.
 Invariant between steps: the cache holds every committed token except the last one (the root).
+Token ids (`prefix`, trees) are host data; every model input is built on or copied to the model's
+device, and the scores stay there.
 A verifier can be reused for a later prompt that extends an earlier one (a conversation): the
 cached common prefix is kept and only the new tokens are prefilled (`specdec.Session`).
 """
@@ -60,7 +62,7 @@ class Verifier:
             with self._route(want.numel() - common):
                 out = self.model(
                     input_ids=want[None, common:].to(self.model.device),
-                    position_ids=torch.arange(common, want.numel())[None].to(self.model.device),
+                    position_ids=torch.arange(common, want.numel(), device=self.model.device)[None],
                     **kv.cache_kwargs(self.model, self.cache),
                     use_cache=True,
                     logits_to_keep=1,  # the prefix logits are never used; skip the big lm_head matmul
@@ -71,13 +73,12 @@ class Verifier:
         return hidden
 
     def score(self, root: int, tree: TokenTree) -> Scores:
-        inputs = verify_inputs(root, tree, self.prefix_len, self.model.dtype)
-        device = self.model.device
+        inputs = verify_inputs(root, tree, self.prefix_len, self.model.dtype, self.model.device)
         with self._route(len(tree) + 1):
             out = self.model(
-                input_ids=inputs.input_ids.to(device),
-                position_ids=inputs.position_ids.to(device),
-                attention_mask=None if inputs.attention_mask is None else inputs.attention_mask.to(device),
+                input_ids=inputs.input_ids,
+                position_ids=inputs.position_ids,
+                attention_mask=inputs.attention_mask,
                 **kv.cache_kwargs(self.model, self.cache),
                 use_cache=True,
                 output_hidden_states=self.keep_hidden_states,

@@ -1,6 +1,7 @@
 """Tiny random models built in-process (no downloads), float64 so argmax near-ties cannot flip
 between a batched tree forward and an incremental one; the helpers drafter tests share (a greedy
-speculative run with its stats, the check that a drafter leaves the target as it found it)."""
+speculative run with its stats, the check that a drafter leaves the target as it found it); the
+`device` fixture: "cpu" always, "cuda" where torch sees a GPU (skipped, with the reason, where not)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,22 @@ import specdec
 
 VOCAB = 96
 
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason=f"no CUDA GPU visible to torch {torch.__version__}: the CUDA half of this test did not run")),
+]
+
+
+@pytest.fixture(scope="session", params=DEVICES)
+def device(request) -> torch.device:
+    """Each test that takes it runs once per device (session-scoped, so hypothesis accepts it)."""
+    return torch.device(request.param)
+
 
 @functools.lru_cache(maxsize=None)
-def _build(arch: str, seed: int, attn: str, layers: int, vocab: int):
+def _build(arch: str, seed: int, attn: str, layers: int, vocab: int, device: str = "cpu"):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     common = dict(
@@ -39,17 +53,19 @@ def _build(arch: str, seed: int, attn: str, layers: int, vocab: int):
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = vocab - 1
-    return model.eval().double()
+    return model.eval().double().to(device)  # built on the CPU: the same weights on every device
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, attn: str = "sdpa", layers: int = 2, vocab: int = VOCAB):
+def tiny_model(arch: str = "llama", seed: int = 0, attn: str = "sdpa", layers: int = 2, vocab: int = VOCAB,
+               device: torch.device | str = "cpu"):
     """Cached per arguments: tests must not mutate the returned model."""
-    return _build(arch, seed, attn, layers, vocab)
+    return _build(arch, seed, attn, layers, vocab, str(torch.device(device)))
 
 
 def reference(model, prompt: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
     """Plain greedy `model.generate`: the output every speculative run must reproduce."""
     kwargs.setdefault("eos_token_id", None)
+    prompt = prompt.to(model.device)
     return model.generate(
         prompt,
         attention_mask=torch.ones_like(prompt),

@@ -47,10 +47,10 @@ def states_of(model, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen"])
 @pytest.mark.parametrize("kwargs", [{}, {"topk": 1}, {"topk": 3, "width": 2, "budget": 5, "depth": 4}])
-def test_random_head_is_exact(arch, kwargs):
-    model = tiny_model(arch)
+def test_random_head_is_exact(arch, kwargs, device):
+    model = tiny_model(arch, device=device)
     for seed in range(2):
-        prompt = random_prompt(seed, 6)
+        prompt = random_prompt(seed, 6).to(device)
         ref = reference(model, prompt, 30)
         out, stats = run(model, prompt, Eagle(model, random_head(model, seed), **kwargs, min_gain=0), 30)
         assert torch.equal(out, ref)
@@ -65,7 +65,7 @@ class OracleHead(EagleHead):
     def __init__(self, model, ref: torch.Tensor):
         base = EagleHead.for_target(model)
         super().__init__(base.config, type(base.layer), type(base.rotary))
-        self.to(model.dtype)
+        self.to(device=model.device, dtype=model.dtype)
         self.ref, self.states = ref[0], states_of(model, ref)  # [L], [L, H]
         self.table = model.get_input_embeddings().weight.detach()
         frozen = FrozenTarget.of(model)
@@ -387,12 +387,12 @@ def test_an_edited_config_shape_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("guard", [None, PausingGuard])
-def test_draft_vocabulary_admits_the_contexts_tokens(guard):
+def test_draft_vocabulary_admits_the_contexts_tokens(guard, device):
     """The draft vocabulary holds only the continuation's tokens that the prompt lacks: an oracle
     head accepts every depth only if the prompt's (and the paused steps') tokens are admitted."""
-    model = tiny_model("llama")
+    model = tiny_model("llama", device=device)
     for seed in range(20):  # the test needs an answer that reuses prompt tokens
-        prompt = random_prompt(seed, 7)
+        prompt = random_prompt(seed, 7).to(device)
         ref = reference(model, prompt, 50)
         continuation = set(ref[0, 7:].tolist())
         if continuation & set(prompt[0].tolist()):

@@ -2,7 +2,8 @@
 
 Grid: tree shapes {chain, static tree, tree with siblings} x {eager, sdpa} x scripted drafters
 that fail at depth j for every j (j = depth: all accepted, the oracle) + random drafters +
-the real drafters, on Llama and Qwen2 (GQA, float64).
+the real drafters, on Llama and Qwen2 (GQA, float64), on every device of the `device` fixture
+(prompts, reference and output live on the model's device, as a caller's would).
 """
 
 import pytest
@@ -80,9 +81,9 @@ def run(model, prompt, drafter, max_new=MAX_NEW, **kw):
 @pytest.mark.parametrize("arch", ["llama", "qwen"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("shape", ["chain", "static", "siblings"])
-def test_scripted_failure_at_every_depth(arch, attn, shape):
-    model = tiny_model(arch, attn=attn)
-    prompt = random_prompt(3, 7)
+def test_scripted_failure_at_every_depth(arch, attn, shape, device):
+    model = tiny_model(arch, attn=attn, device=device)
+    prompt = random_prompt(3, 7).to(device)
     ref = reference(model, prompt, MAX_NEW + DEPTH)
     for fail_at in range(1, DEPTH + 2):  # DEPTH + 1: never fails (the oracle)
         out, stats = run(model, prompt, Scripted(ref, fail_at, shape))
@@ -92,10 +93,10 @@ def test_scripted_failure_at_every_depth(arch, attn, shape):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_random_trees(attn):
-    model = tiny_model("llama", attn=attn)
+def test_random_trees(attn, device):
+    model = tiny_model("llama", attn=attn, device=device)
     for seed in range(4):
-        prompt = random_prompt(seed, 5)
+        prompt = random_prompt(seed, 5).to(device)
         ref = reference(model, prompt, MAX_NEW)
         assert torch.equal(run(model, prompt, RandomTree(seed))[0], ref)
 
@@ -106,18 +107,19 @@ def test_random_trees(attn):
     parents=st.lists(st.integers(-1, 8), min_size=0, max_size=9),
     seed=st.integers(0, 3),
 )
-def test_hypothesis_prompts_and_tree_shapes(prompt, parents, seed):
+def test_hypothesis_prompts_and_tree_shapes(prompt, parents, seed, device):
     parents = [min(p, i - 1) for i, p in enumerate(parents)]
-    model = tiny_model("llama", seed=seed)
-    prompt = torch.tensor([prompt])
+    model = tiny_model("llama", seed=seed, device=device)
+    prompt = torch.tensor([prompt], device=device)
     ref = reference(model, prompt, 12)
+    ref_host = ref.cpu()  # the drafter below builds its trees on the host
 
     class Shaped(RandomTree):  # reference tokens along each node's depth, so some paths hit
         def propose(self, ctx):
             t = ctx.input_ids.numel()
             tree = TokenTree(torch.zeros(len(parents), dtype=torch.long), torch.tensor(parents, dtype=torch.long))
             depth = tree.depths()
-            follow = ref[0, t - 1 + depth.clamp(max=ref.shape[1] - t)] if len(parents) else depth
+            follow = ref_host[0, t - 1 + depth.clamp(max=ref.shape[1] - t)] if len(parents) else depth
             noise = torch.randint(0, 2, (len(parents),), generator=self.g)
             return TokenTree((follow + noise) % VOCAB, tree.parents)
 
@@ -128,35 +130,35 @@ def test_hypothesis_prompts_and_tree_shapes(prompt, parents, seed):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: PromptLookup(),
-        lambda: PromptLookup(num_tokens=4, max_ngram=2, num_matches=3),
-        lambda: DraftModel(tiny_model("llama", seed=1, layers=1)),
-        lambda: DraftModel(tiny_model("llama", seed=1, layers=1), topk=3, num_tokens=3, budget=7),
-        lambda: DraftModel(tiny_model("llama"), num_tokens=3),  # self-drafting: everything accepted
-        lambda: DraftModel(tiny_model("llama"), topk=2, width=8, num_tokens=3),
+        lambda d: PromptLookup(),
+        lambda d: PromptLookup(num_tokens=4, max_ngram=2, num_matches=3),
+        lambda d: DraftModel(tiny_model("llama", seed=1, layers=1, device=d)),
+        lambda d: DraftModel(tiny_model("llama", seed=1, layers=1, device=d), topk=3, num_tokens=3, budget=7),
+        lambda d: DraftModel(tiny_model("llama", device=d), num_tokens=3),  # self-drafting: everything accepted
+        lambda d: DraftModel(tiny_model("llama", device=d), topk=2, width=8, num_tokens=3),
     ],
     ids=["lookup-chain", "lookup-tree", "draft-chain", "draft-tree", "self-chain", "self-tree"],
 )
-def test_real_drafters(make, attn):
-    model = tiny_model("llama", attn=attn)
+def test_real_drafters(make, attn, device):
+    model = tiny_model("llama", attn=attn, device=device)
     for seed in range(3):
         base = random_prompt(seed, 8)
-        prompt = torch.cat([base, base[:, :5], base], dim=1)  # repetition for prompt lookup to find
+        prompt = torch.cat([base, base[:, :5], base], dim=1).to(device)  # repetition for prompt lookup to find
         ref = reference(model, prompt, 40)
-        out, stats = run(model, prompt, make(), max_new=40)
+        out, stats = run(model, prompt, make(device), max_new=40)
         assert torch.equal(out, ref)
         assert stats.new_tokens == 40
 
 
-def test_self_drafting_accepts_everything():
-    model = tiny_model("llama")
-    prompt = random_prompt(0, 6)
+def test_self_drafting_accepts_everything(device):
+    model = tiny_model("llama", device=device)
+    prompt = random_prompt(0, 6).to(device)
     _, stats = run(model, prompt, DraftModel(model, num_tokens=4), max_new=25)
     assert stats.mean_accepted == 5.0 and stats.target_forwards == 5
 
 
-def test_draft_model_on_qwen_target():
-    model, draft = tiny_model("qwen"), tiny_model("qwen", seed=4)
-    prompt = random_prompt(1, 9)
+def test_draft_model_on_qwen_target(device):
+    model, draft = tiny_model("qwen", device=device), tiny_model("qwen", seed=4, device=device)
+    prompt = random_prompt(1, 9).to(device)
     ref = reference(model, prompt, 30)
     assert torch.equal(run(model, prompt, DraftModel(draft, topk=2, num_tokens=3), max_new=30)[0], ref)

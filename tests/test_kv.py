@@ -1,4 +1,5 @@
-"""KV invariant: after score + commit the cache equals a fresh cache fed the committed tokens."""
+"""KV invariant: after score + commit the cache equals a fresh cache fed the committed tokens
+(on every device of the `device` fixture; token ids stay on the host, as the verifier keeps them)."""
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from specdec.verifier import Verifier
 
 def fresh_cache(model, tokens):
     cache = DynamicCache(config=model.config)
-    model(input_ids=tokens[None], **kv.cache_kwargs(model, cache), use_cache=True)
+    model(input_ids=tokens[None].to(model.device), **kv.cache_kwargs(model, cache), use_cache=True)
     return cache
 
 
@@ -33,8 +34,8 @@ TREES = {
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("shape", list(TREES))
-def test_commit_matches_fresh_cache(shape, attn):
-    model = tiny_model("llama", attn=attn)
+def test_commit_matches_fresh_cache(shape, attn, device):
+    model = tiny_model("llama", attn=attn, device=device)
     tree = TREES[shape]()
     prompt = random_prompt(2, 6)[0]
     for node in [-1, *range(len(tree))]:  # accept the path to every node in turn
@@ -45,27 +46,29 @@ def test_commit_matches_fresh_cache(shape, attn):
         verifier.commit(path)
         committed = torch.cat([prompt, tree.tokens[path]])
         assert verifier.prefix_len == committed.numel() == kv.length(verifier.cache)
+        assert all(layer.keys.device == model.device for layer in verifier.cache.layers)
         assert_same(verifier.cache, fresh_cache(model, committed))
 
 
-def test_scores_match_plain_forwards():
+def test_scores_match_plain_forwards(device):
     """Every tree row's logits equal a plain causal forward over the path to that node."""
-    model = tiny_model("qwen", attn="sdpa")
+    model = tiny_model("qwen", attn="sdpa", device=device)
     tree = TREES["siblings"]()
     prompt = random_prompt(5, 6)[0]
     verifier = Verifier(model)
     verifier.prefill(prompt)
     logits = verifier.score(int(prompt[-1]), tree).logits
+    assert logits.device == model.device
     for node in [-1, *range(len(tree))]:
         seq = torch.cat([prompt, tree.tokens[tree.path_to(node)]])
-        expected = model(input_ids=seq[None]).logits[0, -1]
+        expected = model(input_ids=seq[None].to(device)).logits[0, -1]
         torch.testing.assert_close(logits[node + 1], expected, rtol=1e-9, atol=1e-9)
 
 
-def test_crop_semantics_on_installed_transformers():
+def test_crop_semantics_on_installed_transformers(device):
     """kv.drop_last relies on crop(-n) dropping n slots and never calls crop(0) (it empties the
     cache on transformers 5.0 and is a no-op on 5.23)."""
-    model = tiny_model("llama")
+    model = tiny_model("llama", device=device)
     cache = fresh_cache(model, torch.arange(10))
     cache.crop(-3)
     assert kv.length(cache) == 7

@@ -30,7 +30,7 @@ def random_heads(model, seed: int, num_heads: int = K, own: bool = False) -> Med
     heads = MedusaHeads(model.config.hidden_size, num_heads, num_layers=2, vocab_size=vocab)
     for p in heads.parameters():
         torch.nn.init.normal_(p, std=0.5)
-    return heads.to(model.dtype)
+    return heads.to(device=model.device, dtype=model.dtype)
 
 
 ACCURACY = [[0.5, 0.2, 0.1], [0.4, 0.2, 0.1], [0.3, 0.2, 0.1]]
@@ -40,11 +40,11 @@ ACCURACY = [[0.5, 0.2, 0.1], [0.4, 0.2, 0.1], [0.3, 0.2, 0.1]]
 @pytest.mark.parametrize(
     "tree", [None, "medusa-63", "chain-3", [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)], "calibrated"]
 )
-def test_random_heads_are_exact(arch, tree):
-    model = tiny_model(arch)
+def test_random_heads_are_exact(arch, tree, device):
+    model = tiny_model(arch, device=device)
     kwargs = {"accuracy": ACCURACY} if tree == "calibrated" else {"tree": tree}
     for seed in range(2):
-        prompt = random_prompt(seed, 6)
+        prompt = random_prompt(seed, 6).to(device)
         ref = reference(model, prompt, 30)
         out, stats = run(model, prompt, Medusa(model, random_heads(model, seed, own=seed == 1), **kwargs), 30)
         assert torch.equal(out, ref)

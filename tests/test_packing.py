@@ -270,7 +270,7 @@ def test_generate_hands_drafters_the_stored_curve(tmp_path, monkeypatch):
     model = copy.deepcopy(fp32_model())
     model.name_or_path = str(tmp_path / "tiny-model")
     prof = profile.Profile(curve("stock", [1.0, 1.5, 2.0, 3.0]), None)
-    profile.save(prof, profile.profile_path(tmp_path, "tiny-model"))
+    profile.save(prof, profile.profile_path(tmp_path, profile.model_key(model)))
     seen = []
 
     class Spy(PromptLookup):
@@ -308,7 +308,7 @@ def test_stored_profile_is_per_machine(tmp_path):
     from specdec.decode import resolve_packed_from
 
     other = dataclasses.replace(prof.stock, machine="another machine")
-    profile.save(profile.Profile(other, prof.packed), profile.profile_path(tmp_path, "tiny-model"))
+    profile.save(profile.Profile(other, prof.packed), profile.profile_path(tmp_path, profile.model_key(model)))
     assert profile.stored(model, tmp_path) is None
     assert resolve_packed_from(model, 6) == 6 and resolve_packed_from(model, None) is None
 

@@ -1,7 +1,8 @@
 """The side-by-side comparison without any UI: time both decoders, then replay them at their pace.
 
 Honest timing: `trace_plain` (``model.generate``) and `trace_spec` (`specdec.generate`) run one
-after the other, each with the whole machine, and record when every token became available.
+after the other, each with the whole machine, and record when every token became available (a
+run ends when the model's device has finished, `specdec.devices.clock`).
 `frame` then cuts both traces at the same elapsed time, so a UI that replays frames on a real
 clock shows each side exactly as fast as it ran.
 
@@ -19,6 +20,7 @@ from torch import Tensor
 from transformers.generation.streamers import BaseStreamer
 
 from specdec.decode import GenerationStats, generate
+from specdec.devices import clock
 from specdec.sampling import temperature_kwargs
 
 DRAFT, TARGET = "draft", "target"
@@ -70,6 +72,7 @@ class _TimedStreamer(BaseStreamer):
 
 
 def trace_plain(model, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0) -> Trace:
+    input_ids = input_ids.to(model.device)
     streamer = _TimedStreamer()
     model.generate(
         input_ids,
@@ -78,13 +81,13 @@ def trace_plain(model, input_ids: Tensor, max_new_tokens: int, temperature: floa
         streamer=streamer,
         **temperature_kwargs(temperature),
     )
-    seconds = time.perf_counter() - streamer.t0
+    seconds = clock(model.device) - streamer.t0
     return Trace(tuple(streamer.pieces), seconds, len(streamer.pieces))
 
 
 def trace_spec(model, input_ids: Tensor, drafter, max_new_tokens: int, temperature: float = 0.0) -> Trace:
     pieces: list[Piece] = []
-    t0 = time.perf_counter()
+    t0 = clock(model.device)
 
     def on_step(step) -> None:
         t = time.perf_counter() - t0
@@ -96,7 +99,7 @@ def trace_spec(model, input_ids: Tensor, drafter, max_new_tokens: int, temperatu
 
     stats = GenerationStats()
     generate(model, input_ids, drafter, max_new_tokens=max_new_tokens, stats=stats, on_step=on_step, **temperature_kwargs(temperature))
-    return Trace(tuple(pieces), time.perf_counter() - t0, stats.target_forwards)
+    return Trace(tuple(pieces), clock(model.device) - t0, stats.target_forwards)
 
 
 def warm_up(model) -> None:

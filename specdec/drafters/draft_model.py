@@ -78,7 +78,7 @@ class DraftModel:
                 use_cache=True,
                 logits_to_keep=1 if last_only else 0,  # the lm_head is a large share of a small model's weights
             )
-        return torch.log_softmax(out.logits[0].float(), dim=-1).cpu()  # [m, vocab]
+        return torch.log_softmax(out.logits[0].float(), dim=-1)  # [m, vocab] on the model's device
 
     @torch.no_grad()
     def propose(self, ctx: Context) -> TokenTree:

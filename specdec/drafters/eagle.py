@@ -370,8 +370,9 @@ class Eagle:
         with self._route(feats.shape[0]):
             logits = self._vocab.logits(feats)
         # [m, V' + c] over the draft vocabulary's rows, normalised over them: the tree's scores
-        # overstate q by the mass outside, which `size`'s running calibration absorbs.
-        return torch.log_softmax(logits.float(), dim=-1).cpu()
+        # overstate q by the mass outside, which `size`'s running calibration absorbs. On the
+        # head's device: `expand` brings only each level's top-k to the host.
+        return torch.log_softmax(logits.float(), dim=-1)
 
     @torch.no_grad()
     def propose(self, ctx: Context) -> TokenTree:

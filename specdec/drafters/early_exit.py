@@ -337,7 +337,7 @@ class EarlyExit:
             early = out.states[-1][-1:] if last_only else out.states[-1]  # [m, hidden] before the norm
             z = self.adapter.bottleneck(self._norm(early[None])[0])  # [m, rank]
             logits = logits + F.linear(z.to(self._fold.dtype), self._fold)
-        return torch.log_softmax(logits.float(), dim=-1).cpu()  # [m, vocab]
+        return torch.log_softmax(logits.float(), dim=-1)  # [m, vocab] on the model's device
 
     @torch.no_grad()
     def propose(self, ctx: Context) -> TokenTree:

@@ -241,7 +241,7 @@ class LayerSkip:
     def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor | None, last_only: bool = False) -> Tensor:
         with self._route(ids.numel()):
             out = self.view(ids, positions, cache=self.cache, mask=mask, last_only=last_only)
-        return torch.log_softmax(out.logits.float(), dim=-1).cpu()  # [m, vocab]
+        return torch.log_softmax(out.logits.float(), dim=-1)  # [m, vocab] on the model's device
 
     @torch.no_grad()
     def propose(self, ctx: Context) -> TokenTree:

@@ -313,12 +313,12 @@ class Medusa:
             paths = [p for p in paths if max(p) < logits.shape[-1]]  # prefix-closed still: a prefix's ranks are its path's
         topk = 1 + max(max(p) for p in paths)
         probs, columns = torch.softmax(logits.float(), dim=-1).topk(topk, dim=-1)  # [depth, topk]
+        probs, columns = probs.double().cpu().tolist(), columns.cpu()  # the proposal's one wait for the device
         tokens = self._vocab.token_ids(columns)  # own heads have no draft vocabulary: columns are ids
-        probs = probs.double().cpu().tolist()
         scores: list[float] = []
         for path, parent in zip(paths, parents_of(paths)):
             scores.append(probs[len(path) - 1][path[-1]] * (scores[parent] if parent >= 0 else 1.0))
-        tree = fill(paths, tokens.cpu())
+        tree = fill(paths, tokens)
         return TokenTree(tree.tokens, tree.parents, scores=torch.tensor(scores, dtype=torch.float64))
 
     def update(self, feedback: Feedback) -> None:

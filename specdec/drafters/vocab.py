@@ -126,8 +126,8 @@ class DraftVocab:
         return [] if self._base is None else [self._base[0]]
 
     def token_ids(self, columns: Tensor) -> Tensor:
-        """Columns of `logits` -> token ids."""
-        return columns if self.tokens is None else self.tokens[columns.cpu()].to(columns.device)
+        """Columns of `logits` (on the host) -> token ids (on the host, where `tokens` lives)."""
+        return columns if self.tokens is None else self.tokens[columns]
 
 
 class PackedDraft:

@@ -42,8 +42,11 @@ def expand(
     or more (that level is kept; no `step` runs below it): every deeper node scores at most its
     parent, so another `step` could only add nodes below that bar. `min_score` may exceed 1
     (then only the first level grows).
-    `vocab` ([V] token ids): `step` scores only these tokens (a draft vocabulary, EAGLE-3's cheaper
-    lm_head), column j being token ``vocab[j]``; None: column j is token j.
+    `vocab` ([V] token ids, on the host): `step` scores only these tokens (a draft vocabulary,
+    EAGLE-3's cheaper lm_head), column j being token ``vocab[j]``; None: column j is token j.
+    `step` may return its log-probabilities on any device: each level's top-k is taken there and
+    only those [f, topk] values and ids come to the host (one transfer per level, the one a model
+    drafter needs), never the [f, vocab] rows.
     """
     width = topk if width is None else width
     if depth < 0 or topk < 1 or width < 1:
@@ -59,6 +62,7 @@ def expand(
         if vocab is not None and logq.shape[-1] != vocab.numel():
             raise ValueError(f"expand: step scored {logq.shape[-1]} tokens but vocab names {vocab.numel()}")
         top_lq, top_tok = logq.topk(min(topk, logq.shape[-1]), dim=-1)  # [f, topk]
+        top_lq, top_tok = top_lq.cpu(), top_tok.cpu()  # the level's one wait for the device
         if vocab is not None:
             top_tok = vocab[top_tok]  # draft-vocabulary columns -> token ids
         if min_confidence > 0 and float(top_lq[:, 0].max().exp()) < min_confidence:

@@ -24,20 +24,24 @@ class VerifyInputs:
     attention_mask: Tensor | None
 
 
-def tree_mask(tree: TokenTree, rows: Tensor, cached_nodes: int, prefix_len: int, dtype: torch.dtype) -> Tensor:
+def tree_mask(
+    tree: TokenTree, rows: Tensor, cached_nodes: int, prefix_len: int, dtype: torch.dtype, device=None
+) -> Tensor:
     """Additive mask for feeding tree nodes `rows` when the cache holds the prefix and nodes [0, cached_nodes).
 
     `rows` must be the nodes cached_nodes, cached_nodes + 1, ... (nodes enter the cache in index
-    order). Every row sees the whole prefix, then its own ancestors among the tree nodes.
+    order). Every row sees the whole prefix, then its own ancestors among the tree nodes. Built on
+    `device` (None: the CPU): only the small [m, nodes] tree part is copied there, not the mask.
     """
-    allowed_tree = tree.ancestor_mask()[rows][:, : cached_nodes + rows.numel()]  # [m, nodes so far]
-    allowed = torch.cat([torch.ones(rows.numel(), prefix_len, dtype=torch.bool), allowed_tree], dim=1)
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    allowed_tree = tree.ancestor_mask()[rows][:, : cached_nodes + rows.numel()].to(device)  # [m, nodes so far]
+    allowed = torch.cat([torch.ones(rows.numel(), prefix_len, dtype=torch.bool, device=device), allowed_tree], dim=1)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
 
 
-def verify_inputs(root: int, tree: TokenTree, prefix_len: int, dtype: torch.dtype) -> VerifyInputs:
-    """Inputs for ``[root] + tree.tokens`` with `prefix_len` tokens already cached before the root.
+def verify_inputs(root: int, tree: TokenTree, prefix_len: int, dtype: torch.dtype, device=None) -> VerifyInputs:
+    """Inputs for ``[root] + tree.tokens`` with `prefix_len` tokens already cached before the root,
+    on `device` (None: the CPU), the model's.
 
     The root sits at position prefix_len and node i at prefix_len + depth(i): siblings share a
     position, exactly as each would if it were decoded alone.
@@ -49,7 +53,7 @@ def verify_inputs(root: int, tree: TokenTree, prefix_len: int, dtype: torch.dtyp
     n = len(full)
     depth = torch.cat([torch.zeros(1, dtype=torch.long), tree.depths()])
     return VerifyInputs(
-        input_ids=full.tokens[None],
-        position_ids=(prefix_len + depth)[None],
-        attention_mask=None if tree.is_chain else tree_mask(full, torch.arange(n), 0, prefix_len, dtype),
+        input_ids=full.tokens[None].to(device),
+        position_ids=(prefix_len + depth)[None].to(device),
+        attention_mask=None if tree.is_chain else tree_mask(full, torch.arange(n), 0, prefix_len, dtype, device),
     )

@@ -2,6 +2,8 @@
 
 Nodes are in topological order: ``parents[i] < i``, and ``-1`` means "child of the root".
 A chain of k tokens is ``parents = [-1, 0, 1, ..., k-2]``: chains need no special case anywhere.
+`tokens` and `parents` live on the host (the CPU) whatever device the model uses: a tree is
+control data that Python walks every step, and the verifier copies it to the model's device once.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ class TokenTree:
     scores: Tensor | None = None  # [n] float
 
     def __post_init__(self) -> None:
-        tokens = torch.as_tensor(self.tokens, dtype=torch.long).reshape(-1)
-        parents = torch.as_tensor(self.parents, dtype=torch.long).reshape(-1)
+        tokens = torch.as_tensor(self.tokens, dtype=torch.long).reshape(-1).cpu()  # no-op for host tensors
+        parents = torch.as_tensor(self.parents, dtype=torch.long).reshape(-1).cpu()
         object.__setattr__(self, "tokens", tokens)
         object.__setattr__(self, "parents", parents)
         n = tokens.numel()
