@@ -78,7 +78,7 @@ class GenerationStats:
 
 
 def _as_prompt(input_ids: Tensor) -> Tensor:
-    """[1, t] or [t] -> [t], with clear errors for what this path cannot do."""
+    """[1, t] or [t] -> a copy [t] (never the caller's tensor), with clear errors for what this path cannot do."""
     if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
         raise TypeError("input_ids must be an integer torch.Tensor of shape [1, prompt_len]")
     if input_ids.dim() == 2:
@@ -92,7 +92,7 @@ def _as_prompt(input_ids: Tensor) -> Tensor:
         raise ValueError(f"input_ids must have shape [1, prompt_len], got {tuple(input_ids.shape)}")
     if input_ids.numel() == 0:
         raise ValueError("input_ids is empty: give at least one prompt token (e.g. the BOS token)")
-    return input_ids.long().cpu()
+    return input_ids.to("cpu", torch.long, copy=True)
 
 
 def _check_in_vocab(tokens: Tensor, vocab: int, who: str) -> None:
@@ -290,8 +290,8 @@ def generate(
         asked = drafter is not None and remaining > 1 and (guard is None or guard.speculate())
         if not asked:
             tree = TokenTree.empty()
-        else:
-            tree = drafter.propose(Context(ids, hidden, remaining - 1, cost)).truncate(remaining - 1)
+        else:  # the drafter gets a copy of the committed ids: writing into it cannot change the output
+            tree = drafter.propose(Context(ids.clone(), hidden, remaining - 1, cost)).truncate(remaining - 1)
             _check_in_vocab(tree.tokens, vocab, f"{type(drafter).__name__} proposed")
         t1 = time.perf_counter()
         # 2. Verify: one target forward over [root] + tree.
