@@ -12,13 +12,14 @@ rules; it never imports a concrete drafter and never asks which drafter it holds
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from transformers import LogitsProcessorList
+from transformers import LogitsProcessorList, StopStringCriteria, StoppingCriteriaList
 
 from specdec import profile
 from specdec.acceptance import AcceptanceRule, Greedy, Speculative
@@ -344,6 +345,42 @@ def generate(
     return ids[None].to(input_ids.device)
 
 
+def _withheld_from_hook() -> dict:
+    """`streamer`, `assistant_model` and `tokenizer` as the caller passed them to ``model.generate``.
+
+    transformers (5.25, `_extract_generation_mode_kwargs`) hands a custom_generate callable only
+    the keywords its signature adds to `_sample`'s and drops these three, so they are read from
+    the ``model.generate`` frame that called `hf_generate` (its named arguments) and from its
+    decorators' frames (the caller's keywords, `tokenizer` still among them). Called directly,
+    outside transformers, it finds nothing."""
+    frame = sys._getframe(2)  # 0: here, 1: hf_generate, 2: its caller
+    if frame.f_code.co_name != "generate" or not frame.f_globals.get("__name__", "").startswith("transformers."):
+        return {}
+    found = {name: frame.f_locals.get(name) for name in ("streamer", "assistant_model")}
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("transformers", "torch"):
+        found["tokenizer"] = (frame.f_locals.get("kwargs") or {}).get("tokenizer")
+        if found["tokenizer"] is not None:
+            break
+        frame = frame.f_back
+    return found
+
+
+class _PromptAlreadySent:
+    """A streamer that model.generate already gave the prompt: `generate`'s own put of it is dropped."""
+
+    def __init__(self, streamer):
+        self.streamer, self.prompt_pending = streamer, True
+
+    def put(self, value) -> None:
+        if self.prompt_pending:
+            self.prompt_pending = False
+        else:
+            self.streamer.put(value)
+
+    def end(self) -> None:
+        self.streamer.end()
+
+
 def hf_generate(
     model,
     input_ids: Tensor,
@@ -353,6 +390,7 @@ def hf_generate(
     synced_gpus: bool = False,
     streamer=None,
     drafter: Drafter | None = None,
+    stop_strings: str | list[str] | None = None,
     specdec_streamer=None,
     specdec_stats: GenerationStats | None = None,
     **model_kwargs,
@@ -360,12 +398,29 @@ def hf_generate(
     """``model.generate(ids, custom_generate=specdec.hf_generate, drafter=...)``.
 
     transformers prepares the generation config, logits processors and stopping criteria
-    (max length, EOS, stop strings) and hands them here; with ``do_sample=True`` its processors
-    already hold the sampling warpers and the lossless `Speculative` rule samples. It does not pass `streamer` on to custom
-    decoding loops (checked on 5.23), so streaming goes through `specdec_streamer=`.
+    (max length, EOS) and hands them here; with ``do_sample=True`` its processors already hold
+    the sampling warpers and the lossless `Speculative` rule samples. It withholds `tokenizer`,
+    `streamer` and `assistant_model` from custom loops (`_withheld_from_hook` finds them), and
+    `stop_strings` is taken here so that transformers does not refuse them for want of the
+    tokenizer: both then work as with ``model.generate`` (stop strings set in a
+    `GenerationConfig` still meet transformers' own refusal: pass them as ``stop_strings=``).
+    `assistant_model` (transformers' own assisted decoding) is refused: pass a drafter.
     """
     if generation_config is not None and generation_config.num_beams not in (None, 1):
         raise ValueError("specdec.hf_generate does not do beam search: pass num_beams=1")
+    withheld = _withheld_from_hook()
+    if withheld.get("assistant_model") is not None:
+        raise ValueError(
+            "specdec.hf_generate: assistant_model is transformers' assisted decoding, which specdec replaces; "
+            "pass drafter=... instead (specdec.drafters has a draft-model drafter that takes the assistant)"
+        )
+    if stop_strings is not None:
+        if withheld.get("tokenizer") is None:
+            raise ValueError("specdec.hf_generate: stop_strings needs the model's tokenizer: pass tokenizer=... as well")
+        stop = StopStringCriteria(withheld["tokenizer"], [stop_strings] if isinstance(stop_strings, str) else stop_strings)
+        stopping_criteria = StoppingCriteriaList([*(stopping_criteria or []), stop])
+    if streamer is None and withheld.get("streamer") is not None:
+        streamer = _PromptAlreadySent(withheld["streamer"])
     sampling = bool(generation_config.do_sample) if generation_config is not None else False
     mask = model_kwargs.get("attention_mask")
     if mask is not None and not bool(mask.all()):

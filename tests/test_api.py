@@ -306,7 +306,6 @@ def greedy_kwargs(prompt, **kwargs):
     return dict(attention_mask=torch.ones_like(prompt), do_sample=False, eos_token_id=None, pad_token_id=0, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20: transformers withholds tokenizer from custom_generate callables")
 def test_hook_takes_stop_strings_and_the_tokenizer(smol_tokenizer):
     tok, model = smol_tokenizer
     prompt = tok("The cat sat on the mat. The cat", return_tensors="pt").input_ids
@@ -321,7 +320,6 @@ def test_hook_takes_stop_strings_and_the_tokenizer(smol_tokenizer):
     assert torch.equal(out, ref) and ref.shape[1] < free.shape[1]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20: transformers withholds streamer from custom_generate callables")
 def test_hook_takes_the_streamer():
     model = tiny_model()
     prompt = random_prompt(5, 6)
@@ -334,10 +332,26 @@ def test_hook_takes_the_streamer():
     assert sum(mine.chunks[1:], []) == sum(theirs.chunks[1:], []) == ref[0, prompt.shape[1] :].tolist()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20: the hook ignores assistant_model silently")
-def test_hook_refuses_assistant_model():
+def test_hook_refuses_assistant_model_and_stop_strings_without_a_tokenizer():
     model = tiny_model()
     prompt = random_prompt(0, 8)
     with pytest.raises(ValueError, match="assistant_model"):
         model.generate(prompt, custom_generate=specdec.hf_generate, drafter=PromptLookup(), assistant_model=tiny_model(seed=3),
                        **greedy_kwargs(prompt, max_new_tokens=5))
+    with pytest.raises(ValueError, match="tokenizer="):
+        model.generate(prompt, custom_generate=specdec.hf_generate, drafter=PromptLookup(), stop_strings=["x"],
+                       **greedy_kwargs(prompt, max_new_tokens=5))
+
+
+def test_hook_takes_a_generation_config():
+    from transformers import GenerationConfig
+
+    model = tiny_model()
+    prompt = random_prompt(2, 6)
+    config = GenerationConfig(max_new_tokens=14, do_sample=False, repetition_penalty=1.4, no_repeat_ngram_size=3,
+                              eos_token_id=None, pad_token_id=model.config.vocab_size - 1)
+    mask = torch.ones_like(prompt)
+    ref = model.generate(prompt, generation_config=config, attention_mask=mask)
+    out = model.generate(prompt, generation_config=config, attention_mask=mask, custom_generate=specdec.hf_generate,
+                         drafter=PromptLookup(min_ngram=1))
+    assert torch.equal(out, ref) and ref.shape[1] == prompt.shape[1] + 14
