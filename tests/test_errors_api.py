@@ -1,13 +1,15 @@
 """Hard edges of the API (issue 20): a drafter that misbehaves or is misused gets a clear error or
 cannot change the output, and nothing a caller passes in is written to."""
 
+import threading
+
 import pytest
 import torch
 from conftest import VOCAB, random_prompt, reference, tiny_model
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import specdec
-from specdec.drafters import PromptLookup
+from specdec.drafters import LayerSkip, PromptLookup
 from specdec.trees import TokenTree
 
 
@@ -95,3 +97,96 @@ def test_rows_that_are_never_sampled_may_ban_everything(seed):
     assert 7 not in out[0, prompt.shape[1] :].tolist()
     if seed is not None:  # a seeded sample does not depend on what was drafted
         assert torch.equal(out, specdec.generate(model, prompt, None, **kwargs))
+
+
+class Paused:
+    """Calls `then` once, from the thread that first gets here, after pausing until released."""
+
+    def __init__(self):
+        self.entered, self.release, self.first = threading.Event(), threading.Event(), None
+
+    def __call__(self):
+        if self.first is None:
+            self.first = threading.get_ident()
+            self.entered.set()
+            assert self.release.wait(60)
+
+
+class PausingLayerSkip(LayerSkip):
+    def __init__(self, model, pause, **kwargs):
+        super().__init__(model, **kwargs)
+        self.pause = pause
+
+    def propose(self, ctx):
+        self.pause()
+        return super().propose(ctx)
+
+
+class PausingStreamer:
+    def __init__(self, pause):
+        self.pause, self.puts = pause, 0
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts == 2:  # after the prompt and the prefill
+            self.pause()
+
+    def end(self):
+        pass
+
+
+def in_thread(fn):
+    """Runs `fn` in a thread; returns the thread and a dict that will hold its result or error."""
+    box = {}
+
+    def target():
+        try:
+            box["out"] = fn()
+        except BaseException as err:  # handed back to the test
+            box["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def generation_meets_a_second_one(start_first, second):
+    """Starts the first generation, and while it is paused mid-way runs `second` in this thread:
+    returns (what `second` raised or None, the first's output)."""
+    pause = Paused()
+    thread, box = in_thread(lambda: start_first(pause))
+    assert pause.entered.wait(60)
+    try:
+        second()
+        raised = None
+    except RuntimeError as err:
+        raised = err
+    finally:
+        pause.release.set()
+        thread.join(60)
+    if "error" in box:
+        raise box["error"]
+    return raised, box["out"]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 20 item 4: a drafter or Session shared by two threads is not detected")
+def test_a_drafter_or_session_in_use_by_another_thread_is_refused():
+    model = tiny_model(layers=4)
+    prompt = random_prompt(0, 16)
+    kwargs = dict(max_new_tokens=12, eos_token_id=[], guard=None)
+    shared = {}
+
+    def first(pause):
+        shared["drafter"] = PausingLayerSkip(model, pause, skip=[1])
+        return specdec.generate(model, prompt, shared["drafter"], **kwargs)
+
+    raised, out = generation_meets_a_second_one(first, lambda: specdec.generate(model, prompt, shared["drafter"], **kwargs))
+    assert raised is not None and "drafter" in str(raised) and "another" in str(raised)
+    assert torch.equal(out, reference(model, prompt, 12))  # the first one was not disturbed
+    assert torch.equal(specdec.generate(model, prompt, shared["drafter"], **kwargs), out)  # free again afterwards
+
+    session = specdec.Session(model, **kwargs)
+    raised, out = generation_meets_a_second_one(lambda pause: session.generate(prompt, streamer=PausingStreamer(pause)),
+                                                lambda: session.generate(prompt))
+    assert raised is not None and "Session" in str(raised)
+    assert torch.equal(out, reference(model, prompt, 12)) and torch.equal(session.generate(prompt), out)
