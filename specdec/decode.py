@@ -416,8 +416,9 @@ def hf_generate(
         )
     if stop_strings is not None:
         if withheld.get("tokenizer") is None:
-            raise ValueError("specdec.hf_generate: stop_strings needs the model's tokenizer: pass tokenizer=... as well")
-        stop = StopStringCriteria(withheld["tokenizer"], [stop_strings] if isinstance(stop_strings, str) else stop_strings)
+            raise ValueError("specdec.hf_generate: stop_strings need the model's tokenizer: pass tokenizer=... too")
+        stops = [stop_strings] if isinstance(stop_strings, str) else stop_strings
+        stop = StopStringCriteria(withheld["tokenizer"], stops)
         stopping_criteria = StoppingCriteriaList([*(stopping_criteria or []), stop])
     if streamer is None and withheld.get("streamer") is not None:
         streamer = _PromptAlreadySent(withheld["streamer"])
