@@ -169,7 +169,6 @@ def generation_meets_a_second_one(start_first, second):
     return raised, box["out"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 item 4: a drafter or Session shared by two threads is not detected")
 def test_a_drafter_or_session_in_use_by_another_thread_is_refused():
     model = tiny_model(layers=4)
     prompt = random_prompt(0, 16)
