@@ -189,3 +189,56 @@ def test_a_drafter_or_session_in_use_by_another_thread_is_refused():
                                                 lambda: session.generate(prompt))
     assert raised is not None and "Session" in str(raised)
     assert torch.equal(out, reference(model, prompt, 12)) and torch.equal(session.generate(prompt), out)
+
+
+class Returns:
+    """A drafter whose propose returns `make()`."""
+
+    needs_hidden_states = False
+
+    def __init__(self, make):
+        self.make = make
+
+    def begin(self, target):
+        pass
+
+    def propose(self, ctx):
+        return self.make()
+
+    def update(self, feedback):
+        pass
+
+
+def written_after_building(field: str):
+    def make():
+        tree = TokenTree(torch.tensor([5, 6, 7]), torch.tensor([-1, 0, 1]))
+        tree.children(-1)  # the structure is derived and cached from parents
+        getattr(tree, field)[2] = 0  # a chain turned into siblings, or another token, in place
+        return tree
+
+    return make
+
+
+MISUSE = {
+    "max_new_tokens float": (dict(max_new_tokens=5.0), TypeError, r"max_new_tokens.*int"),
+    "max_new_tokens str": (dict(max_new_tokens="5"), TypeError, r"max_new_tokens.*int"),
+    "propose returns None": (dict(drafter=Returns(lambda: None)), TypeError, r"propose returned None.*TokenTree"),
+    "propose returns a list": (dict(drafter=Returns(lambda: [5, 6])), TypeError, r"propose returned list.*TokenTree\.chain"),
+    "tree parents written": (dict(drafter=Returns(written_after_building("parents"))), ValueError, r"TokenTree.*in place"),
+    "tree tokens written": (dict(drafter=Returns(written_after_building("tokens"))), ValueError, r"TokenTree.*in place"),
+    "draft_probs too narrow": (
+        dict(drafter=Returns(lambda: TokenTree.chain([5, 6], draft_probs=torch.full((2, 10), 0.1))), do_sample=True),
+        ValueError, rf"draft_probs.*width 10.*{VOCAB}",
+    ),
+    "drafter class": (dict(drafter=PromptLookup), TypeError, r"drafter.*class PromptLookup.*PromptLookup\(\)"),
+    "drafter name": (dict(drafter="prompt-lookup"), TypeError, r"drafter.*'prompt-lookup'.*make_drafter"),
+}
+
+
+@pytest.mark.xfail(strict=True, reason="issue 20 item 11: low-level errors (slice TypeError, AttributeError, IndexError)")
+@pytest.mark.parametrize("case", MISUSE)
+def test_api_misuse_gets_an_error_naming_the_argument_and_the_fix(case):
+    kwargs, error, message = MISUSE[case]
+    kwargs = {"drafter": None, "max_new_tokens": 6, "eos_token_id": [], "guard": None, **kwargs}
+    with pytest.raises(error, match=message):
+        specdec.generate(tiny_model(), random_prompt(0, 8), kwargs.pop("drafter"), **kwargs)
