@@ -13,6 +13,7 @@ rules; it never imports a concrete drafter and never asks which drafter it holds
 from __future__ import annotations
 
 import contextlib
+import operator
 import sys
 import threading
 import time
@@ -98,8 +99,33 @@ def _as_prompt(input_ids: Tensor) -> Tensor:
     return input_ids.to("cpu", torch.long, copy=True)
 
 
+def _check_drafter(given) -> None:
+    """Refuse what is not a drafter object (a drafter class, a CLI name) before any work."""
+    if isinstance(given, str):
+        raise TypeError(
+            f"drafter: got the name {given!r}; pass a drafter object: specdec.drafters.make_drafter({given!r}, "
+            "specdec.drafters.Resources(model)) builds one from a CLI name"
+        )
+    if isinstance(given, type):
+        raise TypeError(f"drafter: got the class {given.__name__}; pass an instance, e.g. drafter={given.__name__}()")
+    missing = [name for name in ("needs_hidden_states", "begin", "propose", "update") if not hasattr(given, name)]
+    if given is not None and missing:
+        raise TypeError(
+            f"drafter: {type(given).__name__} has no {', '.join(missing)}; pass an object that implements "
+            "specdec.Drafter (needs_hidden_states, begin, propose, update)"
+        )
+
+
 def _max_new_tokens(model, prompt: Tensor, max_new_tokens: int | None) -> int:
     """`max_new_tokens`, or the generation config's (as in HF), checked."""
+    if max_new_tokens is not None:
+        try:
+            max_new_tokens = operator.index(max_new_tokens)
+        except TypeError:
+            raise TypeError(
+                f"max_new_tokens must be an int, got {max_new_tokens!r} ({type(max_new_tokens).__name__}); "
+                "pass e.g. max_new_tokens=int(...)"
+            ) from None
     if max_new_tokens is None:
         gc = model.generation_config
         max_new_tokens = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - prompt.numel()
@@ -148,6 +174,26 @@ def _check_in_vocab(tokens: Tensor, vocab: int, who: str) -> None:
     """Out-of-range ids would fail deep inside the embedding (a device assert on CUDA)."""
     if tokens.numel() and (int(tokens.max()) >= vocab or int(tokens.min()) < 0):
         raise ValueError(f"{who} token ids outside the model's vocabulary [0, {vocab})")
+
+
+def _checked_proposal(drafter: Drafter, tree, vocab: int) -> TokenTree:
+    """What `drafter.propose` returned, refused with a clear error unless it is a usable tree."""
+    who = f"{type(drafter).__name__}.propose"
+    if not isinstance(tree, TokenTree):
+        raise TypeError(
+            f"{who} returned {'None' if tree is None else type(tree).__name__}; it must return a specdec.TokenTree: "
+            "TokenTree.chain(tokens) for a sequence of tokens, TokenTree.empty() for no draft"
+        )
+    tree.check_unchanged()
+    _check_in_vocab(tree.tokens, vocab, f"{type(drafter).__name__} proposed")
+    q = tree.draft_probs
+    if q is not None and tuple(q.shape) != (len(tree), vocab):
+        raise ValueError(
+            f"{who} returned draft_probs of shape {tuple(q.shape)} (width {q.shape[-1]}), but the target's vocabulary "
+            f"has {vocab} tokens (lm_head rows): give each node's draft distribution over all of them, "
+            f"[{len(tree)}, {vocab}], or draft_probs=None for a deterministic draft"
+        )
+    return tree
 
 
 def _eos_set(model, eos_token_id) -> set[int]:
@@ -276,6 +322,7 @@ def generate(
     `DEFAULT_PACKED_FROM`.
     """
     prompt = _as_prompt(input_ids)
+    _check_drafter(drafter)
     max_new_tokens = _max_new_tokens(model, prompt, max_new_tokens)
     vocab = model.get_output_embeddings().weight.shape[0]
     _check_in_vocab(prompt, vocab, "input_ids holds")
@@ -332,8 +379,8 @@ def generate(
             if not asked:
                 tree = TokenTree.empty()
             else:  # the drafter gets a copy of the committed ids: writing into it cannot change the output
-                tree = drafter.propose(Context(ids.clone(), hidden, remaining - 1, cost)).truncate(remaining - 1)
-                _check_in_vocab(tree.tokens, vocab, f"{type(drafter).__name__} proposed")
+                tree = drafter.propose(Context(ids.clone(), hidden, remaining - 1, cost))
+                tree = _checked_proposal(drafter, tree, vocab).truncate(remaining - 1)
             t1 = time.perf_counter()
             # 2. Verify: one target forward over [root] + tree.
             scores = verifier.score(int(ids[-1]), tree)

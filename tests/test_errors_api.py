@@ -232,10 +232,10 @@ MISUSE = {
     ),
     "drafter class": (dict(drafter=PromptLookup), TypeError, r"drafter.*class PromptLookup.*PromptLookup\(\)"),
     "drafter name": (dict(drafter="prompt-lookup"), TypeError, r"drafter.*'prompt-lookup'.*make_drafter"),
+    "not a drafter": (dict(drafter=object()), TypeError, r"drafter: object has no needs_hidden_states, begin.*specdec\.Drafter"),
 }
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 item 11: low-level errors (slice TypeError, AttributeError, IndexError)")
 @pytest.mark.parametrize("case", MISUSE)
 def test_api_misuse_gets_an_error_naming_the_argument_and_the_fix(case):
     kwargs, error, message = MISUSE[case]
