@@ -7,7 +7,8 @@ import torch
 from conftest import random_prompt, reference, tiny_model
 
 import specdec
-from specdec.drafters import DraftModel, PromptLookup
+from specdec.drafters import DraftModel, Eagle, PromptLookup
+from specdec.drafters.eagle import EagleHead
 
 
 class CountingTarget:
@@ -108,20 +109,33 @@ class FailingDraftModel(DraftModel):
 FORWARD_INTERRUPTED = pytest.mark.xfail(strict=True, reason="issue 20 item 16: a forward interrupted part-way leaves caches misaligned")
 
 
+def random_eagle(model) -> Eagle:
+    torch.manual_seed(0)
+    head = EagleHead.for_target(model)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return Eagle(model, head, min_gain=0)
+
+
 @pytest.mark.parametrize("where, at", [
     ("streamer", 3), ("propose", 2),
     pytest.param("draft forward", 1, marks=FORWARD_INTERRUPTED), pytest.param("draft forward", 4, marks=FORWARD_INTERRUPTED),
     pytest.param("target forward", 1, marks=FORWARD_INTERRUPTED), pytest.param("target forward", 3, marks=FORWARD_INTERRUPTED),
+    pytest.param("eagle head forward", 3, marks=FORWARD_INTERRUPTED),
 ])
 def test_a_session_works_after_a_turn_that_raised(where, at):
     """A turn that raised (a streamer, the drafter, or a forward cut off part-way) leaves the session
     usable: the next turns are exact, and the drafter is not left marked in use."""
     model, draft = copy.deepcopy(tiny_model(layers=3)), copy.deepcopy(tiny_model(seed=3, layers=3))
-    drafter = FailingDraftModel(draft, at if where == "propose" else 0, num_tokens=4)
+    if where == "eagle head forward":
+        drafter = random_eagle(model)
+        hook = drafter.head.register_forward_hook(FailsOnce(at))  # after the head cached the new pairs
+    else:
+        drafter = FailingDraftModel(draft, at if where == "propose" else 0, num_tokens=4)
+        layer = {"draft forward": draft, "target forward": model}.get(where)
+        hook = layer.model.layers[1].register_forward_pre_hook(FailsOnce(at)) if layer is not None else None
     session = specdec.Session(model, drafter, max_new_tokens=12, eos_token_id=[], guard=None)
     prompt = random_prompt(0, 16)
-    layer = {"draft forward": draft, "target forward": model}.get(where)
-    hook = layer.model.layers[1].register_forward_pre_hook(FailsOnce(at)) if layer is not None else None
     with pytest.raises(RuntimeError, match="on purpose"):
         session.generate(prompt, streamer=FailingStreamer(at) if where == "streamer" else None)
     if hook is not None:
