@@ -106,9 +106,6 @@ class FailingDraftModel(DraftModel):
         return super().propose(ctx)
 
 
-FORWARD_INTERRUPTED = pytest.mark.xfail(strict=True, reason="issue 20 item 16: a forward interrupted part-way leaves caches misaligned")
-
-
 def random_eagle(model) -> Eagle:
     torch.manual_seed(0)
     head = EagleHead.for_target(model)
@@ -119,9 +116,9 @@ def random_eagle(model) -> Eagle:
 
 @pytest.mark.parametrize("where, at", [
     ("streamer", 3), ("propose", 2),
-    pytest.param("draft forward", 1, marks=FORWARD_INTERRUPTED), pytest.param("draft forward", 4, marks=FORWARD_INTERRUPTED),
-    pytest.param("target forward", 1, marks=FORWARD_INTERRUPTED), pytest.param("target forward", 3, marks=FORWARD_INTERRUPTED),
-    pytest.param("eagle head forward", 3, marks=FORWARD_INTERRUPTED),
+    ("draft forward", 1), ("draft forward", 4),
+    ("target forward", 1), ("target forward", 3),
+    ("eagle head forward", 3),
 ])
 def test_a_session_works_after_a_turn_that_raised(where, at):
     """A turn that raised (a streamer, the drafter, or a forward cut off part-way) leaves the session
