@@ -12,7 +12,7 @@ rules; it never imports a concrete drafter and never asks which drafter it holds
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import operator
 import sys
 import threading
@@ -143,31 +143,36 @@ _in_use: set[int] = set()  # id() of the drafters and verifiers held by running 
 _in_use_lock = threading.Lock()
 
 
-@contextlib.contextmanager
-def _exclusive(drafter: Drafter | None, verifier: Verifier | None):
-    """Hold `drafter` and `verifier` for one generation. Their private state (a drafter's caches and
-    last proposal, a verifier's cache) serves one sequence at a time, so a generation that finds
-    either held by another one (another thread) is refused instead of corrupting both."""
-    held = {id(x): x for x in (drafter, verifier) if x is not None}
-    with _in_use_lock:
-        busy = [x for key, x in held.items() if key in _in_use]
-        if not busy:
-            _in_use.update(held)
-    if any(x is drafter for x in busy):
-        raise RuntimeError(
-            f"drafter: this {type(drafter).__name__} is in use by another generate() call right now (another thread?); "
-            "a drafter's private state serves one generation at a time: give each thread its own drafter"
-        )
-    if busy:
-        raise RuntimeError(
-            "verifier: this Verifier (a specdec.Session's) is in use by another generate() call right now (another "
-            "thread?); it holds one conversation's cache: give each thread its own Session"
-        )
-    try:
-        yield
-    finally:
+def _exclusive(generate_fn):
+    """Decorates `generate`: holds its drafter and a passed verifier (a Session's) for the call.
+    Their private state (a drafter's caches and last proposal, a verifier's cache) serves one
+    sequence at a time, so a call that finds either held by another (another thread) is refused
+    instead of corrupting both; they are released however the call ends."""
+
+    @functools.wraps(generate_fn)
+    def holding(model, input_ids, drafter=None, **kwargs):
+        held = {id(x): x for x in (drafter, kwargs.get("verifier")) if x is not None}
         with _in_use_lock:
-            _in_use.difference_update(held)
+            busy = [x for key, x in held.items() if key in _in_use]
+            if not busy:
+                _in_use.update(held)
+        if any(x is drafter for x in busy):
+            raise RuntimeError(
+                f"drafter: this {type(drafter).__name__} is in use by another generate() call right now (another "
+                "thread?); a drafter's private state serves one generation at a time: give each thread its own drafter"
+            )
+        if busy:
+            raise RuntimeError(
+                "verifier: this Verifier (a specdec.Session's) is in use by another generate() call right now (another "
+                "thread?); it holds one conversation's cache: give each thread its own Session"
+            )
+        try:
+            return generate_fn(model, input_ids, drafter, **kwargs)
+        finally:
+            with _in_use_lock:
+                _in_use.difference_update(held)
+
+    return holding
 
 
 def _check_in_vocab(tokens: Tensor, vocab: int, who: str) -> None:
@@ -269,6 +274,7 @@ def resolve_packed_from(model, packed_from: int | None | str) -> int | None:
     return packed_from
 
 
+@_exclusive
 @torch.no_grad()
 def generate(
     model,
@@ -344,92 +350,91 @@ def generate(
         )
     eos = _eos_set(model, eos_token_id)
     rule = rule or Greedy()
-    with _exclusive(drafter, verifier):
-        if guard is True:
-            guard = Guard()
-        guard = guard or None
-        if guard is not None:
-            guard.begin()
-        stats = stats if stats is not None else GenerationStats()
-        if streamer is not None:
-            streamer.put(prompt[None])
+    if guard is True:
+        guard = Guard()
+    guard = guard or None
+    if guard is not None:
+        guard.begin()
+    stats = stats if stats is not None else GenerationStats()
+    if streamer is not None:
+        streamer.put(prompt[None])
 
+    t0 = time.perf_counter()
+    if drafter is not None:
+        drafter.begin(model)
+    packed_from = resolve_packed_from(model, packed_from)
+    cost = verify_cost(model, packed_from) if drafter is not None else None
+    keep_hidden = drafter is not None and drafter.needs_hidden_states
+    if verifier is None:
+        verifier = Verifier(model, keep_hidden_states=keep_hidden, packed_from=packed_from)
+    elif verifier.model is not model:
+        raise ValueError("verifier: it was built for another model; pass a Verifier(model) of this target")
+    else:
+        verifier.configure(keep_hidden_states=keep_hidden, packed_from=packed_from)
+    hidden = verifier.prefill(prompt)
+    stats.prefill_s = time.perf_counter() - t0
+    ids, done = prompt, False
+
+    while not done:
+        remaining = max_new_tokens - (ids.numel() - prompt.numel())
         t0 = time.perf_counter()
-        if drafter is not None:
-            drafter.begin(model)
-        packed_from = resolve_packed_from(model, packed_from)
-        cost = verify_cost(model, packed_from) if drafter is not None else None
-        keep_hidden = drafter is not None and drafter.needs_hidden_states
-        if verifier is None:
-            verifier = Verifier(model, keep_hidden_states=keep_hidden, packed_from=packed_from)
-        elif verifier.model is not model:
-            raise ValueError("verifier: it was built for another model; pass a Verifier(model) of this target")
-        else:
-            verifier.configure(keep_hidden_states=keep_hidden, packed_from=packed_from)
-        hidden = verifier.prefill(prompt)
-        stats.prefill_s = time.perf_counter() - t0
-        ids, done = prompt, False
-
-        while not done:
-            remaining = max_new_tokens - (ids.numel() - prompt.numel())
-            t0 = time.perf_counter()
-            # 1. Propose: a tree under the root (the last committed token). Nodes deeper than
-            #    remaining - 1 could only yield tokens past max_new_tokens.
-            asked = drafter is not None and remaining > 1 and (guard is None or guard.speculate())
-            if not asked:
-                tree = TokenTree.empty()
-            else:  # the drafter gets a copy of the committed ids: writing into it cannot change the output
-                tree = drafter.propose(Context(ids.clone(), hidden, remaining - 1, cost))
-                tree = _checked_proposal(drafter, tree, vocab).truncate(remaining - 1)
-            t1 = time.perf_counter()
-            # 2. Verify: one target forward over [root] + tree.
-            scores = verifier.score(int(ids[-1]), tree)
-            logits = _processed(scores.logits.float(), ids, tree, logits_processor)  # [n + 1, vocab], fp32 as in HF
-            t2 = time.perf_counter()
-            # 3. Accept: the longest path the target agrees with, plus the target's own next token.
-            decision = rule(tree, logits, position=ids.numel())  # row 0 predicts token ids.numel()
-            path = decision.accepted_nodes
-            new = tree.tokens[path].tolist() + [decision.next_token]
-            emitted: list[int] = []
-            for j, tok in enumerate(new[:remaining]):  # stop exactly where model.generate would
-                emitted.append(tok)
-                if tok in eos:
-                    done = True
-                elif stopping_criteria is not None:
-                    row = 0 if j == 0 else path[j - 1] + 1  # the logits row that predicted this token
-                    seq = torch.cat([ids, torch.tensor(emitted)]).to(logits.device)[None]
-                    done = bool(stopping_criteria(seq, logits[row][None]).all())
-                if done:
-                    break
-            emitted_t = torch.tensor(emitted, dtype=torch.long)
-            ids = torch.cat([ids, emitted_t])
-            done = done or ids.numel() - prompt.numel() >= max_new_tokens
-            if streamer is not None:
-                streamer.put(emitted_t)
-            # 4. Commit: the cache keeps prefix + root + the accepted path (as far as it was emitted;
-            #    after the last step too, so a later turn of a Session finds it cached).
-            verifier.commit(path[: len(emitted) - 1])
-            if len(emitted) == len(new):  # after a cut step the path is not what was committed
-                # 5. Feedback: drafters adapt (also after the last step: a Session's next turn
-                #    continues with them); hidden-state drafters get the committed tokens' features.
-                if scores.hidden_states is not None:
-                    hidden = scores.hidden_states[[0] + [i + 1 for i in path]]
-                if drafter is not None:
-                    k = getattr(drafter, "feedback_topk", 0)
-                    top = logits.topk(k, dim=-1).indices.cpu() if k else None  # [n + 1, k]
-                    drafter.update(Feedback(tree, path, torch.tensor(new), top))
-            step = StepInfo(tree, path, emitted, t1 - t0, t2 - t1, time.perf_counter() - t2)
-            stats.steps.append(step)
-            if guard is not None and drafter is not None:
-                # A step the drafter was asked for counts as speculative even when it proposed
-                # nothing: its drafting time is part of what speculation costs.
-                guard.record(asked, len(emitted), step.draft_s + step.verify_s + step.overhead_s)
-            if on_step is not None:
-                on_step(step)
-
+        # 1. Propose: a tree under the root (the last committed token). Nodes deeper than
+        #    remaining - 1 could only yield tokens past max_new_tokens.
+        asked = drafter is not None and remaining > 1 and (guard is None or guard.speculate())
+        if not asked:
+            tree = TokenTree.empty()
+        else:  # the drafter gets a copy of the committed ids: writing into it cannot change the output
+            tree = drafter.propose(Context(ids.clone(), hidden, remaining - 1, cost))
+            tree = _checked_proposal(drafter, tree, vocab).truncate(remaining - 1)
+        t1 = time.perf_counter()
+        # 2. Verify: one target forward over [root] + tree.
+        scores = verifier.score(int(ids[-1]), tree)
+        logits = _processed(scores.logits.float(), ids, tree, logits_processor)  # [n + 1, vocab], fp32 as in HF
+        t2 = time.perf_counter()
+        # 3. Accept: the longest path the target agrees with, plus the target's own next token.
+        decision = rule(tree, logits, position=ids.numel())  # row 0 predicts token ids.numel()
+        path = decision.accepted_nodes
+        new = tree.tokens[path].tolist() + [decision.next_token]
+        emitted: list[int] = []
+        for j, tok in enumerate(new[:remaining]):  # stop exactly where model.generate would
+            emitted.append(tok)
+            if tok in eos:
+                done = True
+            elif stopping_criteria is not None:
+                row = 0 if j == 0 else path[j - 1] + 1  # the logits row that predicted this token
+                seq = torch.cat([ids, torch.tensor(emitted)]).to(logits.device)[None]
+                done = bool(stopping_criteria(seq, logits[row][None]).all())
+            if done:
+                break
+        emitted_t = torch.tensor(emitted, dtype=torch.long)
+        ids = torch.cat([ids, emitted_t])
+        done = done or ids.numel() - prompt.numel() >= max_new_tokens
         if streamer is not None:
-            streamer.end()
-        return ids[None].to(input_ids.device)
+            streamer.put(emitted_t)
+        # 4. Commit: the cache keeps prefix + root + the accepted path (as far as it was emitted;
+        #    after the last step too, so a later turn of a Session finds it cached).
+        verifier.commit(path[: len(emitted) - 1])
+        if len(emitted) == len(new):  # after a cut step the path is not what was committed
+            # 5. Feedback: drafters adapt (also after the last step: a Session's next turn
+            #    continues with them); hidden-state drafters get the committed tokens' features.
+            if scores.hidden_states is not None:
+                hidden = scores.hidden_states[[0] + [i + 1 for i in path]]
+            if drafter is not None:
+                k = getattr(drafter, "feedback_topk", 0)
+                top = logits.topk(k, dim=-1).indices.cpu() if k else None  # [n + 1, k]
+                drafter.update(Feedback(tree, path, torch.tensor(new), top))
+        step = StepInfo(tree, path, emitted, t1 - t0, t2 - t1, time.perf_counter() - t2)
+        stats.steps.append(step)
+        if guard is not None and drafter is not None:
+            # A step the drafter was asked for counts as speculative even when it proposed
+            # nothing: its drafting time is part of what speculation costs.
+            guard.record(asked, len(emitted), step.draft_s + step.verify_s + step.overhead_s)
+        if on_step is not None:
+            on_step(step)
+
+    if streamer is not None:
+        streamer.end()
+    return ids[None].to(input_ids.device)
 
 
 def _withheld_from_hook() -> dict:
