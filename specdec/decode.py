@@ -16,12 +16,16 @@ place a step waits for the device and why.
 
 from __future__ import annotations
 
+import functools
+import operator
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from transformers import LogitsProcessorList
+from transformers import LogitsProcessorList, StopStringCriteria, StoppingCriteriaList
 
 from specdec import devices, profile
 from specdec.acceptance import AcceptanceRule, Greedy, Speculative
@@ -84,7 +88,7 @@ class GenerationStats:
 
 
 def _as_prompt(input_ids: Tensor) -> Tensor:
-    """[1, t] or [t] -> [t], with clear errors for what this path cannot do."""
+    """[1, t] or [t] -> a copy [t] (never the caller's tensor), with clear errors for what this path cannot do."""
     if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
         raise TypeError("input_ids must be an integer torch.Tensor of shape [1, prompt_len]")
     if input_ids.dim() == 2:
@@ -98,13 +102,109 @@ def _as_prompt(input_ids: Tensor) -> Tensor:
         raise ValueError(f"input_ids must have shape [1, prompt_len], got {tuple(input_ids.shape)}")
     if input_ids.numel() == 0:
         raise ValueError("input_ids is empty: give at least one prompt token (e.g. the BOS token)")
-    return input_ids.long().cpu()
+    return input_ids.to("cpu", torch.long, copy=True)
+
+
+def _check_drafter(given) -> None:
+    """Refuse what is not a drafter object (a drafter class, a CLI name) before any work."""
+    if isinstance(given, str):
+        raise TypeError(
+            f"drafter: got the name {given!r}; pass a drafter object: specdec.drafters.make_drafter({given!r}, "
+            "specdec.drafters.Resources(model)) builds one from a CLI name"
+        )
+    if isinstance(given, type):
+        raise TypeError(f"drafter: got the class {given.__name__}; pass an instance, e.g. drafter={given.__name__}()")
+    missing = [name for name in ("needs_hidden_states", "begin", "propose", "update") if not hasattr(given, name)]
+    if given is not None and missing:
+        raise TypeError(
+            f"drafter: {type(given).__name__} has no {', '.join(missing)}; pass an object that implements "
+            "specdec.Drafter (needs_hidden_states, begin, propose, update)"
+        )
+
+
+def _max_new_tokens(model, prompt: Tensor, max_new_tokens: int | None) -> int:
+    """`max_new_tokens`, or the generation config's (as in HF), checked."""
+    if max_new_tokens is not None:
+        try:
+            max_new_tokens = operator.index(max_new_tokens)
+        except TypeError:
+            raise TypeError(
+                f"max_new_tokens must be an int, got {max_new_tokens!r} ({type(max_new_tokens).__name__}); "
+                "pass e.g. max_new_tokens=int(...)"
+            ) from None
+    if max_new_tokens is None:
+        gc = model.generation_config
+        max_new_tokens = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - prompt.numel()
+        if max_new_tokens < 1:
+            raise ValueError(
+                f"the prompt ({prompt.numel()} tokens) already reaches generation_config.max_length "
+                f"({gc.max_length}); pass max_new_tokens=..."
+            )
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1 (as in model.generate), got {max_new_tokens}")
+    return max_new_tokens
+
+
+_in_use: set[int] = set()  # id() of the drafters and verifiers held by running generate() calls
+_in_use_lock = threading.Lock()
+
+
+def _exclusive(generate_fn):
+    """Decorates `generate`: holds its drafter and a passed verifier (a Session's) for the call.
+    Their private state (a drafter's caches and last proposal, a verifier's cache) serves one
+    sequence at a time, so a call that finds either held by another (another thread) is refused
+    instead of corrupting both; they are released however the call ends."""
+
+    @functools.wraps(generate_fn)
+    def holding(model, input_ids, drafter=None, **kwargs):
+        held = {id(x): x for x in (drafter, kwargs.get("verifier")) if x is not None}
+        with _in_use_lock:
+            busy = [x for key, x in held.items() if key in _in_use]
+            if not busy:
+                _in_use.update(held)
+        if any(x is drafter for x in busy):
+            raise RuntimeError(
+                f"drafter: this {type(drafter).__name__} is in use by another generate() call right now (another "
+                "thread?); a drafter's private state serves one generation at a time: give each thread its own drafter"
+            )
+        if busy:
+            raise RuntimeError(
+                "verifier: this Verifier (a specdec.Session's) is in use by another generate() call right now (another "
+                "thread?); it holds one conversation's cache: give each thread its own Session"
+            )
+        try:
+            return generate_fn(model, input_ids, drafter, **kwargs)
+        finally:
+            with _in_use_lock:
+                _in_use.difference_update(held)
+
+    return holding
 
 
 def _check_in_vocab(tokens: Tensor, vocab: int, who: str) -> None:
     """Out-of-range ids would fail deep inside the embedding (a device assert on CUDA)."""
     if tokens.numel() and (int(tokens.max()) >= vocab or int(tokens.min()) < 0):
         raise ValueError(f"{who} token ids outside the model's vocabulary [0, {vocab})")
+
+
+def _checked_proposal(drafter: Drafter, tree, vocab: int) -> TokenTree:
+    """What `drafter.propose` returned, refused with a clear error unless it is a usable tree."""
+    who = f"{type(drafter).__name__}.propose"
+    if not isinstance(tree, TokenTree):
+        raise TypeError(
+            f"{who} returned {'None' if tree is None else type(tree).__name__}; it must return a specdec.TokenTree: "
+            "TokenTree.chain(tokens) for a sequence of tokens, TokenTree.empty() for no draft"
+        )
+    tree.check_unchanged()
+    _check_in_vocab(tree.tokens, vocab, f"{type(drafter).__name__} proposed")
+    q = tree.draft_probs
+    if q is not None and tuple(q.shape) != (len(tree), vocab):
+        raise ValueError(
+            f"{who} returned draft_probs of shape {tuple(q.shape)} (width {q.shape[-1]}), but the target's vocabulary "
+            f"has {vocab} tokens (lm_head rows): give each node's draft distribution over all of them, "
+            f"[{len(tree)}, {vocab}], or draft_probs=None for a deterministic draft"
+        )
+    return tree
 
 
 def _eos_set(model, eos_token_id) -> set[int]:
@@ -183,6 +283,7 @@ def resolve_packed_from(model, packed_from: int | None | str) -> int | None:
     return packed_from
 
 
+@_exclusive
 @torch.no_grad()
 def generate(
     model,
@@ -236,16 +337,8 @@ def generate(
     `DEFAULT_PACKED_FROM`.
     """
     prompt = _as_prompt(input_ids)
-    if max_new_tokens is None:
-        gc = model.generation_config
-        max_new_tokens = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - prompt.numel()
-        if max_new_tokens < 1:
-            raise ValueError(
-                f"the prompt ({prompt.numel()} tokens) already reaches generation_config.max_length "
-                f"({gc.max_length}); pass max_new_tokens=..."
-            )
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1 (as in model.generate), got {max_new_tokens}")
+    _check_drafter(drafter)
+    max_new_tokens = _max_new_tokens(model, prompt, max_new_tokens)
     vocab = model.get_output_embeddings().weight.shape[0]
     _check_in_vocab(prompt, vocab, "input_ids holds")
     if logits_processor is None:
@@ -300,9 +393,9 @@ def generate(
         asked = drafter is not None and remaining > 1 and (guard is None or guard.speculate())
         if not asked:
             tree = TokenTree.empty()
-        else:
-            tree = drafter.propose(Context(ids, hidden, remaining - 1, cost)).truncate(remaining - 1)
-            _check_in_vocab(tree.tokens, vocab, f"{type(drafter).__name__} proposed")
+        else:  # the drafter gets a copy of the committed ids: writing into it cannot change the output
+            tree = drafter.propose(Context(ids.clone(), hidden, remaining - 1, cost))
+            tree = _checked_proposal(drafter, tree, vocab).truncate(remaining - 1)
         t1 = devices.clock(device)
         # 2. Verify: one target forward over [root] + tree.
         scores = verifier.score(int(ids[-1]), tree)
@@ -354,6 +447,42 @@ def generate(
     return ids[None].to(input_ids.device)
 
 
+def _withheld_from_hook() -> dict:
+    """`streamer`, `assistant_model` and `tokenizer` as the caller passed them to ``model.generate``.
+
+    transformers (5.25, `_extract_generation_mode_kwargs`) hands a custom_generate callable only
+    the keywords its signature adds to `_sample`'s and drops these three, so they are read from
+    the ``model.generate`` frame that called `hf_generate` (its named arguments) and from its
+    decorators' frames (the caller's keywords, `tokenizer` still among them). Called directly,
+    outside transformers, it finds nothing."""
+    frame = sys._getframe(2)  # 0: here, 1: hf_generate, 2: its caller
+    if frame.f_code.co_name != "generate" or not frame.f_globals.get("__name__", "").startswith("transformers."):
+        return {}
+    found = {name: frame.f_locals.get(name) for name in ("streamer", "assistant_model")}
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("transformers", "torch"):
+        found["tokenizer"] = (frame.f_locals.get("kwargs") or {}).get("tokenizer")
+        if found["tokenizer"] is not None:
+            break
+        frame = frame.f_back
+    return found
+
+
+class _PromptAlreadySent:
+    """A streamer that model.generate already gave the prompt: `generate`'s own put of it is dropped."""
+
+    def __init__(self, streamer):
+        self.streamer, self.prompt_pending = streamer, True
+
+    def put(self, value) -> None:
+        if self.prompt_pending:
+            self.prompt_pending = False
+        else:
+            self.streamer.put(value)
+
+    def end(self) -> None:
+        self.streamer.end()
+
+
 def hf_generate(
     model,
     input_ids: Tensor,
@@ -363,6 +492,7 @@ def hf_generate(
     synced_gpus: bool = False,
     streamer=None,
     drafter: Drafter | None = None,
+    stop_strings: str | list[str] | None = None,
     specdec_streamer=None,
     specdec_stats: GenerationStats | None = None,
     **model_kwargs,
@@ -370,12 +500,30 @@ def hf_generate(
     """``model.generate(ids, custom_generate=specdec.hf_generate, drafter=...)``.
 
     transformers prepares the generation config, logits processors and stopping criteria
-    (max length, EOS, stop strings) and hands them here; with ``do_sample=True`` its processors
-    already hold the sampling warpers and the lossless `Speculative` rule samples. It does not pass `streamer` on to custom
-    decoding loops (checked on 5.23), so streaming goes through `specdec_streamer=`.
+    (max length, EOS) and hands them here; with ``do_sample=True`` its processors already hold
+    the sampling warpers and the lossless `Speculative` rule samples. It withholds `tokenizer`,
+    `streamer` and `assistant_model` from custom loops (`_withheld_from_hook` finds them), and
+    `stop_strings` is taken here so that transformers does not refuse them for want of the
+    tokenizer: both then work as with ``model.generate`` (stop strings set in a
+    `GenerationConfig` still meet transformers' own refusal: pass them as ``stop_strings=``).
+    `assistant_model` (transformers' own assisted decoding) is refused: pass a drafter.
     """
     if generation_config is not None and generation_config.num_beams not in (None, 1):
         raise ValueError("specdec.hf_generate does not do beam search: pass num_beams=1")
+    withheld = _withheld_from_hook()
+    if withheld.get("assistant_model") is not None:
+        raise ValueError(
+            "specdec.hf_generate: assistant_model is transformers' assisted decoding, which specdec replaces; "
+            "pass drafter=... instead (specdec.drafters has a draft-model drafter that takes the assistant)"
+        )
+    if stop_strings is not None:
+        if withheld.get("tokenizer") is None:
+            raise ValueError("specdec.hf_generate: stop_strings need the model's tokenizer: pass tokenizer=... too")
+        stops = [stop_strings] if isinstance(stop_strings, str) else stop_strings
+        stop = StopStringCriteria(withheld["tokenizer"], stops)
+        stopping_criteria = StoppingCriteriaList([*(stopping_criteria or []), stop])
+    if streamer is None and withheld.get("streamer") is not None:
+        streamer = _PromptAlreadySent(withheld["streamer"])
     sampling = bool(generation_config.do_sample) if generation_config is not None else False
     mask = model_kwargs.get("attention_mask")
     if mask is not None and not bool(mask.all()):

@@ -21,7 +21,7 @@ from specdec.trees import TokenTree
 
 @dataclass(frozen=True)
 class Context:
-    input_ids: Tensor  # [t] every committed token (prompt + generated); batch size 1
+    input_ids: Tensor  # [t] every committed token (prompt + generated); batch size 1; a copy per step
     # Target last-layer states for the tokens committed by the previous step (the root and the
     # accepted path), only for drafters with needs_hidden_states.
     hidden_states: Tensor | None = None  # [m, hidden]

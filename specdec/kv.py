@@ -59,6 +59,18 @@ def drop_last(cache: Cache, n: int) -> None:
         cache.crop(-n)
 
 
+def truncate(cache: Cache, n: int) -> int:
+    """Cut every filled layer to its first n slots; returns the slots they all hold now: n, or
+    fewer when a forward cut off part-way (an exception, Ctrl-C) left the later layers shorter.
+    The caller feeds again from there."""
+    filled = [layer for layer in cache.layers if layer.is_initialized]
+    n = min([n] + [layer.get_seq_length() for layer in filled])
+    for layer in filled:
+        if layer.get_seq_length() > n:
+            layer.crop(n - layer.get_seq_length())
+    return n
+
+
 def keep(cache: Cache, n_prefix: int, slots: list[int]) -> None:
     """Keep slots [0, n_prefix) plus `slots` (ascending, each >= n_prefix); drop everything else."""
     total = length(cache)

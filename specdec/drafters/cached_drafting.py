@@ -79,7 +79,7 @@ def draft(
         common = min(int(same.cumprod(0).sum()), seen.numel() - 1)
     if window is not None and t - (start + common) > window:
         common, start = 0, t - window  # too much to feed: rebuild from the last `window` tokens
-    kv.drop_last(cache, cached.numel() - common)
+    common = kv.truncate(cache, common)  # fewer if a forward was cut off part-way
     held = t - start  # committed tokens in the cache once the prefix is fed
 
     def step(tree: TokenTree, frontier: list[int]) -> Tensor:
@@ -90,7 +90,11 @@ def draft(
         mask = tree_mask(tree, rows, frontier[0], held, dtype)
         return forward(tree.tokens[rows], positions, mask, False)  # [len(frontier), vocab]
 
-    tree = expand(step, depth=depth, topk=topk, width=width, budget=budget, min_confidence=min_confidence)
+    try:
+        tree = expand(step, depth=depth, topk=topk, width=width, budget=budget, min_confidence=min_confidence)
+    except BaseException:  # cut off (an error, Ctrl-C): keep only what the caller's `cached` still describes
+        kv.truncate(cache, common)
+        raise
     fed = cache_length(cache) - held  # tree nodes now in the cache (all but the last level)
     # A chain's fed nodes extend the sequence and may be reused next step (those the budget
     # kept); a tree's fed nodes are not one sequence, so they go.

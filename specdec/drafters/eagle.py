@@ -335,7 +335,7 @@ class Eagle:
         n = min(self._ids.numel(), t)
         m = int((self._ids[:n] == ids[:n]).long().cumprod(0).sum())
         keep = int((self._pos + 2 <= m).sum())
-        kv.drop_last(self.cache, self._pos.numel() - keep)
+        kv.truncate(self.cache, keep)  # absolute: also drops what a head forward cut off part-way left behind
         self._pos, self._feats = self._pos[:keep], self._feats[:keep]
         last = int(self._pos[-1]) if keep else -1
         if hidden is not None and hidden.shape[0] > 0:

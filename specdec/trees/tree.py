@@ -32,6 +32,8 @@ class TokenTree:
         parents = torch.as_tensor(self.parents, dtype=torch.long).reshape(-1).cpu()
         object.__setattr__(self, "tokens", tokens)
         object.__setattr__(self, "parents", parents)
+        self.__dict__["_token_list"] = tokens.tolist()  # as built, for check_unchanged
+        self.__dict__["_parent_list"] = parents.tolist()  # fills the cached property
         n = tokens.numel()
         if parents.numel() != n:
             raise ValueError(f"TokenTree: tokens has {n} entries but parents has {parents.numel()}")
@@ -41,6 +43,15 @@ class TokenTree:
             raise ValueError(f"TokenTree: draft_probs has {self.draft_probs.shape[0]} rows for {n} nodes")
         if self.scores is not None and self.scores.shape != (n,):
             raise ValueError(f"TokenTree: scores has shape {tuple(self.scores.shape)}, expected ({n},)")
+
+    def check_unchanged(self) -> None:
+        """Trees are immutable: depths, masks and children are derived from `parents` once. Refuse a
+        tree whose tokens or parents were written in place after it was built."""
+        if self.tokens.tolist() != self.__dict__["_token_list"] or self.parents.tolist() != self._parent_list:
+            raise ValueError(
+                "TokenTree: its tokens or parents were written in place after it was built; trees are immutable "
+                "(what was derived from them would no longer match): build a new TokenTree(tokens, parents) instead"
+            )
 
     # ---- constructors -------------------------------------------------------------------
     @classmethod
