@@ -1,0 +1,120 @@
+"""The one sizing rule, the one default cost curve and the one running rate (`specdec.trees.sizing`)."""
+
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from specdec.trees import DEFAULT_VERIFY_COST, LinearCost, RunningRate, best_size
+from specdec.trees.sizing import DEFAULT_TOKEN_COST
+
+
+# ---- best_size ---------------------------------------------------------------------------------
+def geometric(a: float, n: int) -> list[float]:
+    return [a**k for k in range(1, n + 1)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(0, 1), st.integers(1, 12), st.floats(0, 1))
+def test_a_geometric_chain_drafts_more_when_tokens_are_cheaper_or_likelier(a, max_len, per_token):
+    cost = LinearCost(per_token)
+    n = best_size(geometric(a, max_len), cost).n
+    assert 0 <= n <= max_len
+    if per_token == 0 and a > 1e-3:
+        assert n == max_len  # free tokens: draft all
+    if a == 0 and per_token > 0:
+        assert n == 0  # hopeless drafts: skip
+    assert best_size(geometric(min(1.0, a + 0.2), max_len), cost).n >= n  # better odds never draft less
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(0, 1), max_size=8).map(lambda c: sorted(c, reverse=True)),
+    st.lists(st.floats(0, 2), min_size=12, max_size=12),  # cost increments: a non-decreasing curve
+    st.integers(0, 3), st.floats(0, 2), st.integers(0, 3), st.floats(0, 1),
+)
+def test_best_size_maximises_the_documented_value(chances, steps, fixed, base, min_size, draft_cost):
+    """value(n) = (1 + base + c_1 + ... + c_n) / (verify(fixed + n) + draft_cost * (fixed + n)),
+    recomputed exactly: the chosen n attains the maximum, and no smaller n does."""
+    min_size = min(min_size, len(chances))
+    curve = [1.0]
+    for s in steps:
+        curve.append(curve[-1] + s)
+    size = best_size(chances, curve.__getitem__, min_size=min_size, base=base, fixed=fixed, draft_cost=draft_cost)
+
+    def value(n):
+        k = fixed + n
+        return (1 + Fraction(base) + sum(map(Fraction, chances[:n]))) / (Fraction(curve[k]) + Fraction(draft_cost) * k)
+
+    values = {n: value(n) for n in range(min_size, len(chances) + 1)}
+    top = max(values.values())
+    assert min_size <= size.n <= len(chances)
+    assert float(abs(values[size.n] - top)) <= 1e-12 * float(top)
+    assert all(float(top - v) > 1e-12 * float(top) for n, v in values.items() if n < size.n)  # ties: the smaller n
+    assert size.value == pytest.approx(float(top), rel=1e-12)
+
+
+def test_min_size_forces_a_node_even_when_drafting_does_not_pay():
+    hopeless = [0.0, 0.0]
+    assert best_size(hopeless, LinearCost(1.0)).n == 0  # retrieval, prompt lookup: may send nothing
+    forced = best_size(hopeless, LinearCost(1.0), min_size=1)  # a merge or Eagle: at least one node
+    assert forced.n == 1 and forced.value == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="min_size"):
+        best_size([0.5], LinearCost(1.0), min_size=2)
+
+
+def test_ties_go_to_the_smaller_size():
+    free = LinearCost(0.0)
+    assert best_size([0.0, 0.0], free).n == 0
+    assert best_size([0.5, 0.0, 0.0], free).n == 1
+
+
+def test_fixed_nodes_count_in_the_cost_and_base_in_the_gain():
+    """Jacobi's chain: `fixed` nodes are always sent, so the extra ones are priced from there."""
+    knee = lambda k: 1.0 if k <= 3 else 10.0  # noqa: E731: free up to 3 nodes, then dear
+    assert best_size([0.5], knee).n == 1
+    kept = best_size([0.5], knee, fixed=3, base=0.7)
+    assert kept.n == 0 and kept.expected == pytest.approx(1.7) and kept.cost == 1.0
+    assert best_size([0.5], knee, fixed=3, base=0.7).value < best_size([0.5], knee, fixed=2, base=0.7).value
+
+
+def test_draft_cost_prices_every_drafted_node():
+    likely = [0.9] * 4
+    assert best_size(likely, LinearCost(0.0)).n == 4
+    assert best_size(likely, LinearCost(0.0), draft_cost=1.0).n == 0  # each node costs a target forward
+    chain = best_size(likely, LinearCost(0.0), draft_cost=1.0, min_size=1)  # LayerSkip/EarlyExit's value
+    assert chain.n == 1 and chain.cost == 2.0 and chain.value < 1  # below 1: plain decoding is faster
+    with pytest.raises(ValueError, match="draft_cost"):
+        best_size(likely, LinearCost(0.0), draft_cost=-0.1)
+
+
+# ---- the default cost curve ---------------------------------------------------------------------
+def test_the_default_curve_is_linear_in_the_default_token_cost():
+    assert DEFAULT_VERIFY_COST == LinearCost(DEFAULT_TOKEN_COST)
+    assert DEFAULT_VERIFY_COST(0) == 1.0 and DEFAULT_VERIFY_COST(5) == pytest.approx(1 + 5 * DEFAULT_TOKEN_COST)
+    with pytest.raises(ValueError, match="per_token"):
+        LinearCost(-1.0)
+
+
+# ---- RunningRate --------------------------------------------------------------------------------
+def test_running_rate_decays_old_evidence_and_relaxes_to_its_prior():
+    r = RunningRate(1.0, 2.0, decay=0.5)
+    assert r.rate == 0.5
+    r.add(3, 3)
+    assert (r.hits, r.trials) == (3.5, 4.0)
+    r.add(0, 4)
+    assert (r.hits, r.trials) == (1.75, 6.0)
+    for _ in range(60):
+        r.relax()
+    assert r.rate == pytest.approx(0.5) and r.trials == pytest.approx(2.0)
+    never = RunningRate(1.0, 1.0, decay=1.0)
+    never.add(0, 3)
+    never.relax()
+    assert (never.hits, never.trials) == (1.0, 4.0)  # decay 1: nothing forgotten, no drift
+
+
+@pytest.mark.parametrize("args", [(1.0, 0.0, 0.9), (-1.0, 2.0, 0.9), (1.0, 2.0, 0.0), (1.0, 2.0, 1.5)])
+def test_running_rate_refuses_bad_priors_and_decays(args):
+    with pytest.raises(ValueError, match="RunningRate"):
+        RunningRate(*args)
