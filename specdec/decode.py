@@ -26,7 +26,7 @@ from specdec.drafter import Context, Drafter, Feedback
 from specdec.guard import Guard
 from specdec.models import cache_dir
 from specdec.sampling import sampling_processors
-from specdec.trees import TokenTree
+from specdec.trees import DEFAULT_VERIFY_COST, TokenTree
 from specdec.verifier import Verifier
 
 
@@ -155,11 +155,11 @@ def _processed(logits: Tensor, ids: Tensor, tree: TokenTree, logits_processor) -
 DEFAULT_PACKED_FROM = 4
 
 
-def verify_cost(model, packed_from: int | None) -> Callable[[int], float] | None:
-    """`Context.verify_cost` from this model's stored curve on this machine (None if unmeasured)."""
+def verify_cost(model, packed_from: int | None) -> Callable[[int], float]:
+    """`Context.verify_cost` from this model's stored curve on this machine (unmeasured: the default)."""
     prof = profile.stored(model, cache_dir())
     if prof is None:
-        return None
+        return DEFAULT_VERIFY_COST
     seconds = prof.forward_cost(packed_from)
     one = seconds(1)
     return lambda n: seconds(n + 1) / one

@@ -3,9 +3,14 @@
 from fractions import Fraction
 
 import pytest
+import torch
+from conftest import random_prompt, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import specdec
+from specdec.drafter import Context
+from specdec.drafters import PromptLookup
 from specdec.trees import DEFAULT_VERIFY_COST, LinearCost, RunningRate, best_size
 from specdec.trees.sizing import DEFAULT_TOKEN_COST
 
@@ -95,6 +100,21 @@ def test_the_default_curve_is_linear_in_the_default_token_cost():
     assert DEFAULT_VERIFY_COST(0) == 1.0 and DEFAULT_VERIFY_COST(5) == pytest.approx(1 + 5 * DEFAULT_TOKEN_COST)
     with pytest.raises(ValueError, match="per_token"):
         LinearCost(-1.0)
+
+
+def test_drafters_always_get_a_curve(tmp_path, monkeypatch):
+    """No stored profile: the core hands over the default curve (drafters never see None)."""
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    assert Context(torch.tensor([1])).verify_cost is DEFAULT_VERIFY_COST
+    seen = []
+
+    class Spy(PromptLookup):
+        def propose(self, ctx):
+            seen.append(ctx.verify_cost)
+            return super().propose(ctx)
+
+    specdec.generate(tiny_model(), random_prompt(8, 16), Spy(min_ngram=1), max_new_tokens=4, guard=None)
+    assert seen and all(c is DEFAULT_VERIFY_COST for c in seen)
 
 
 # ---- RunningRate --------------------------------------------------------------------------------
