@@ -1,6 +1,9 @@
-"""The one sizing rule, the one default cost curve and the one running rate (`specdec.trees.sizing`)."""
+"""The one sizing rule, the one default cost curve and the one running rate (`specdec.trees.sizing`):
+their parameters, and a scan of specdec/ that no module defines its own copy again."""
 
+import ast
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +16,9 @@ from specdec.drafter import Context
 from specdec.drafters import PromptLookup
 from specdec.trees import DEFAULT_VERIFY_COST, LinearCost, RunningRate, best_size
 from specdec.trees.sizing import DEFAULT_TOKEN_COST
+
+ROOT = Path(__file__).resolve().parents[1] / "specdec"
+SIZING = ROOT / "trees" / "sizing.py"
 
 
 # ---- best_size ---------------------------------------------------------------------------------
@@ -138,3 +144,115 @@ def test_running_rate_decays_old_evidence_and_relaxes_to_its_prior():
 def test_running_rate_refuses_bad_priors_and_decays(args):
     with pytest.raises(ValueError, match="RunningRate"):
         RunningRate(*args)
+
+
+# ---- one definition each ------------------------------------------------------------------------
+def modules():
+    return [(p, ast.parse(p.read_text())) for p in sorted(ROOT.rglob("*.py"))]
+
+
+def names_in(node) -> set[str]:
+    found = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.Name):
+            found.add(n.id)
+        elif isinstance(n, ast.Attribute):
+            found.add(n.attr)
+        elif isinstance(n, (ast.arg, ast.keyword)) and n.arg:
+            found.add(n.arg)
+    return {name.lower() for name in found}
+
+
+def where(path: Path, node) -> str:
+    return f"{path.relative_to(ROOT.parent)}:{node.lineno}"
+
+
+def test_each_idea_is_defined_once():
+    defined: dict[str, list[str]] = {}
+    for path, tree in modules():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                defined.setdefault(node.name, []).append(where(path, node))
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            for t in targets:
+                if isinstance(t, ast.Name) and "TOKEN_COST" in t.id:  # a constant, not a token_cost= option
+                    defined.setdefault("*TOKEN_COST", []).append(where(path, node))
+    for name in ("best_size", "RunningRate", "LinearCost", "*TOKEN_COST"):
+        places = defined.get(name, [])
+        assert len(places) == 1 and places[0].startswith("specdec/trees/sizing.py"), (name, places)
+    assert "_cost" not in defined, f"a drafter-level cost fallback is back: {defined['_cost']}"
+
+
+def is_decay(node) -> bool:
+    return isinstance(node, (ast.Name, ast.Attribute)) and "decay" in (getattr(node, "id", None) or node.attr).lower()
+
+
+def copies_in(tree: ast.AST) -> list[tuple[str, int]]:
+    """Markers of a copy of sizing.py's ideas: a division by a call to a cost or verify curve in a
+    loop, comprehension or lambda (the sizing loop), the default token cost as a number next to a
+    cost name, a test of verify_cost for None or ``verify_cost or (lambda ...)`` (a drafter's own
+    fallback), and a product with a decay factor or a plain alias of one (a hand-rolled running
+    rate)."""
+    found = set()
+    for scope in ast.walk(tree):
+        if isinstance(scope, (ast.For, ast.While, ast.ListComp, ast.GeneratorExp, ast.SetComp, ast.Lambda)):
+            for node in ast.walk(scope):
+                if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+                    calls = [c for c in ast.walk(node.right) if isinstance(c, ast.Call)]
+                    if any("cost" in name or "verify" in name for c in calls for name in names_in(c.func)):
+                        found.add(("sizing rule", node.lineno))
+    aliases = set()  # names bound to a decay factor itself (d = self._DECAY; d, old = self.decay, ...)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                pairs = zip(target.elts, node.value.elts) if isinstance(target, ast.Tuple) and isinstance(
+                    node.value, ast.Tuple) else [(target, node.value)]
+                aliases |= {t.id for t, v in pairs if isinstance(t, ast.Name) and is_decay(v)}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.stmt) and not hasattr(node, "body")) or isinstance(node, ast.arguments):
+            numbers = {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and type(n.value) is float}
+            if DEFAULT_TOKEN_COST in numbers and any("cost" in name for name in names_in(node)):
+                found.add(("default token cost", getattr(node, "lineno", 0)))
+        if isinstance(node, ast.Compare) and "verify_cost" in names_in(node.left) and any(
+            isinstance(c, ast.Constant) and c.value is None for c in node.comparators
+        ):
+            found.add(("cost fallback", node.lineno))
+        if isinstance(node, ast.BoolOp) and isinstance(node.op, ast.Or) and any(
+            "verify_cost" in names_in(v) for v in node.values
+        ) and any(isinstance(v, ast.Lambda) for v in node.values):
+            found.add(("cost fallback", node.lineno))
+        if isinstance(node, (ast.BinOp, ast.AugAssign)) and isinstance(node.op, ast.Mult):
+            operands = [node.target, node.value] if isinstance(node, ast.AugAssign) else [node.left, node.right]
+            if any(is_decay(o) or (isinstance(o, ast.Name) and o.id in aliases) for o in operands):
+                found.add(("running rate", node.lineno))
+    return sorted(found, key=lambda f: f[1])
+
+
+def test_no_module_repeats_the_rule_the_default_or_the_counter():
+    copies = []
+    for path, tree in modules():
+        # Token recycling's per-(depth, rank) count tables are not one rate: they keep their own decay.
+        allowed = {"running rate"} if path.name == "token_recycling.py" else set()
+        if path != SIZING:
+            copies += [(kind, f"{path.relative_to(ROOT.parent)}:{line}")
+                       for kind, line in copies_in(tree) if kind not in allowed]
+    assert not copies, copies
+
+
+@pytest.mark.parametrize("kind, source", [
+    ("sizing rule", "for n, a in enumerate(c, 1):\n    e += a\n    v = e / cost(n)\n"),
+    ("sizing rule", "n = max(range(len(e)), key=lambda i: (e[i] / verify_cost(i), -i))\n"),
+    ("sizing rule", "values = [(1 + float(b[n - 1])) / verify_cost(n) for n in range(1, len(b) + 1)]\n"),
+    ("sizing rule", "for d in range(1, m + 1):\n    best = max(best, e / (verify(d) + d * c))\n"),
+    ("cost fallback", "verify = verify_cost or (lambda d: 1.0 + VERIFY_TOKEN_COST * d)\n"),
+    ("default token cost", "class D:\n    DEFAULT_TOKEN_COST = 0.2\n"),
+    ("default token cost", "verify = verify_cost or (lambda d: 1.0 + 0.2 * d)\n"),
+    ("default token cost", "def calibrate(ids, token_cost=0.2):\n    pass\n"),
+    ("cost fallback", "if self.token_cost is None and ctx.verify_cost is not None:\n    pass\n"),
+    ("running rate", "old = [a * self._DECAY + x, b * self._DECAY + y]\n"),
+    ("running rate", "d = self.calibration_decay\nself._accepted = d * self._accepted + n\n"),
+    ("running rate", "d, old = self.decay, self.stats[j]\nself.stats[j] = [old[0] * d + a, old[1] * d]\n"),
+])
+def test_the_markers_catch_the_copies_they_replaced(kind, source):
+    """The scan above must be able to fail: each marker fires on a pattern it guards against."""
+    assert kind in {k for k, _ in copies_in(ast.parse(source))}
