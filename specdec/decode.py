@@ -34,7 +34,7 @@ from specdec.guard import Guard
 from specdec.models import cache_dir
 from specdec.packing import packable
 from specdec.sampling import sampling_processors
-from specdec.trees import TokenTree
+from specdec.trees import DEFAULT_VERIFY_COST, TokenTree
 from specdec.verifier import Verifier
 
 
@@ -261,12 +261,12 @@ def _processed(logits: Tensor, ids: Tensor, tree: TokenTree, logits_processor) -
 DEFAULT_PACKED_FROM = 4
 
 
-def verify_cost(model, packed_from: int | None) -> Callable[[int], float] | None:
+def verify_cost(model, packed_from: int | None) -> Callable[[int], float]:
     """`Context.verify_cost` from this model's curve on this machine and device (`profile.for_model`:
-    stored, or off the CPU measured on first use; None if unmeasured)."""
+    stored, or off the CPU measured on first use; unmeasured: the default curve)."""
     prof = profile.for_model(model, cache_dir())
     if prof is None:
-        return None
+        return DEFAULT_VERIFY_COST
     seconds = prof.forward_cost(packed_from)
     one = seconds(1)
     return lambda n: seconds(n + 1) / one

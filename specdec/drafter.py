@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
-from specdec.trees import TokenTree
+from specdec.trees import DEFAULT_VERIFY_COST, TokenTree
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,10 @@ class Context:
     hidden_states: Tensor | None = None  # [m, hidden]
     max_depth: int | None = None  # deeper nodes cannot be used (remaining token budget)
     # Time of the target forward that verifies n draft nodes (n + 1 tokens with the root),
-    # relative to a forward over the root alone, from the stored `specdec profile` curve on this
-    # machine; non-decreasing in n. None where no curve was measured. Drafters size trees with it.
-    verify_cost: Callable[[int], float] | None = None
+    # relative to a forward over the root alone (so verify_cost(0) = 1), non-decreasing in n: the
+    # stored `specdec profile` curve on this machine, else the default linear curve. Drafters size
+    # trees with it (`specdec.trees.sizing`).
+    verify_cost: Callable[[int], float] = DEFAULT_VERIFY_COST
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,16 @@ def llama():
     return tiny_model("llama")
 
 
+@pytest.fixture
+def free_verify(monkeypatch):
+    """A stored cost curve that prices verification as free (flat to 64 nodes), so drafters that
+    size their trees by `Context.verify_cost` keep every node they propose."""
+    from specdec import profile
+
+    flat = profile.Profile(profile.CostCurve("any", "stock", (1, 64), (1.0, 1.0), 300, 1, "test"), None)
+    monkeypatch.setattr(profile, "stored", lambda model, cache_dir: flat)
+
+
 def run(model, prompt: torch.Tensor, drafter, max_new: int, **kwargs):
     """Greedy `specdec.generate` with no EOS and, unless `guard` is given, no guard (so every step
     drafts): (output [1, t + max_new], its `GenerationStats`)."""

@@ -15,9 +15,10 @@ from specdec.acceptance import Speculative
 from specdec.drafter import Context, Feedback
 from specdec.drafters import DraftModel, PromptLookup
 from specdec.drafters.compose import Fallback, Merge
-from specdec.trees import TokenTree, merge
+from specdec.trees import LinearCost, TokenTree, merge
 
 DEPTH = 4
+FREE = LinearCost(0.0)  # verification priced as free: a Merge keeps every node
 
 
 def paths(tree: TokenTree) -> list[tuple[int, ...]]:
@@ -234,7 +235,7 @@ def test_merge_feedback_is_each_drafters_own_kept_subtree():
     assert m.feedback_topk == 3 and not m.needs_hidden_states
     m.begin(None)
     assert (a.begun, b.begun, c.begun, d.begun) == (1, 1, 1, 1)
-    merged = m.propose(Context(torch.tensor([1, 2, 3])))
+    merged = m.propose(Context(torch.tensor([1, 2, 3]), verify_cost=FREE))
     # merged scores: (5) .9, (5 6) .8, (5 6 7) .125, (5 8) .25, (5 6 9) .7, (3) .05, (70) .01
     assert paths(merged) == [(5,), (5, 6), (5, 8), (5, 6, 9)]
     assert merged.draft_probs is None
@@ -253,14 +254,15 @@ def test_merge_feedback_is_each_drafters_own_kept_subtree():
     for f in (fa, fb, fc, fd):
         assert torch.equal(f.new_tokens, new)
     # a: 2 accepted, its path ends without a child there (2 trials); b: 3 of 3; c, d: no evidence
-    assert m.stats[0] == pytest.approx([0.95 + 2, 1.9 + 2]) and m.stats[1] == pytest.approx([0.95 + 3, 1.9 + 3])
+    assert (m.stats[0].hits, m.stats[0].trials) == pytest.approx((0.95 + 2, 1.9 + 2))
+    assert (m.stats[1].hits, m.stats[1].trials) == pytest.approx((0.95 + 3, 1.9 + 3))
     assert m.acceptance(2) == m.acceptance(3) == 0.5
 
 
 def test_merge_maps_duplicate_siblings_to_one_path():
     a = Recorder(lambda ctx: tree([4, 4, 6], [-1, -1, 1]))  # the path (4, 6) goes through the second 4
     m = Merge([a])
-    merged = m.propose(Context(torch.tensor([1])))
+    merged = m.propose(Context(torch.tensor([1]), verify_cost=FREE))
     assert paths(merged) == [(4,), (4, 6)]
     m.update(Feedback(merged, [0, 1], torch.tensor([4, 6, 0])))
     fb = a.records[0][1]
@@ -270,16 +272,16 @@ def test_merge_maps_duplicate_siblings_to_one_path():
 def test_merge_counts_a_failed_level_once():
     a = Recorder(lambda ctx: tree([5, 6, 7], [-1, 0, 0]))  # two children under 5: one level of trials
     m = Merge([a])
-    merged = m.propose(Context(torch.tensor([1])))
+    merged = m.propose(Context(torch.tensor([1]), verify_cost=FREE))
     m.update(Feedback(merged, [0], torch.tensor([5, 9])))
-    assert m.stats[0] == pytest.approx([0.95 + 1, 1.9 + 2])
+    assert (m.stats[0].hits, m.stats[0].trials) == pytest.approx((0.95 + 1, 1.9 + 2))
 
 
 def test_merge_dropped_drafter_drifts_back_to_the_prior():
     a = Recorder(lambda ctx: tree([5], [-1], scores=[1.0]))
     b = Recorder(lambda ctx: tree([6], [-1]))
     m = Merge([a, b], budget=1)
-    m.stats[1] = [0.1, 2.0]
+    m.stats[1].hits = 0.1
     rates = []
     for _ in range(30):
         merged = m.propose(Context(torch.tensor([1])))
@@ -304,8 +306,19 @@ def test_merge_without_its_proposal_passes_committed_tokens_only():
 
 def test_merge_respects_max_depth_for_parts_that_do_not():
     deep = Recorder(lambda ctx: TokenTree.chain(torch.arange(6)))
-    merged = Merge([deep]).propose(Context(torch.tensor([1]), max_depth=2))
+    merged = Merge([deep]).propose(Context(torch.tensor([1]), max_depth=2, verify_cost=FREE))
     assert paths(merged) == [(0,), (0, 1)]
+
+
+def test_merge_sizes_the_union_by_the_verify_cost():
+    """The union is cut to the n >= 1 best nodes that pay for their verify time."""
+    a = Recorder(lambda ctx: tree([5, 6, 7], [-1, 0, 1], scores=[0.9, 0.6, 0.2]))
+    b = Recorder(lambda ctx: tree([8], [-1], scores=[0.1]))
+    propose = lambda cost: paths(Merge([a, b]).propose(Context(torch.tensor([1]), verify_cost=cost)))  # noqa: E731
+    assert propose(FREE) == [(5,), (5, 6), (5, 6, 7), (8,)]
+    # 1 + 0.3 n: 0.9 and 0.6 pay for it, 0.2 and 0.1 do not
+    assert propose(LinearCost(0.3)) == [(5,), (5, 6)]
+    assert propose(LinearCost(100.0)) == [(5,)]  # never nothing: the parts already chose to draft
 
 
 def test_merge_drops_draft_probs_and_validates():
@@ -345,7 +358,7 @@ def test_merged_one_hot_proposals_sample_exactly_p():
     assert bool(((counts / n - p).abs() < 4 * sigma + 1e-3).all()), (counts / n, p)
 
 
-def test_merge_learns_to_prefer_the_oracle_under_a_small_budget():
+def test_merge_learns_to_prefer_the_oracle_under_a_small_budget(free_verify):
     model = tiny_model()
     prompt = random_prompt(5, 7)
     ref = reference(model, prompt, 30 + DEPTH)
@@ -363,7 +376,7 @@ def test_merge_learns_to_prefer_the_oracle_under_a_small_budget():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen"])
 @pytest.mark.parametrize("budget", [None, 3])
-def test_merge_of_scripted_drafters_is_exact(arch, budget):
+def test_merge_of_scripted_drafters_is_exact(arch, budget, free_verify):
     model = tiny_model(arch)
     prompt = random_prompt(3, 7)
     ref = reference(model, prompt, 30 + DEPTH)

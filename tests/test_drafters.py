@@ -4,15 +4,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_prompt, tiny_model
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from transformers import DynamicCache
 
 import specdec
 from specdec import kv
 from specdec.drafter import Context, Feedback
 from specdec.drafters import DraftModel, PromptLookup
-from specdec.drafters.prompt_lookup import best_length
 from specdec.trees import TokenTree
 
 
@@ -30,19 +27,6 @@ def test_prompt_lookup_tree_is_a_trie_of_matches():
     paths = {tuple(tree.tokens[tree.path_to(i)].tolist()) for i in range(len(tree)) if not tree.children(i)}
     assert paths == {(3, 8, 2), (3, 9, 1), (5, 1, 2)}  # the two "3 ..." matches share their first node
     assert len(tree) == 8
-
-
-@settings(max_examples=40, deadline=None)
-@given(st.floats(0, 1), st.integers(1, 12), st.floats(0, 1))
-def test_best_length(a, max_len, per_token):
-    cost = lambda length: 1.0 + per_token * length  # noqa: E731
-    length = best_length(a, max_len, cost)
-    assert 0 <= length <= max_len
-    if per_token == 0 and a > 1e-3:
-        assert length == max_len  # free tokens: draft all
-    if a == 0 and per_token > 0:
-        assert length == 0  # hopeless drafts: skip
-    assert best_length(min(1.0, a + 0.2), max_len, cost) >= length  # better odds never draft less
 
 
 def test_prompt_lookup_drafts_by_the_measured_curve():

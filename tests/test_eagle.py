@@ -21,7 +21,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import specdec
 from specdec.drafter import Context, Feedback
-from specdec.trees import TokenTree
+from specdec.trees import LinearCost, TokenTree
 from specdec.drafters.checkpoint import CheckpointError
 from specdec.drafters.eagle import Eagle, EagleHead, FrozenTarget
 from specdec.models import load_model
@@ -30,6 +30,15 @@ from specdec.training.data import (Batch, collate, frequent_answer_tokens, load_
                                    target_states)
 from specdec.training.eagle import EagleArguments, EagleRecipe, unroll_mask
 from specdec.training.train import TrainArguments, train
+
+
+FREE = LinearCost(0.0)  # verification priced as free: Eagle keeps the whole grown tree
+
+
+@pytest.fixture(autouse=True)
+def _free_verification(free_verify):
+    """These tests check the head, its cache and its tree, not the size rule, which
+    `test_tree_scores_and_sizing` checks with explicit curves."""
 
 
 def random_head(model, seed: int) -> EagleHead:
@@ -171,22 +180,22 @@ def test_propose_from_context_alone():
     hidden = states_of(model, ids[None])[:-1]  # [8, H]: ids[:-1], as after the prefill
     drafter = Eagle(model, random_head(model, 0), depth=3, topk=2, min_gain=0)
     drafter.begin(model)
-    assert len(drafter.propose(Context(ids, None))) == 0  # nothing cached, no features
-    first = drafter.propose(Context(ids, hidden))
-    again = drafter.propose(Context(ids, None))  # the root's pair is cached: fed again for its output
+    assert len(drafter.propose(Context(ids, None, verify_cost=FREE))) == 0  # nothing cached, no features
+    first = drafter.propose(Context(ids, hidden, verify_cost=FREE))
+    again = drafter.propose(Context(ids, None, verify_cost=FREE))  # the root's pair is cached: fed again for its output
     assert len(first) > 0 and torch.equal(first.tokens, again.tokens) and torch.equal(first.parents, again.parents)
     assert torch.allclose(first.scores, again.scores)
-    assert len(drafter.propose(Context(ids, hidden[-1:]))) == len(first)  # only the newest row
+    assert len(drafter.propose(Context(ids, hidden[-1:], verify_cost=FREE))) == len(first)  # only the newest row
     fresh = Eagle(model, drafter.head, depth=3, topk=2, min_gain=0)
-    gap = fresh.propose(Context(ids, hidden[-2:]))  # an earlier gap: drafts from the rows it has
+    gap = fresh.propose(Context(ids, hidden[-2:], verify_cost=FREE))  # an earlier gap: drafts from the rows it has
     assert len(gap) > 0 and fresh._pos.tolist() == [6, 7]
     other = torch.cat([ids[:4], (ids[4:] + 1) % 90])  # diverges at 4: pairs from position 3 on are stale
-    fresh.propose(Context(ids, hidden))
-    fresh.propose(Context(other, None))
+    fresh.propose(Context(ids, hidden, verify_cost=FREE))
+    fresh.propose(Context(other, None, verify_cost=FREE))
     assert fresh._pos.tolist() == [0, 1, 2]
-    assert len(drafter.propose(Context(ids[:1], None))) == 0
-    assert len(drafter.propose(Context(ids, hidden, max_depth=0))) == 0
-    shallow = drafter.propose(Context(ids, hidden, max_depth=1))
+    assert len(drafter.propose(Context(ids[:1], None, verify_cost=FREE))) == 0
+    assert len(drafter.propose(Context(ids, hidden, max_depth=0, verify_cost=FREE))) == 0
+    shallow = drafter.propose(Context(ids, hidden, max_depth=1, verify_cost=FREE))
     assert int(shallow.depths().max()) == 1
 
 
@@ -196,7 +205,7 @@ def test_tree_scores_and_sizing():
     hidden = states_of(model, ids[None])[:-1]
     drafter = Eagle(model, random_head(model, 0), depth=4, topk=4, budget=12, min_gain=0)
     drafter.begin(model)
-    tree = drafter.propose(Context(ids, hidden))
+    tree = drafter.propose(Context(ids, hidden, verify_cost=FREE))
     assert len(tree) == 12 and tree.draft_probs is None
     scores = tree.scores
     assert bool(((scores > 0) & (scores <= 1)).all())
@@ -225,21 +234,21 @@ def test_min_gain_stops_growth_by_calibrated_chance():
     hidden = states_of(model, ids[None])[:-1]
     full = Eagle(model, random_head(model, 0), depth=4, topk=4, budget=None, min_gain=0)
     full.begin(model)
-    tree = full.propose(Context(ids, hidden))
+    tree = full.propose(Context(ids, hidden, verify_cost=FREE))
     depths, scores = tree.depths(), tree.scores
     best = [float(scores[depths == d].max()) for d in range(int(depths.min()), int(depths.max()) + 1)]
     assert best == sorted(best, reverse=True) and len(best) == 4
     bar = (best[1] + best[2]) / 2  # above the third level's best node, below the second's
     cut = Eagle(model, full.head, depth=4, topk=4, budget=None, min_gain=bar)
     cut.begin(model)
-    shallow = cut.propose(Context(ids, hidden))
+    shallow = cut.propose(Context(ids, hidden, verify_cost=FREE))
     keep = [i for i in range(len(tree)) if int(depths[i]) <= int(depths.min()) + 2]
     assert shallow.tokens.tolist() == tree.subtree(keep).tokens.tolist()  # three levels, no fourth step
     chain = TokenTree(torch.zeros(4, dtype=torch.long), torch.arange(-1, 3), scores=torch.full((4,), 1e-9, dtype=torch.float64))
     for _ in range(100):  # unlikely proposals fully accepted: the ratio rises, the bar on q falls
         cut.update(Feedback(chain, [0, 1, 2, 3], torch.zeros(5, dtype=torch.long)))
     assert cut.acceptance_ratio * best[3] > bar
-    assert len(cut.propose(Context(ids, hidden))) == len(tree)
+    assert len(cut.propose(Context(ids, hidden, verify_cost=FREE))) == len(tree)
 
 
 def test_min_gain_with_nothing_accepted_lately_drafts_one_level():
@@ -254,7 +263,8 @@ def test_min_gain_with_nothing_accepted_lately_drafts_one_level():
         for _ in range(200):  # every proposal rejected: the accepted sum underflows to 0
             drafter.update(Feedback(chain, [], torch.zeros(1, dtype=torch.long)))
         assert drafter.acceptance_ratio == 0
-        tree = drafter.propose(Context(ids, hidden))
+        drafter.size = lambda tree, verify_cost: tree  # the grown tree (sizing at ratio 0 keeps one node)
+        tree = drafter.propose(Context(ids, hidden, verify_cost=FREE))
         assert int(tree.depths().max()) == (4 if min_gain == 0 else 1) + int(tree.depths().min()) - 1
 
 
@@ -315,7 +325,7 @@ def test_training_unroll_computes_what_drafting_computes():
     head = random_head(model, 4)
     drafter = Eagle(model, head, depth=3, topk=1, min_gain=0)
     drafter.begin(model)
-    tree = drafter.propose(Context(ids, states_of(model, ids[None])[:-1]))
+    tree = drafter.propose(Context(ids, states_of(model, ids[None])[:-1], verify_cost=FREE))
     assert tree.is_chain and len(tree) == 3
     seq = torch.cat([ids, tree.tokens[:2]])[None]  # the chain's tokens as the continuation
     batch = Batch(seq, torch.ones_like(seq), torch.ones_like(seq).bool())

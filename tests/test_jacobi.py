@@ -7,7 +7,7 @@ from conftest import random_prompt, reference, tiny_model
 import specdec
 from specdec.drafter import Context, Feedback
 from specdec.drafters.jacobi import Jacobi
-from specdec.trees import TokenTree
+from specdec.trees import LinearCost, TokenTree
 
 
 def paths(tree: TokenTree) -> set[tuple[int, ...]]:
@@ -57,7 +57,7 @@ def test_committed_text_fills_the_pool_once():
 def test_tree_is_pool_trie_plus_lookahead_chain():
     d = Jacobi(window=3, ngram=3, max_candidates=3)
     ids = torch.tensor([4, 5, 6, 4, 5, 7, 4, 8, 9, 4])  # after 4: (5, 6), (5, 7), (8, 9)
-    tree = d.propose(Context(ids))
+    tree = d.propose(Context(ids, verify_cost=LinearCost(0.0)))  # free verification: every candidate goes
     chain = d.guess.tokens.tolist()
     assert d.guess.start == ids.numel() and len(chain) == 3 and not d.guess.predicted.any()
     assert set(chain) <= set(ids.tolist())  # guesses start as context tokens
@@ -133,8 +133,9 @@ def test_verify_cost_sizes_the_pool_part():
     ids = torch.tensor([4, 5, 6, 4, 5, 7, 4, 8, 9, 4])
     flat = Jacobi(window=2, ngram=3, max_candidates=3).propose(Context(ids, verify_cost=lambda n: 1.0))
     steep = Jacobi(window=2, ngram=3, max_candidates=3).propose(Context(ids, verify_cost=lambda n: 1.0 + 5.0 * n))
-    unmeasured = Jacobi(window=2, ngram=3, max_candidates=3).propose(Context(ids))
-    assert len(flat) == len(unmeasured) > len(steep) >= 2  # the chain always goes
+    default = Jacobi(window=2, ngram=3, max_candidates=3).propose(Context(ids))  # the core's default curve
+    assert len(flat) == 6 and len(flat) >= len(default) >= len(steep) >= 2  # the chain always goes
+    assert len(flat) > len(steep)
 
 
 def test_arguments_are_validated():

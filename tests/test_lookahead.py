@@ -122,8 +122,8 @@ def test_the_cost_curve_sizes_the_tree():
     make = lambda: Lookahead(branch_length=8, max_prefix=3, budget=16)  # noqa: E731
     flat = make().propose(Context(ids, verify_cost=lambda n: 1.0))
     steep = make().propose(Context(ids, verify_cost=lambda n: 1.0 + 3.0 * n))
-    # No curve: 1 + 0.2 n buys the 3/7 spine "4 9 1 2 3"; below it "4" follows 2 of 3 times
-    # (chance 2/7), which no longer pays at 0.2 per node once 5 nodes of 3/7 are in.
+    # The default curve, 1 + 0.2 n, buys the 3/7 spine "4 9 1 2 3"; below it "4" follows 2 of 3
+    # times (chance 2/7), which no longer pays at 0.2 per node once 5 nodes of 3/7 are in.
     default = make().propose(Context(ids))
     assert len(flat) == 16 and len(steep) == 0
     assert default.tokens.tolist() == [4, 9, 1, 2, 3] and default.is_chain

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from specdec.drafter import Context, Drafter, Feedback
-from specdec.trees import TokenTree, merge
+from specdec.trees import RunningRate, TokenTree, best_size, merge
 
 
 def _check_drafter(obj, who: str) -> None:
@@ -50,14 +50,6 @@ def _committed_only(feedback: Feedback, k: int) -> Feedback:
     return Feedback(TokenTree.empty(), [], feedback.new_tokens, _rows(feedback.target_topk, [0], k))
 
 
-def _best_size(scores: Tensor, verify_cost) -> int:
-    """n in [1, len] maximising (1 + sum of the n best scores) / verify_cost(n); the n best are
-    ancestor-closed because merged scores never rise from parent to child."""
-    best = scores.sort(descending=True, stable=True).values.cumsum(0)  # [n]
-    values = [(1 + float(best[n - 1])) / verify_cost(n) for n in range(1, best.numel() + 1)]
-    return 1 + max(range(len(values)), key=values.__getitem__)
-
-
 class Merge:
     """Every drafter proposes from the same context; their trees merge into one trie
     (`specdec.trees.merge`), cut to the `budget` best nodes (None: keep every node).
@@ -68,10 +60,10 @@ class Merge:
     path to its parent was. A drafter whose proposal the budget dropped entirely has its rate
     drift back toward the prior, so it is re-tried once the others look no better than 0.5.
     Size: each part sizes its own tree for itself, but their union costs more to verify than
-    either, so with ``budget=None`` and a measured cost curve (``ctx.verify_cost``) the merged
-    tree is cut to the n best nodes that maximise expected tokens per unit of verify time,
-    ``(1 + sum of the n best scores) / verify_cost(n)`` (the same rule the parts use); an int
-    `budget` caps it further. Without a curve (and budget None) every node is kept.
+    either, so the merged tree is cut to the n >= 1 best nodes that maximise expected tokens per
+    unit of verify time, ``(1 + sum of the n best scores) / ctx.verify_cost(n)`` (the rule the
+    parts use, `specdec.trees.sizing`; the n best are ancestor-closed because merged scores never
+    rise from parent to child); an int `budget` caps it further.
 
     The merged tree carries no `draft_probs` (a path may come from several drafters, each with
     its own q). That stays lossless under `specdec.Speculative`: with draft_probs None every
@@ -109,7 +101,7 @@ class Merge:
         self.drafters = drafters
         self.budget = budget
         self.decay = decay
-        self.stats = [list(self._PRIOR) for _ in drafters]  # per drafter: decayed [accepted, trials]
+        self.stats = [RunningRate(*self._PRIOR, decay) for _ in drafters]  # per drafter: accepted per trial
         self._last: tuple[list[TokenTree], list[Tensor], TokenTree] | None = None
 
     # Read live (not copied at construction): a part may settle these in its own begin().
@@ -123,8 +115,7 @@ class Merge:
 
     def acceptance(self, j: int) -> float:
         """Drafter j's running per-token acceptance rate (ranks its nodes when it gives no scores)."""
-        accepted, trials = self.stats[j]
-        return accepted / trials
+        return self.stats[j].rate
 
     def begin(self, target) -> None:
         for d in self.drafters:
@@ -143,8 +134,9 @@ class Merge:
             for j, t in enumerate(trees)
         ]
         merged, index = merge(trees, scores, self.budget)
-        if ctx.verify_cost is not None and len(merged) > 1:
-            size = _best_size(merged.scores, ctx.verify_cost)
+        if len(merged) > 1:
+            best = merged.scores.sort(descending=True, stable=True).values.tolist()
+            size = best_size(best, ctx.verify_cost, min_size=1).n
             if size < len(merged):
                 merged, index = merge(trees, scores, size)
         self._last = (trees, index, merged)
@@ -177,16 +169,15 @@ class Merge:
             self._learn(j, len(tree), own, accepted)
 
     def _learn(self, j: int, proposed: int, own: TokenTree, accepted: list[int]) -> None:
-        d, old = self.decay, self.stats[j]
         if not len(own):
             if proposed:  # dropped by the budget: no evidence, drift back so it is re-tried
-                self.stats[j] = [old[0] * d + self._PRIOR[0] * (1 - d), old[1] * d + self._PRIOR[1] * (1 - d)]
+                self.stats[j].relax()
             return
         # One trial per level it offered a child at along the accepted path; a level where none
         # of its children was accepted ends its path.
         tip = accepted[-1] if accepted else -1
         trials = len(accepted) + (1 if own.children(tip) else 0)
-        self.stats[j] = [old[0] * d + len(accepted), old[1] * d + trials]
+        self.stats[j].add(len(accepted), trials)
 
     def __repr__(self) -> str:
         return f"Merge({self.drafters!r}, budget={self.budget})"

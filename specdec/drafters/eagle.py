@@ -33,10 +33,10 @@ Tree nodes enter the cache during growth and leave it afterwards.
 
 Tree. `specdec.trees.expand` grows an EAGLE-2 dynamic tree: every level feeds the frontier
 through the head in one forward with a tree mask; nodes are ranked by cumulative draft
-probability (the tree's `scores`). With the target's verify-cost curve (`ctx.verify_cost`) the
-grown tree is cut to the size that maximises expected tokens per unit of verify time: node i's
-chance of acceptance is its score times a running calibration (accepted drafts / summed scores
-of proposed trees, from `update`), and n nodes cost ``verify_cost(n)``.
+probability (the tree's `scores`). The grown tree is cut to the size that maximises expected
+tokens per unit of verify time (`specdec.trees.sizing`): node i's chance of acceptance is its
+score times a running calibration (accepted drafts / summed scores of proposed trees, from
+`update`), at most 1, and n nodes cost ``ctx.verify_cost(n)``.
 
 Draft vocabulary (EAGLE-3's). On a small target the lm_head is most of a draft's cost: a
 width-8, depth-6 tree puts 41 rows through SmolLM2's 49k x 576 lm_head, about nine target
@@ -70,7 +70,7 @@ from specdec.drafter import Context, Feedback
 from specdec.drafters import checkpoint
 from specdec.drafters.layer_view import causal_mask
 from specdec.drafters.vocab import DraftVocab, PackedDraft, rows, stored, stripped
-from specdec.trees import TokenTree, expand, tree_mask
+from specdec.trees import RunningRate, TokenTree, best_size, expand, tree_mask
 
 KIND = "eagle"
 def _decoder_parts(model) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -254,9 +254,9 @@ class Eagle:
         self.packed_from = packed_from
         self._route = PackedDraft(head, self._vocab, resolve_packed_from(model, packed_from))
         self._reset()
-        # Decayed sums of accepted drafts and of the proposed trees' scores; the prior (1, 1)
-        # trusts the draft probabilities until feedback says otherwise.
-        self._accepted, self._expected = 1.0, 1.0
+        # Accepted drafts per unit of the proposed trees' summed scores; the prior (1, 1) trusts
+        # the draft probabilities until feedback says otherwise.
+        self._calibration = RunningRate(1.0, 1.0, calibration_decay)
 
     @property
     def draft_vocab(self) -> Tensor | None:
@@ -326,7 +326,7 @@ class Eagle:
     @property
     def acceptance_ratio(self) -> float:
         """Accepted drafts per unit of summed draft score, over recent steps."""
-        return self._accepted / self._expected
+        return self._calibration.rate
 
     def _reconcile(self, ids: Tensor, hidden: Tensor | None) -> tuple[Tensor, Tensor] | None:
         """Drop stale pairs; return the (positions [n], features [n, H]) to feed now, ending with
@@ -408,7 +408,7 @@ class Eagle:
         tree = expand(step, depth=depth, topk=self.topk, width=self.width, budget=self.budget,
                       min_confidence=self.min_confidence, min_score=self._min_score(), vocab=self._vocab.tokens)
         kv.drop_last(self.cache, kv.length(self.cache) - real)  # tree nodes carry guessed features
-        if ctx.verify_cost is not None and len(tree) > 1:
+        if len(tree) > 1:
             tree = self.size(tree, ctx.verify_cost)
         return tree
 
@@ -425,18 +425,11 @@ class Eagle:
         scores = tree.scores.tolist()
         order = sorted(range(len(tree)), key=lambda i: (-scores[i], i))
         ratio = self.acceptance_ratio
-        gain, best, best_n = 1.0, -1.0, 1
-        for n, i in enumerate(order, 1):
-            gain += min(1.0, ratio * scores[i])
-            value = gain / verify_cost(n)
-            if value > best:
-                best, best_n = value, n
-        return tree if best_n == len(tree) else tree.subtree(order[:best_n])
+        n = best_size([min(1.0, ratio * scores[i]) for i in order], verify_cost, min_size=1).n
+        return tree if n == len(tree) else tree.subtree(order[:n])
 
     def update(self, feedback: Feedback) -> None:
         # The cache is reconciled lazily in propose; feedback calibrates the tree size.
         tree = feedback.tree
         if len(tree) and tree.scores is not None:
-            d = self.calibration_decay
-            self._accepted = d * self._accepted + len(feedback.accepted_nodes)
-            self._expected = d * self._expected + float(tree.scores.sum())
+            self._calibration.add(len(feedback.accepted_nodes), float(tree.scores.sum()))

@@ -28,10 +28,11 @@ target's norm + lm_head on the layer-k state give the agreement `a` (share of wi
 where the exit picks the target's token), and the exit's cost `c` is its decoder-layer plus
 lm_head weights over the target's (a one-token forward on CPU is bound by reading weights). The
 exit with the best ``max_d (1 + a + ... + a^d) / (verify(d) + d * c)`` wins, verify(d) being
-`Context.verify_cost` or ``1 + 0.2 d`` without one. When even the best value is at most 1 (plain
-decoding), no exit is expected to pay and the drafter proposes nothing until `recalibrate()`;
-that is the usual verdict for a model never trained for early exit (SmolLM2-135M's exits agree
-with it on 0-7% of tokens up to two thirds of its depth), where a trained adapter is the way in.
+`Context.verify_cost` (`specdec.trees.sizing` with a draft cost). When even the best value is at
+most 1 (plain decoding), no exit is expected to pay and the drafter proposes nothing until
+`recalibrate()`; that is the usual verdict for a model never trained for early exit
+(SmolLM2-135M's exits agree with it on 0-7% of tokens up to two thirds of its depth), where a
+trained adapter is the way in.
 Cost: one full forward plus one lm_head pass per candidate over the window, once. A float
 `exit_layer` in (0, 1) skips calibration and exits after that fraction of the depth.
 
@@ -68,6 +69,7 @@ kind ``"early-exit"``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,7 +83,7 @@ from specdec.drafters import cached_drafting
 from specdec.drafters import checkpoint
 from specdec.drafters import layer_view
 from specdec.packing import PackedRoute
-from specdec.trees import TokenTree
+from specdec.trees import DEFAULT_VERIFY_COST, TokenTree
 
 KIND = "early-exit"
 
@@ -254,9 +256,9 @@ class EarlyExit:
             self._install(None)
 
     @torch.no_grad()
-    def calibrate(self, input_ids: Tensor, verify_cost=None) -> Calibration:
+    def calibrate(self, input_ids: Tensor, verify_cost: Callable[[int], float] = DEFAULT_VERIFY_COST) -> Calibration:
         """Choose and install the exit layer on the last `calibrate_tokens` of `input_ids` ([t]).
-        `verify_cost`: `Context.verify_cost` (None: ``1 + 0.2 n``)."""
+        `verify_cost`: `Context.verify_cost`."""
         if self.adapter is not None:
             raise ValueError("EarlyExit.calibrate: the adapter fixes the exit layer it was trained for")
         ids = input_ids.reshape(-1).long()[-self.calibrate_tokens :]  # [w]

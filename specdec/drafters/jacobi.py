@@ -33,10 +33,10 @@ the candidates through it; a chain node ``a_chain^depth``; a node on both the la
 match), so a `Merge` under a budget drops the lookahead chain first.
 
 Size: verifying n nodes costs ``ctx.verify_cost(n)`` target forwards. The chain is always sent
-(it is what iterates); pool nodes are added best score first while they raise the expected tokens
-per unit of verify time, ``(1 + sum of kept scores) / verify_cost(n)``. Without a measured curve
-every candidate is sent; the defaults (window 5, 4-grams, 5 candidates) keep the tree at most 20
-nodes.
+(it is what iterates); of the pool nodes, best score first, as many are added as maximise the
+expected tokens per unit of verify time, ``(1 + sum of kept scores) / verify_cost(n)``
+(`specdec.trees.sizing` with the chain as its fixed base). The defaults (window 5, 4-grams, 5
+candidates) keep the tree at most 20 nodes.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from specdec.drafter import Context, Feedback
-from specdec.trees import TokenTree
+from specdec.trees import RunningRate, TokenTree, best_size
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,9 @@ class Jacobi:
             raise ValueError(f"Jacobi: need max_candidates >= 0 and pool_size >= 1, got {max_candidates}, {pool_size}")
         self.window, self.ngram, self.max_candidates = window, ngram, max_candidates
         self.pool_size, self.seed = pool_size, seed
-        self.stats = {"pool": list(self._POOL_PRIOR), "chain": list(self._CHAIN_PRIOR)}  # decayed [accepted, trials]
+        self.stats = {  # accepted tokens per trial
+            "pool": RunningRate(*self._POOL_PRIOR, self._DECAY), "chain": RunningRate(*self._CHAIN_PRIOR, self._DECAY)
+        }
         self.begin(None)
 
     def begin(self, target) -> None:
@@ -168,8 +170,7 @@ class Jacobi:
 
     # ---- drafter protocol ---------------------------------------------------------------------
     def acceptance(self, which: str) -> float:
-        accepted, trials = self.stats[which]
-        return accepted / trials
+        return self.stats[which].rate
 
     def propose(self, ctx: Context) -> TokenTree:
         self._last = None
@@ -217,20 +218,15 @@ class Jacobi:
 
     def _sized(self, tree: TokenTree, on_chain: Tensor, ctx: Context) -> TokenTree:
         """Keep the chain and the pool nodes that pay for their verify time (see the module docstring)."""
-        if ctx.verify_cost is None or bool(on_chain.all()):
+        if bool(on_chain.all()):
             return tree
         extra = sorted((i for i in range(len(tree)) if not on_chain[i]), key=lambda i: (-float(tree.scores[i]), i))
         base = on_chain.nonzero().flatten().tolist()
-        gain = 1.0 + float(tree.scores[base].sum())
-        best, best_value = 0, gain / ctx.verify_cost(len(base))
-        for k, i in enumerate(extra, start=1):
-            gain += float(tree.scores[i])
-            value = gain / ctx.verify_cost(len(base) + k)
-            if value > best_value:
-                best, best_value = k, value
+        chances = [float(tree.scores[i]) for i in extra]
+        n = best_size(chances, ctx.verify_cost, base=float(tree.scores[base].sum()), fixed=len(base)).n
         # Scores never rise from parent to child and ties go to the lower index, so any prefix of
         # `extra` keeps every kept node's ancestors.
-        return tree.subtree(base + extra[:best])
+        return tree.subtree(base + extra[:n])
 
     def update(self, feedback: Feedback) -> None:
         candidates, self._last = self._last, None
@@ -270,5 +266,4 @@ class Jacobi:
         offered = any(path + (tokens[c],) in prefixes for c in tree.children(node))
         if not path and not offered:
             return  # this part had no node in the verified tree
-        old = self.stats[which]
-        self.stats[which] = [old[0] * self._DECAY + len(path), old[1] * self._DECAY + len(path) + offered]
+        self.stats[which].add(len(path), len(path) + offered)

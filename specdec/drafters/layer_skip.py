@@ -21,7 +21,7 @@ committed tokens (the prompt, on the first step):
    picks the target's token) and its cost `c` (its decoder-layer plus lm_head weights over the
    target's: a one-token forward on CPU is bound by reading weights) as the best expected speed of
    a chain of up to `draft_tokens`, ``max_d (1 + a + ... + a^d) / (verify(d) + d * c)``, where
-   verify(d) is `Context.verify_cost` (the measured curve) or ``1 + 0.2 d`` without one. This is
+   verify(d) is `Context.verify_cost` (`specdec.trees.sizing` with a draft cost). This is
    "skip as many layers as possible while agreement stays high" made one number.
 4. Half of `calibrate_trials` goes to skipping the k least influential layers for k evenly
    spaced up to ``max_skip_ratio`` of the middle layers; the rest to random swaps (one skipped
@@ -43,6 +43,7 @@ for the kept layers, at their original layer indices.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +55,7 @@ from specdec.drafter import Context, Feedback
 from specdec.drafters import cached_drafting
 from specdec.drafters import layer_view
 from specdec.packing import PackedRoute
-from specdec.trees import TokenTree
+from specdec.trees import DEFAULT_VERIFY_COST, TokenTree
 
 
 
@@ -155,9 +156,9 @@ class LayerSkip:
         self._install(None)
 
     @torch.no_grad()
-    def calibrate(self, input_ids: Tensor, verify_cost=None) -> Calibration:
+    def calibrate(self, input_ids: Tensor, verify_cost: Callable[[int], float] = DEFAULT_VERIFY_COST) -> Calibration:
         """Choose and install the skip set on the last `calibrate_tokens` of `input_ids` ([t]).
-        `verify_cost`: `Context.verify_cost` (None: ``1 + 0.2 n``)."""
+        `verify_cost`: `Context.verify_cost`."""
         ids = input_ids.reshape(-1).long()[-self.calibrate_tokens :]  # [w]
         w = ids.numel()
         if w < 2:

@@ -22,12 +22,14 @@ the queries are the last rows of a square mask and is wrong once past keys are p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from specdec import kv
+from specdec.trees import best_size
 
 
 def causal_mask(past: int, m: int, dtype: torch.dtype, device=None) -> Tensor:
@@ -181,18 +183,12 @@ def check_faithful(model, num_tokens: int = 6) -> None:
 
 # Calibration of self-drafting (LayerSkip, EarlyExit): the value of drafting with a view.
 MIN_WINDOW = 8  # fewer committed tokens say too little about the layers: wait for more
-VERIFY_TOKEN_COST = 0.2  # verify(d) = 1 + 0.2 d without a measured curve (stock fp32 linears here)
 
 
-def draft_value(agreement: float, draft_cost: float, max_depth: int, verify_cost=None) -> float:
+def draft_value(agreement: float, draft_cost: float, max_depth: int, verify_cost: Callable[[int], float]) -> float:
     """Expected tokens per unit of time (target forwards) of drafting a chain through a view,
-    best over depths 1..max_depth: ``max_d (1 + a + ... + a^d) / (verify(d) + d * draft_cost)``,
-    with `agreement` a the chance a draft token matches the target, `draft_cost` one draft
-    token's cost in target forwards and verify(d) `verify_cost` (the measured curve) or
-    ``1 + VERIFY_TOKEN_COST * d``. Below 1, plain decoding is faster."""
-    verify = verify_cost or (lambda d: 1.0 + VERIFY_TOKEN_COST * d)
-    expected, best = 1.0, 0.0
-    for d in range(1, max_depth + 1):
-        expected += agreement**d
-        best = max(best, expected / (verify(d) + d * draft_cost))
-    return best
+    best over depths 1..max_depth (`specdec.trees.best_size`): each draft token matches the target
+    with chance `agreement` given the previous one did, and costs `draft_cost` target forwards;
+    `verify_cost` is `Context.verify_cost`. Below 1, plain decoding is faster."""
+    chain = [agreement**d for d in range(1, max_depth + 1)]
+    return best_size(chain, verify_cost, min_size=1, draft_cost=draft_cost).value

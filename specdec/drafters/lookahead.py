@@ -13,11 +13,11 @@ At each step the longest suffix of the context (`max_prefix` down to `min_prefix
 node has continuations is matched, and the branches below it are taken best-first by relative
 frequency, ``count(child) / count(parent)`` multiplied along the path ("multiple branches with
 frequency-based pruning"), as one trie-shaped tree. How many nodes to draft is the expected-gain-
-per-cost rule of `specdec.trees.optimal_shape`: the chance that a node is accepted is its
-frequency score times a running calibration (accepted drafts / predicted, per match length,
-decayed), and the tree keeps the n best nodes that maximise ``(1 + sum of chances) / cost(n)``
-with cost the measured curve (`Context.verify_cost`, else ``1 + 0.2 n``). `TokenTree.scores`
-holds those chances. The tokens of a call's last step reach no later propose of that call; they
+per-cost rule of `specdec.trees.sizing`: the chance that a node is accepted is its frequency
+score times a running calibration (accepted drafts / predicted, per match length, decayed), at
+most 1, and the tree keeps the n best nodes that maximise ``(1 + sum of chances) / cost(n)``
+with cost `Context.verify_cost` (or ``1 + token_cost * n``). `TokenTree.scores` holds those
+chances. The tokens of a call's last step reach no later propose of that call; they
 are inserted when a later context holds them (the next turn of a chat).
 
 Memory: at most `max_trie_nodes` nodes, about 270 bytes each in CPython (a slotted object and
@@ -35,12 +35,12 @@ Boundary: model-free; reads only `Context`/`Feedback` and returns `specdec.trees
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from specdec.drafter import Context, Feedback
-from specdec.trees import TokenTree
+from specdec.trees import LinearCost, RunningRate, TokenTree, best_size
 
 
 def _vocab_size(model) -> int:
@@ -173,7 +173,6 @@ class TokenTrie:
 
 class Lookahead:
     needs_hidden_states = False
-    DEFAULT_TOKEN_COST = 0.2  # per draft node when no cost curve was measured (as PromptLookup)
     _DECAY = 0.95
     _PRIOR = (1.0, 1.0)  # [accepted, predicted]: calibration 1, weak
 
@@ -190,8 +189,8 @@ class Lookahead:
         """`branch_length`: the deepest draft node. `max_prefix`/`min_prefix`: the longest and
         shortest context suffix matched against the trie. `budget`: the most tree nodes.
         `max_trie_nodes`: the trie's node cap. `token_cost`: extra verify cost of one draft node
-        relative to a root-only forward; None uses the measured curve (`Context.verify_cost`),
-        else 0.2; 0 always drafts the full budget."""
+        relative to a root-only forward; None uses the core's curve (`Context.verify_cost`); 0
+        always drafts the full budget."""
         if branch_length < 1 or budget < 1:
             raise ValueError(f"Lookahead: branch_length and budget must be >= 1, got {branch_length}, {budget}")
         if not 1 <= min_prefix <= max_prefix:
@@ -201,7 +200,7 @@ class Lookahead:
         self.branch_length, self.max_prefix, self.min_prefix = branch_length, max_prefix, min_prefix
         self.budget, self.token_cost = budget, token_cost
         self.trie = TokenTrie(branch_length + max_prefix, max_trie_nodes)
-        self.stats: dict[int, list[float]] = {}  # match length -> decayed [accepted drafts, predicted]
+        self.stats: dict[int, RunningRate] = {}  # match length -> accepted drafts per predicted
         self._seen = torch.zeros(0, dtype=torch.long)  # [s] the committed tokens already inserted
         self._vocab: int | None = None
         self._last: tuple[int, float, int] | None = None  # (match length, raw predicted, nodes) of the last tree
@@ -226,15 +225,11 @@ class Lookahead:
         self.trie.insert(ids[common:].tolist(), ids[max(0, common - window + 1) : common].tolist())
         self._seen = ids.clone()
 
-    def calibration(self, m: int) -> float:
-        accepted, predicted = self.stats.get(m, self._PRIOR)
-        return accepted / predicted
+    def _rate(self, m: int) -> RunningRate:
+        return self.stats.setdefault(m, RunningRate(*self._PRIOR, self._DECAY))
 
-    def _cost(self, ctx: Context) -> Callable[[int], float]:
-        if self.token_cost is None and ctx.verify_cost is not None:
-            return ctx.verify_cost
-        per_node = self.DEFAULT_TOKEN_COST if self.token_cost is None else self.token_cost
-        return lambda n: 1.0 + per_node * n
+    def calibration(self, m: int) -> float:
+        return self._rate(m).rate
 
     def _match(self, ids: list[int]) -> tuple[int, _Node] | None:
         for m in range(min(self.max_prefix, len(ids)), self.min_prefix - 1, -1):
@@ -269,23 +264,15 @@ class Lookahead:
                 for ctok, child in node.children.items():
                     order += 1
                     heapq.heappush(heap, (neg * _ratio(child, node), order, ctok, child, me, depth + 1))
-        # Expected-gain-per-cost sizing (optimal_shape's rule on the frequency chances).
         c = self.calibration(m)
         chances = [min(1.0, c * s) for s in raw]
         if self.token_cost == 0:
             n = len(tokens)
         else:
-            cost = self._cost(ctx)
-            best, best_value, expected = 0, 1.0, 1.0
-            for i, a in enumerate(chances, start=1):
-                expected += a
-                if expected / cost(i) > best_value:
-                    best, best_value = i, expected / cost(i)
-            n = best
+            cost = ctx.verify_cost if self.token_cost is None else LinearCost(self.token_cost)
+            n = best_size(chances, cost).n
         if n == 0:  # not worth drafting now; drift back to the prior so it is re-probed later
-            accepted, predicted = self.stats.get(m, self._PRIOR)
-            d = self._DECAY
-            self.stats[m] = [accepted * d + self._PRIOR[0] * (1 - d), predicted * d + self._PRIOR[1] * (1 - d)]
+            self._rate(m).relax()
             return TokenTree.empty()
         self._last = (m, sum(raw[:n]), n)
         return TokenTree(
@@ -298,7 +285,5 @@ class Lookahead:
         if self._last is None or len(feedback.tree) != self._last[2]:
             return
         m, predicted, _ = self._last
-        old = self.stats.get(m, self._PRIOR)
-        d = self._DECAY
-        self.stats[m] = [old[0] * d + len(feedback.accepted_nodes), old[1] * d + predicted]
+        self._rate(m).add(len(feedback.accepted_nodes), predicted)
         self._last = None

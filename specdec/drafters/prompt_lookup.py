@@ -9,9 +9,9 @@ dearer (with stock fp32 linears on a 2-core CPU a forward over 8 new tokens cost
 token), and a match on a short n-gram is often wrong. For each n-gram size the drafter keeps a
 running estimate `a` of the chance that a copied token is accepted given the previous one was,
 and drafts the length L that maximises expected tokens per unit of verify time,
-``(1 + a + ... + a^L) / cost(L)``. cost(L) is the measured cost curve of this target on this
-machine (`Context.verify_cost`, from `specdec profile`), so where verifying 16 tokens costs what
-one does the drafter copies long; without a curve it is ``1 + token_cost * L``. With
+``(1 + a + ... + a^L) / cost(L)`` (`specdec.trees.sizing`). cost(L) is `Context.verify_cost`
+(this target's measured curve on this machine, so where verifying 16 tokens costs what one does
+the drafter copies long), or ``1 + token_cost * L`` when `token_cost` is set. With
 ``token_cost = 0`` it always drafts `num_tokens`, like HF's ``prompt_lookup_num_tokens``.
 """
 
@@ -24,19 +24,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from specdec.drafter import Context, Feedback
-from specdec.trees import TokenTree
-
-
-def best_length(a: float, max_len: int, cost: Callable[[int], float]) -> int:
-    """argmax over L in [0, max_len] of E[tokens | L] / cost(L), with geometric acceptance `a`
-    and cost(0) = 1 (a forward over the root alone)."""
-    best, best_value, expected = 0, 1.0, 1.0
-    for length in range(1, max_len + 1):
-        expected += a**length
-        value = expected / cost(length)
-        if value > best_value:
-            best, best_value = length, value
-    return best
+from specdec.trees import LinearCost, RunningRate, TokenTree, best_size
 
 
 @dataclass
@@ -47,15 +35,13 @@ class PromptLookup:
     num_matches: int = 1  # 1 = a chain; more = a tree of distinct continuations
     budget: int | None = None  # most tree nodes; None = num_tokens * num_matches
     # Extra verify cost of one more draft token, relative to a one-token forward. None: the
-    # measured curve (Context.verify_cost), else 0.2 (stock linears on the 2-core CPU here: ~0.07
-    # for SmolLM2-135M, ~0.3 for Qwen2.5-1.5B). A number overrides the curve; 0 disables the
-    # adaptive length.
+    # curve the core hands over (Context.verify_cost). A number overrides the curve; 0 disables
+    # the adaptive length.
     token_cost: float | None = None
-    # Per n-gram size: [accepted copies, trials], decayed so the estimate follows the text.
-    stats: dict[int, list[float]] = field(default_factory=dict, repr=False)
+    # Per n-gram size: accepted copies per trial, decayed so the estimate follows the text.
+    stats: dict[int, RunningRate] = field(default_factory=dict, repr=False)
 
     needs_hidden_states = False
-    DEFAULT_TOKEN_COST = 0.2
     _DECAY = 0.95
     _PRIOR = (1.0, 2.0)  # [accepted, trials]: a = 0.5, weak
 
@@ -64,6 +50,8 @@ class PromptLookup:
             raise ValueError(f"PromptLookup: need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, {self.max_ngram}")
         if self.num_tokens < 1 or self.num_matches < 1:
             raise ValueError("PromptLookup: num_tokens and num_matches must be >= 1")
+        if self.token_cost is not None and not self.token_cost >= 0:
+            raise ValueError(f"PromptLookup: token_cost must be >= 0 or None (the core's curve), got {self.token_cost}")
         self._last: tuple[int, int] | None = None  # (n-gram size, drafted depth) of the last proposal
 
     def begin(self, target) -> None:
@@ -86,23 +74,18 @@ class PromptLookup:
                         return found
         return found
 
+    def _rate(self, n: int) -> RunningRate:
+        return self.stats.setdefault(n, RunningRate(*self._PRIOR, self._DECAY))
+
     def acceptance(self, n: int) -> float:
-        accepted, trials = self.stats.get(n, self._PRIOR)
-        return accepted / trials
+        return self._rate(n).rate
 
     def _length(self, n: int, max_len: int, cost: Callable[[int], float]) -> int:
-        length = best_length(self.acceptance(n), max_len, cost)
+        a = self.acceptance(n)
+        length = best_size([a**k for k in range(1, max_len + 1)], cost).n
         if length == 0:  # not worth drafting now; drift back to the prior so it is re-probed later
-            accepted, trials = self.stats.get(n, self._PRIOR)
-            d = self._DECAY
-            self.stats[n] = [accepted * d + self._PRIOR[0] * (1 - d), trials * d + self._PRIOR[1] * (1 - d)]
+            self._rate(n).relax()
         return length
-
-    def _cost(self, ctx: Context) -> Callable[[int], float]:
-        if self.token_cost is None and ctx.verify_cost is not None:
-            return ctx.verify_cost
-        per_token = self.DEFAULT_TOKEN_COST if self.token_cost is None else self.token_cost
-        return lambda length: 1.0 + per_token * length
 
     def propose(self, ctx: Context) -> TokenTree:
         self._last = None
@@ -111,7 +94,7 @@ class PromptLookup:
             return TokenTree.empty()
         matches = self.continuations(ctx.input_ids.numpy(), max_len)
         if self.token_cost != 0:
-            cost = self._cost(ctx)
+            cost = ctx.verify_cost if self.token_cost is None else LinearCost(self.token_cost)
             matches = [(n, c[: self._length(n, len(c), cost)]) for n, c in matches]
         matches = [(n, c) for n, c in matches if c.size]
         if not matches:
@@ -132,5 +115,4 @@ class PromptLookup:
         drafted = min(drafted, int(feedback.tree.depths().max()))  # a merge budget may have cut it
         accepted = len(feedback.accepted_nodes)
         trials = accepted + (1 if accepted < drafted else 0)  # the first rejection is a failed trial
-        old = self.stats.get(n, self._PRIOR)
-        self.stats[n] = [old[0] * self._DECAY + accepted, old[1] * self._DECAY + trials]
+        self._rate(n).add(accepted, trials)

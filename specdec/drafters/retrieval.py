@@ -15,8 +15,8 @@ so a match and its continuation never cross a document boundary.
 it proposes is chosen per step, as `PromptLookup` chooses its length: the node scores are the
 chance of each node being accepted if the target continued like the corpus, so the kept top-k
 nodes promise ``1 + c * sum(scores)`` tokens per forward, where `c` is a running calibration
-(accepted nodes / promised nodes, learned from feedback); k maximises that over the measured
-verify cost of k nodes (`Context.verify_cost`) within `budget`.
+(accepted nodes / promised nodes, learned from feedback); k maximises that over the verify
+cost of k nodes (`Context.verify_cost`) within `budget` (`specdec.trees.sizing`).
 
 Boundary: numpy (the datastore), torch (the trees) and `specdec.trees`; no model. The corpus
 reader and `encode_corpus` take any tokenizer-like object; loading the tokenizer is the CLI's
@@ -30,7 +30,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from specdec.drafter import Context, Feedback
-from specdec.trees import TokenTree
+from specdec.trees import LinearCost, RunningRate, TokenTree, best_size
 
 FORMAT = "specdec-datastore"
 VERSION = 1
@@ -397,23 +397,10 @@ def encode_corpus(tokenizer, records: Iterable[list[str]], *, chat: bool = False
 
 
 # ---- the drafter ---------------------------------------------------------------------------
-def _best_size(scores: list[float], calibration: float, budget: int, cost: Callable[[int], float]) -> int:
-    """argmax over k in [0, budget] of (1 + calibration * sum of the k best scores) / cost(k),
-    cost(0) = 1: expected tokens per unit of verify time for the top-k nodes."""
-    best, best_value, expected = 0, 1.0, 1.0
-    for k, s in enumerate(scores[:budget], 1):
-        expected += calibration * s
-        value = expected / cost(k)
-        if value > best_value:
-            best, best_value = k, value
-    return best
-
-
 class Retrieval:
     """REST drafter: a trie of corpus continuations of the context's longest matching suffix."""
 
     needs_hidden_states = False
-    DEFAULT_TOKEN_COST = 0.2  # as PromptLookup: stock linears on this project's 2-core CPU
     _DECAY = 0.95
     _PRIOR = (1.0, 2.0)  # [accepted nodes, promised nodes]: calibration 0.5, weak
 
@@ -425,8 +412,8 @@ class Retrieval:
         continuations of length `depth` after the longest context suffix of `max_suffix` ..
         `min_suffix` tokens that the corpus holds, and proposes at most `budget` trie nodes, the
         most frequent ones. `token_cost`: extra verify cost of one more node relative to a
-        one-token forward; None takes the measured curve (`Context.verify_cost`), else 0.2; a
-        number overrides the curve; 0 always proposes `budget` nodes (REST's fixed budget)."""
+        one-token forward; None takes the core's curve (`Context.verify_cost`); a number overrides
+        the curve; 0 always proposes `budget` nodes (REST's fixed budget)."""
         if budget < 1 or depth < 1 or max_matches < 1:
             raise ValueError(f"Retrieval: budget, depth and max_matches must be >= 1, got {budget}, {depth}, {max_matches}")
         if not 1 <= min_suffix <= max_suffix:
@@ -437,9 +424,9 @@ class Retrieval:
         self.budget, self.depth = budget, depth
         self.max_suffix, self.min_suffix, self.max_matches = max_suffix, min_suffix, max_matches
         self.token_cost = token_cost
-        # [accepted nodes, promised nodes (sum of scores)], decayed; carries across generations
-        # like PromptLookup's statistics: it describes the corpus against this model.
-        self.stats = list(self._PRIOR)
+        # Accepted nodes per promised node (sum of scores); carries across generations like
+        # PromptLookup's statistics: it describes the corpus against this model.
+        self.stats = RunningRate(*self._PRIOR, self._DECAY)
 
     def __repr__(self) -> str:
         return f"Retrieval({self.datastore!r}, budget={self.budget}, depth={self.depth})"
@@ -455,13 +442,7 @@ class Retrieval:
 
     @property
     def calibration(self) -> float:
-        return self.stats[0] / self.stats[1]
-
-    def _cost(self, ctx: Context) -> Callable[[int], float]:
-        if self.token_cost is None and ctx.verify_cost is not None:
-            return ctx.verify_cost
-        per_node = self.DEFAULT_TOKEN_COST if self.token_cost is None else self.token_cost
-        return lambda k: 1.0 + per_node * k
+        return self.stats.rate
 
     def propose(self, ctx: Context) -> TokenTree:
         depth = self.depth if ctx.max_depth is None else min(self.depth, ctx.max_depth)
@@ -477,10 +458,11 @@ class Retrieval:
         order = sorted(range(len(tree)), key=lambda i: (-scores[i], i))
         size = min(self.budget, len(tree))
         if self.token_cost != 0:
-            size = _best_size([scores[i] for i in order], self.calibration, size, self._cost(ctx))
+            c = self.calibration
+            cost = ctx.verify_cost if self.token_cost is None else LinearCost(self.token_cost)
+            size = best_size([c * scores[i] for i in order[:size]], cost).n
             if size == 0:  # not worth drafting now; drift back to the prior so it is re-probed later
-                d = self._DECAY
-                self.stats = [a * d + p * (1 - d) for a, p in zip(self.stats, self._PRIOR)]
+                self.stats.relax()
                 return TokenTree.empty()
         return tree if size == len(tree) else tree.subtree(order[:size])
 
@@ -488,5 +470,4 @@ class Retrieval:
         tree = feedback.tree
         if not len(tree) or tree.scores is None:
             return
-        d = self._DECAY
-        self.stats = [self.stats[0] * d + len(feedback.accepted_nodes), self.stats[1] * d + float(tree.scores.sum())]
+        self.stats.add(len(feedback.accepted_nodes), float(tree.scores.sum()))

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from specdec.drafter import Context, Feedback
-from specdec.trees import TokenTree, optimal_shape, parents_of
+from specdec.trees import LinearCost, TokenTree, optimal_shape, parents_of
 from specdec.trees.static import Path
 
 # The start shape, before any acceptance has been measured: three first-level candidates and a
@@ -49,7 +49,6 @@ def _vocab_size(model) -> int:
 
 class TokenRecycling:
     needs_hidden_states = False
-    DEFAULT_TOKEN_COST = 0.2  # per draft node when no cost curve was measured (as PromptLookup)
     _PRIOR_WEIGHT = 1.0  # pseudo-trials behind the prior chances 0.5, 0.25, ... per rank
 
     def __init__(
@@ -68,8 +67,8 @@ class TokenRecycling:
         ranks, parents-first; None: `DEFAULT_TEMPLATE` cut to topk/depth/max_nodes). `reshape_every`:
         steps between re-sizing the shape from the measured chances (None: keep `template` fixed).
         `decay`: weight of old acceptance counts per step. `token_cost`: extra verify cost of one
-        draft node relative to a root-only forward; None uses the measured curve
-        (`Context.verify_cost`), else 0.2."""
+        draft node relative to a root-only forward; None uses the core's curve
+        (`Context.verify_cost`)."""
         if topk < 1:
             raise ValueError(f"TokenRecycling: topk must be >= 1, got {topk}")
         if max_nodes < 1:
@@ -151,12 +150,6 @@ class TokenRecycling:
         self.template = sorted(paths, key=lambda p: (len(p), p))  # breadth-first, still parents-first
         self._parents = parents_of(self.template)
 
-    def _cost(self, ctx: Context) -> Callable[[int], float]:
-        if self.token_cost is None and ctx.verify_cost is not None:
-            return ctx.verify_cost
-        per_node = self.DEFAULT_TOKEN_COST if self.token_cost is None else self.token_cost
-        return lambda n: 1.0 + per_node * n
-
     def reshape(self, verify_cost: Callable[[int], float]) -> None:
         """Re-size the template from the measured chances and the verify-cost curve."""
         shape = optimal_shape(torch.from_numpy(self.estimates()), self.max_nodes, verify_cost)
@@ -171,7 +164,7 @@ class TokenRecycling:
         self._absorb(ids)
         self._root = int(ids[-1])
         if self._stale:
-            self.reshape(self._cost(ctx))
+            self.reshape(ctx.verify_cost if self.token_cost is None else LinearCost(self.token_cost))
         max_depth = self.depth if ctx.max_depth is None else min(self.depth, ctx.max_depth)
         succ, chance = self.succ, self.estimates().tolist()
         tokens: list[int] = []

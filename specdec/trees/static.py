@@ -12,7 +12,8 @@ and the expected tokens per step is 1 + the sum of that over the nodes. That val
 along a path, so the best n-node shape is the n best paths (added greedily, Medusa's sparse-tree
 construction); Sequoia's point is the size: with `verify_cost(n)` (the measured cost of verifying
 n nodes relative to none, `specdec.Context.verify_cost`) the shape maximises expected tokens per
-unit of verify time, so a flat cost curve buys a large tree and a steep one a small tree.
+unit of verify time (`specdec.trees.sizing`), so a flat cost curve buys a large tree and a steep
+one a small tree.
 
 Boundary: torch only, no models.
 """
@@ -20,13 +21,13 @@ Boundary: torch only, no models.
 from __future__ import annotations
 
 import heapq
-import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from specdec.trees.sizing import LinearCost, best_size
 from specdec.trees.tree import TokenTree
 
 Path = tuple[int, ...]
@@ -91,8 +92,6 @@ def optimal_shape(accept: Tensor, max_nodes: int, verify_cost: Callable[[int], f
         raise ValueError("accept must be [depth, ranks] chances in [0, 1], each depth's row summing to at most 1")
     if max_nodes < 0:
         raise ValueError(f"max_nodes must be >= 0, got {max_nodes}")
-    cost = verify_cost or (lambda n: 1.0)
     paths = best_paths(accept, max_nodes)
-    expected = list(itertools.accumulate((chance for chance, _ in paths), initial=1.0))  # [n + 1]: n best paths
-    n = max(range(len(expected)), key=lambda i: (expected[i] / cost(i), -i))  # ties: the smaller tree
-    return Shape([p for _, p in paths[:n]], expected[n], cost(n))
+    size = best_size([chance for chance, _ in paths], verify_cost or LinearCost(0.0))
+    return Shape([p for _, p in paths[: size.n]], size.expected, size.cost)
