@@ -43,8 +43,8 @@ class BenchConfig:
     methods: str = field(
         default="baseline,hf-prompt-lookup,prompt-lookup",
         metadata={
-            "help": "comma list: baseline, hf-prompt-lookup, hf-assisted, plain, or any specdec drafter name (composed with + "
-            "and |, e.g. prompt-lookup+token-recycling); "
+            "help": "comma list: baseline, hf-prompt-lookup, hf-assisted, plain, or any specdec drafter name (options in brackets, "
+            "composed with + and |, e.g. eagle[full-vocab]+prompt-lookup); "
             "a specdec method with the suffix :stock runs every forward without packed linears, with :noguard "
             "without the no-slowdown guard"
         },
@@ -153,7 +153,7 @@ class _ForwardCounter:
 
 def check_methods(cfg: BenchConfig) -> list[str]:
     """Validate --methods before any model is loaded."""
-    from specdec.drafters import check_name
+    from specdec.registry import check_name
 
     names = cfg.methods.split(",")
     temperature_kwargs(cfg.temperature)  # refuses a negative temperature before anything loads
@@ -179,7 +179,8 @@ def make_drafters(cfg: BenchConfig, target, draft) -> dict:
     """method name -> its drafter, for the methods that have one; built before any long work
     (`specdec bench` builds them before the one-time cost profiling), so a missing datastore,
     draft model or trained head is refused first."""
-    from specdec.drafters import DraftModel, PromptLookup, Resources, make_drafter
+    from specdec.drafters import DraftModel, PromptLookup
+    from specdec.registry import Resources, make_drafter
 
     drafters = {}
     for name in check_methods(cfg):

@@ -1,7 +1,7 @@
 """The `specdec` command: ``specdec generate``, ``bench``, ``profile`` and ``demo``.
 
 Boundary: the edge where strings become objects (model names through `specdec.models`, drafter
-names through `specdec.drafters.DRAFTERS`). Arguments are derived from frozen dataclasses.
+names through `specdec.registry`). Arguments are derived from frozen dataclasses.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class GenerateConfig:
     model: str = field(default="smollm2-135m", metadata={"help": "target: embedded name, HF path/id or .gguf file"})
     device: str = device_field()
     dtype: str = dtype_field()
-    drafter: str = field(default="prompt-lookup", metadata={"help": "drafter name, composed with + (merge trees) and | (fallback), e.g. prompt-lookup+token-recycling; 'none' for plain decoding"})
+    drafter: str = field(default="prompt-lookup", metadata={"help": "drafter name, with options in brackets (eagle[full-vocab], prompt-lookup-tree[budget=32]), composed with + (merge trees) and | (fallback), e.g. prompt-lookup+token-recycling; 'none' for plain decoding"})
     draft_model: str | None = field(default=None, metadata={"help": "draft model for draft-model* drafters"})
     datastore: str | None = field(default=None, metadata={"help": "datastore for the retrieval drafters (default: the model's, see `specdec datastore build`)"})
     max_new_tokens: int = field(default=256, metadata={"help": "most new tokens"})
@@ -135,8 +135,8 @@ def cmd_generate(cfg: GenerateConfig) -> int:
     import torch
 
     from specdec.decode import GenerationStats, generate
-    from specdec.drafters import Resources, check_name, make_drafter
     from specdec.models import load_model
+    from specdec.registry import Resources, check_name, make_drafter
     from specdec.sampling import temperature_kwargs
 
     placement = _placement(cfg)
@@ -333,9 +333,9 @@ def _vocab_size(model: str, tokenizer) -> int:
 def cmd_datastore(cfg: DatastoreConfig) -> int:
     from tqdm.auto import tqdm
 
-    from specdec.drafters import datastore_dir
     from specdec.drafters.retrieval import Datastore, encode_corpus, read_corpus
     from specdec.models import load_tokenizer
+    from specdec.registry import datastore_dir
 
     if cfg.action != "build":
         raise ValueError(f"datastore: unknown action {cfg.action!r}; the action is: build")

@@ -109,8 +109,8 @@ def _check_drafter(given) -> None:
     """Refuse what is not a drafter object (a drafter class, a CLI name) before any work."""
     if isinstance(given, str):
         raise TypeError(
-            f"drafter: got the name {given!r}; pass a drafter object: specdec.drafters.make_drafter({given!r}, "
-            "specdec.drafters.Resources(model)) builds one from a CLI name"
+            f"drafter: got the name {given!r}; pass a drafter object: specdec.registry.make_drafter({given!r}, "
+            "specdec.registry.Resources(model)) builds one from a CLI name"
         )
     if isinstance(given, type):
         raise TypeError(f"drafter: got the class {given.__name__}; pass an instance, e.g. drafter={given.__name__}()")

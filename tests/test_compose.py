@@ -476,14 +476,3 @@ def test_fallback_without_its_proposal_and_validation():
         Fallback(a, a)
     with pytest.raises(TypeError, match="secondary"):
         Fallback(a, "prompt-lookup")
-
-
-def test_registry_names_compose_and_unknown_parts_are_named():
-    from specdec.drafters import Resources, make_drafter
-
-    drafter = make_drafter("prompt-lookup+token-recycling|jacobi", Resources(None))
-    assert isinstance(drafter, Fallback) and isinstance(drafter.primary, Merge)
-    assert [type(d).__name__ for d in drafter.primary.drafters] == ["PromptLookup", "TokenRecycling"]
-    assert type(drafter.secondary).__name__ == "Jacobi"
-    with pytest.raises(ValueError, match="'nope' in 'prompt-lookup\\+nope'"):
-        make_drafter("prompt-lookup+nope", Resources(None))

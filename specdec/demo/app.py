@@ -5,13 +5,12 @@ are replayed side by side on a real clock at the pace they ran (`specdec.demo.co
 specdec pane highlights tokens that were drafted and accepted; plain text came from the target.
 
 Boundary: edge code. Strings from the page become objects here (model names through
-`specdec.models`, drafter names through `specdec.drafters.DRAFTERS`); errors become a message in
+`specdec.models`, drafter names through `specdec.registry`); errors become a message in
 the page, never a stack trace. `build_demo()` returns the Blocks; only the CLI launches it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import time
 from collections.abc import Callable, Iterator
@@ -72,7 +71,7 @@ class Session:
         return self._models[name]
 
     def drafter(self, name: str, target: str, budget: int):
-        from specdec.drafters import DRAFTERS, Resources, make_drafter
+        from specdec.registry import DRAFTERS, Resources, make_drafter
 
         if name not in DRAFTERS:
             raise DemoError(f"Unknown drafter {name!r}; choose one of {', '.join(DRAFTERS)}")
@@ -84,13 +83,9 @@ class Session:
                     f"choose the target {', '.join(DRAFT_MODEL_FOR)} or another drafter."
                 )
             draft = self.model(DRAFT_MODEL_FOR[target])[0]
-        drafter = make_drafter(name, Resources(self.model(target)[0], target, draft))
-        if budget and hasattr(drafter, "budget"):  # a tree budget of 0 keeps the drafter's default
-            if dataclasses.is_dataclass(drafter):
-                drafter = dataclasses.replace(drafter, budget=int(budget))
-            else:
-                drafter.budget = int(budget)  # our own drafter object, built just above
-        return drafter
+        if budget and "budget" in DRAFTERS[name].options:  # a tree budget of 0 keeps the drafter's default
+            name = f"{name}[budget={int(budget)}]"
+        return make_drafter(name, Resources(self.model(target)[0], target, draft))
 
 
 def respond(session: Session, message: str, history: list[dict], model_name: str, drafter_name: str,
@@ -153,9 +148,9 @@ def build_demo(*, load_model: Callable | None = None, default_model: str = "smol
     `specdec.models.load_model`; `preload` loads and warms up `default_model` now."""
     import gradio as gr
 
-    from specdec.drafters import DRAFTERS
     from specdec.models import EMBEDDED
     from specdec.models import load_model as default_loader
+    from specdec.registry import DRAFTERS
 
     session = Session(load_model or default_loader)
     if preload:

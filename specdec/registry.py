@@ -1,0 +1,159 @@
+"""Drafter names -> drafter objects, for the CLI, bench and demo.
+
+A name is an entry of `DRAFTERS` with optional options, ``name[opt,key=value]`` (e.g.
+``eagle[full-vocab]``, ``prompt-lookup-tree[budget=32]``); names compose with ``+`` (`Merge`) and
+``|`` (`Fallback`). Boundary: the edge; the API takes drafter objects, never names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from specdec.drafters import (
+    Datastore, DraftModel, EarlyExit, Fallback, Jacobi, LayerSkip, Lookahead, Merge, PromptLookup, Retrieval,
+    TokenRecycling, load,
+)
+
+__all__ = ["DRAFTERS", "Entry", "Resources", "check_name", "datastore_dir", "make_drafter", "parse_name"]
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a named drafter may be built from: the loaded target, an optional draft model, and
+    an optional datastore directory (None: the target's default one, see `datastore_dir`)."""
+
+    target: Any
+    target_name: str | None = None  # the name the target was loaded by (for default datastores)
+    draft: Any = None
+    datastore: str | None = None
+
+
+def datastore_dir(target_name: str | None) -> Path:
+    """Where `specdec datastore build --model NAME` puts a model's datastore by default."""
+    from specdec.models import cache_dir
+
+    return cache_dir() / "datastores" / Path(target_name or "model").name
+
+
+def _draft(r: Resources):
+    if r.draft is None:
+        raise ValueError("this drafter needs a draft model: pass --draft-model NAME (e.g. qwen2.5-coder-0.5b)")
+    return r.draft
+
+
+def _datastore(r: Resources) -> Datastore:
+    path = Path(r.datastore) if r.datastore else datastore_dir(r.target_name)
+    if not (path / "datastore.json").exists():
+        raise ValueError(
+            f"the retrieval drafter needs a datastore and {path} has none: build it with `specdec datastore "
+            f"build --model {r.target_name or 'MODEL'} --corpus FILE` (or pass --datastore DIR)"
+        )
+    return Datastore.open(path)
+
+
+def _budget(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"budget takes an int >= 1 (the most tree nodes), got {value!r}")
+    return int(value)
+
+
+FLAG = None  # an option without a value
+BUDGET = {"budget": _budget}  # the most tree nodes, for the drafters that take a budget
+
+
+@dataclass(frozen=True)
+class Entry:
+    """`build(resources, **options)` -> a drafter; `options`: each option's name -> FLAG or the
+    function turning its value into the keyword `build` gets (dashes become underscores)."""
+
+    build: Callable[..., Any]
+    options: dict[str, Callable[[str], Any] | None] = field(default_factory=dict)
+
+
+def _trained(kind: str) -> Entry:
+    def build(r: Resources, full_vocab: bool = False, **kwargs):
+        # full-vocab: every lm_head row, the A/B of the draft vocabulary
+        return load(kind, r.target, **({"draft_vocab": None} if full_vocab else {}), **kwargs)
+
+    return Entry(build, {"full-vocab": FLAG, **BUDGET})
+
+
+def _early_exit(r: Resources, untrained: bool = False, **kwargs):
+    return EarlyExit(r.target, **kwargs) if untrained else load("early-exit", r.target, **kwargs)
+
+
+DRAFTERS = {
+    "prompt-lookup": Entry(lambda r, **o: PromptLookup(**o), BUDGET),
+    "prompt-lookup-tree": Entry(lambda r, **o: PromptLookup(**{"num_matches": 3, "budget": 16, **o}), BUDGET),
+    "token-recycling": Entry(lambda r: TokenRecycling()),
+    "lookahead-pia": Entry(lambda r, **o: Lookahead(**o), BUDGET),
+    "jacobi": Entry(lambda r: Jacobi()),
+    "retrieval": Entry(lambda r, **o: Retrieval(_datastore(r), **o), BUDGET),
+    "layer-skip": Entry(lambda r, **o: LayerSkip(r.target, **o), BUDGET),
+    "medusa": _trained("medusa"),
+    "eagle": _trained("eagle"),
+    "early-exit": Entry(_early_exit, {"untrained": FLAG, **BUDGET}),
+    "draft-model": Entry(lambda r, **o: DraftModel(_draft(r), **o), BUDGET),
+    "draft-model-tree": Entry(lambda r, **o: DraftModel(_draft(r), **{"topk": 2, "width": 2, "budget": 8, **o}), BUDGET),
+}
+
+_PART = re.compile(r"([a-z0-9-]+)(?:\[([^\[\]]*)\])?")
+
+
+def parse_name(part: str) -> tuple[str, dict[str, Any]]:
+    """One drafter of a name, ``name[opt,key=value]`` -> (name, {keyword: value}), checked
+    against its entry: unknown names and options are refused, naming the valid ones."""
+    m = _PART.fullmatch(part)
+    if m is None:
+        raise ValueError(f"drafter {part!r} is not NAME or NAME[option,key=value] (e.g. eagle[full-vocab])")
+    name, given = m.group(1), m.group(2)
+    if name not in DRAFTERS:
+        raise ValueError(f"unknown drafter {name!r}; choose from {', '.join(DRAFTERS)}, or compose them with "
+                         "+ (merge) and | (fallback)")
+    valid, kwargs = DRAFTERS[name].options, {}
+    for item in [] if given is None else given.split(","):
+        key, eq, value = (s.strip() for s in item.partition("="))
+        if key not in valid:
+            choices = f"the options are {', '.join(valid)}" if valid else "it takes no options"
+            raise ValueError(f"drafter {part!r}: unknown option {key!r}; {choices}")
+        if key.replace("-", "_") in kwargs:
+            raise ValueError(f"drafter {part!r}: option {key!r} is given twice")
+        convert = valid[key]
+        if (convert is FLAG) == bool(eq):
+            raise ValueError(f"drafter {part!r}: option {key!r} "
+                             + ("is a flag and takes no value" if eq else f"needs a value ({key}=...)"))
+        try:
+            kwargs[key.replace("-", "_")] = True if convert is FLAG else convert(value)
+        except ValueError as err:
+            raise ValueError(f"drafter {part!r}: {err}") from None
+    return name, kwargs
+
+
+def _parts(name: str) -> list[str]:
+    return name.replace("|", "+").split("+")
+
+
+def check_name(name: str) -> None:
+    """Refuse unknown drafter names and options, composed ones included (see `make_drafter`)."""
+    for part in _parts(name):
+        try:
+            parse_name(part)
+        except ValueError as err:
+            raise ValueError(f"{err}" + (f" (in {name!r})" if part != name else "")) from None
+
+
+def make_drafter(name: str, resources: Resources):
+    """The drafter `name` (see the module docstring), built from `resources`. ``a+b`` merges the
+    trees of a and b into one (`Merge`), ``a|b`` drafts with a and falls back to b when a has
+    nothing (`Fallback`); ``|`` binds looser than ``+``, so ``a+b|c`` is ``Fallback(Merge([a, b]), c)``."""
+    check_name(name)
+    if "|" in name:
+        primary, _, rest = name.partition("|")
+        return Fallback(make_drafter(primary, resources), make_drafter(rest, resources))
+    if "+" in name:
+        return Merge([make_drafter(part, resources) for part in name.split("+")])
+    base, kwargs = parse_name(name)
+    return DRAFTERS[base].build(resources, **kwargs)

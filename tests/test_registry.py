@@ -1,0 +1,104 @@
+"""Drafter names at the edge: ``name[opt,key=value]``, composed with + and |, and bench's :variant after them."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_model
+
+from specdec import registry
+from specdec.bench import BenchConfig, check_methods, make_drafters
+from specdec.drafters import EarlyExit, Fallback, Jacobi, Merge, PromptLookup, TokenRecycling
+from specdec.registry import Resources, check_name, make_drafter, parse_name
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Replaces the shipped-drafter loader: records (kind, kwargs) and returns a PromptLookup."""
+    calls = []
+
+    def load(kind, model, **kwargs):
+        calls.append((kind, kwargs))
+        return PromptLookup()
+
+    monkeypatch.setattr(registry, "load", load)
+    return calls
+
+
+def test_parse_name_reads_flags_and_values():
+    assert parse_name("eagle") == ("eagle", {})
+    assert parse_name("eagle[full-vocab]") == ("eagle", {"full_vocab": True})
+    assert parse_name("early-exit[untrained, budget=8]") == ("early-exit", {"untrained": True, "budget": 8})
+    assert parse_name("prompt-lookup-tree[budget=32]") == ("prompt-lookup-tree", {"budget": 32})
+
+
+def test_options_reach_the_drafter(loads):
+    make_drafter("eagle[full-vocab]", Resources(None))
+    make_drafter("medusa[full-vocab,budget=12]", Resources(None))
+    make_drafter("eagle", Resources(None))
+    assert loads == [("eagle", {"draft_vocab": None}), ("medusa", {"draft_vocab": None, "budget": 12}), ("eagle", {})]
+    tree = make_drafter("prompt-lookup-tree[budget=5]", Resources(None))
+    assert (tree.num_matches, tree.budget) == (3, 5)  # the entry's other settings stay
+    assert make_drafter("prompt-lookup-tree", Resources(None)).budget == 16
+
+
+def test_early_exit_untrained_needs_no_checkpoint():
+    model = tiny_model()
+    drafter = make_drafter("early-exit[untrained]", Resources(model))
+    assert isinstance(drafter, EarlyExit) and drafter.adapter is None
+    with pytest.raises(Exception, match="early-exit"):  # nothing is shipped for the tiny model
+        make_drafter("early-exit", Resources(model))
+
+
+def test_names_with_options_compose(loads):
+    drafter = make_drafter("eagle[full-vocab]+prompt-lookup[budget=4]|jacobi", Resources(None))
+    assert isinstance(drafter, Fallback) and isinstance(drafter.primary, Merge)
+    assert isinstance(drafter.secondary, Jacobi)
+    assert [d.budget for d in drafter.primary.drafters] == [None, 4]
+    assert loads == [("eagle", {"draft_vocab": None})]
+    drafter = make_drafter("prompt-lookup+token-recycling|jacobi", Resources(None))
+    assert [type(d) for d in drafter.primary.drafters] == [PromptLookup, TokenRecycling]
+
+
+def test_bench_variant_follows_the_options(loads):
+    cfg = BenchConfig(methods="baseline,eagle[full-vocab]:noguard,medusa[full-vocab]+prompt-lookup:stock")
+    assert check_methods(cfg) == ["baseline", "eagle[full-vocab]:noguard", "medusa[full-vocab]+prompt-lookup:stock"]
+    assert set(make_drafters(cfg, None, None)) == {"eagle[full-vocab]:noguard", "medusa[full-vocab]+prompt-lookup:stock"}
+    assert loads == [("eagle", {"draft_vocab": None}), ("medusa", {"draft_vocab": None})]
+    with pytest.raises(ValueError, match=r"--methods: .*unknown option 'nope'.*full-vocab, budget"):
+        check_methods(BenchConfig(methods="baseline,eagle[nope]:noguard"))
+
+
+@pytest.mark.parametrize(
+    "name, complaint",
+    [
+        ("eagle[nope]", r"drafter 'eagle\[nope\]': unknown option 'nope'; the options are full-vocab, budget"),
+        ("jacobi[full-vocab]", r"unknown option 'full-vocab'; it takes no options"),
+        ("eagle[full-vocab=1]", r"option 'full-vocab' is a flag and takes no value"),
+        ("eagle[budget]", r"option 'budget' needs a value \(budget=\.\.\.\)"),
+        ("eagle[budget=0]", r"budget takes an int >= 1 .*got '0'"),
+        ("eagle[budget=4,budget=5]", r"option 'budget' is given twice"),
+        ("eagle[full-vocab", r"'eagle\[full-vocab' is not NAME or NAME\[option,key=value\]"),
+        ("eagle-full-vocab", r"unknown drafter 'eagle-full-vocab'; choose from .*eagle"),  # the old A/B names are gone
+        ("early-exit-untrained", r"unknown drafter 'early-exit-untrained'"),
+        ("prompt-lookup+nope", r"unknown drafter 'nope'.* \(in 'prompt-lookup\+nope'\)"),
+        ("jacobi|eagle[x]", r"unknown option 'x'.* \(in 'jacobi\|eagle\[x\]'\)"),
+    ],
+)
+def test_bad_names_are_refused_naming_the_fix(name, complaint):
+    with pytest.raises(ValueError, match=complaint):
+        check_name(name)
+    with pytest.raises(ValueError, match=complaint):
+        make_drafter(name, Resources(None))
+
+
+@pytest.mark.parametrize("argv", [["generate", "--drafter", "eagle[ful-vocab]", "hi"],
+                                  ["bench", "--methods", "baseline,eagle[ful-vocab]:noguard"]])
+def test_cli_refuses_a_bad_option_before_loading(argv, capsys, monkeypatch):
+    import specdec.models
+    from specdec import cli
+
+    monkeypatch.setattr(specdec.models, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing"))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("specdec: error: ") and "\n" not in err
+    assert "unknown option 'ful-vocab'; the options are full-vocab, budget" in err
