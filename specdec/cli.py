@@ -241,10 +241,12 @@ def cmd_bench(cfg: BenchConfig) -> int:
         check_methods, describe_device, make_drafters, parse_packed_from, read_questions, run_bench, write_results,
     )
     from specdec.decode import resolve_packed_from
+    from specdec.extras import require
     from specdec.models import load_model
 
     placement = _placement(cfg)
     check_methods(cfg)  # fail on bad arguments before loading models
+    require("matplotlib", "bench")  # the plots, written after every question
     read_questions(cfg.questions, cfg.limit, cfg.categories, cfg.per_category)
     _setup(cfg.threads)
     target, tokenizer = load_model(cfg.model, **placement)
@@ -294,7 +296,10 @@ def _check_port(host: str, port: int) -> None:
 
 
 def cmd_demo(cfg: DemoConfig) -> int:
+    from specdec.extras import require
+
     placement = _placement(cfg)  # before gradio loads
+    require("gradio", "demo")
     from specdec.demo import build_demo
     from specdec.models import load_model
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_prompt, reference, run
+from helpers import write_prompts, write_target
 from safetensors.torch import load_file
 from torch import Tensor
-from test_training import write_prompts, write_target
 
 from specdec.cli import main as specdec_main
 from specdec.drafters import DraftModel

@@ -9,14 +9,19 @@ import shutil
 import pytest
 import torch
 from conftest import assert_drafts_within, random_prompt, reference, run, tiny_model
-from safetensors.torch import load_file, save_file
-from test_medusa import (
+from helpers import (
     assert_drafts_from_the_second_step,
     assert_refuses_other_targets,
     assert_same_drafts,
+    data_args,
     named_model,
+    random_head,
+    read_log,
+    train_args,
+    write_prompts,
+    write_target,
 )
-from test_training import data_args, read_log, train_args, write_prompts, write_target
+from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import specdec
@@ -39,14 +44,6 @@ FREE = LinearCost(0.0)  # verification priced as free: Eagle keeps the whole gro
 def _free_verification(free_verify):
     """These tests check the head, its cache and its tree, not the size rule, which
     `test_tree_scores_and_sizing` checks with explicit curves."""
-
-
-def random_head(model, seed: int) -> EagleHead:
-    torch.manual_seed(seed)
-    head = EagleHead.for_target(model)
-    for p in head.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    return head
 
 
 def states_of(model, ids: torch.Tensor) -> torch.Tensor:

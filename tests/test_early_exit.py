@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from conftest import leaves_untouched, random_prompt, reference, run, tiny_model
-from test_layer_skip import assert_cache_stays_reconciled, assert_drafts_what_the_target_says, identity_layers
+from helpers import assert_cache_stays_reconciled, assert_drafts_what_the_target_says, identity_layers
 
 import specdec
 from specdec import kv

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training import RECIPE, data_args, read_log, train_args, write_prompts, write_target
+from helpers import MEDUSA_RECIPE, data_args, read_log, train_args, write_prompts, write_target
 
 from specdec.training.cli import main
 from specdec.training.data import make_data
@@ -85,7 +85,7 @@ class Killed(Exception):
 
 def killed_run(workdir: Path, name: str, after: int, save_steps: int) -> Path:
     """A training run killed during step `after` + 1 (checkpoints every `save_steps`)."""
-    recipe, steps = MedusaRecipe(RECIPE), []
+    recipe, steps = MedusaRecipe(MEDUSA_RECIPE), []
     real = recipe.loss
 
     def loss(*args):
@@ -120,16 +120,16 @@ def test_rerunning_a_killed_job_needs_resume(workdir, capsys):
 def test_resume_falls_back_from_a_truncated_checkpoint(workdir, capsys):
     from safetensors.torch import load_file
 
-    straight = train(train_args(workdir, workdir / "data", "straight", max_steps=8, save_steps=3), MedusaRecipe(RECIPE))
+    straight = train(train_args(workdir, workdir / "data", "straight", max_steps=8, save_steps=3), MedusaRecipe(MEDUSA_RECIPE))
     run = workdir / "truncated"
-    train(train_args(workdir, workdir / "data", run.name, max_steps=8, save_steps=3), MedusaRecipe(RECIPE))
+    train(train_args(workdir, workdir / "data", run.name, max_steps=8, save_steps=3), MedusaRecipe(MEDUSA_RECIPE))
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert checkpoints == ["step-00000006", "step-00000008"]
     weights = run / "checkpoints" / "step-00000008" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
     capsys.readouterr()
     resumed = train(train_args(workdir, workdir / "data", run.name, max_steps=8, save_steps=3, resume=True),
-                    MedusaRecipe(RECIPE))
+                    MedusaRecipe(MEDUSA_RECIPE))
     said = [line for line in capsys.readouterr().err.splitlines() if "step-00000008" in line]
     assert len(said) == 1 and "step-00000006" in said[0] and "model.safetensors" in said[0], said
     log = [r for r in read_log(run) if "loss" in r]
@@ -144,4 +144,4 @@ def test_resume_falls_back_from_a_truncated_checkpoint(workdir, capsys):
         state.write_bytes(state.read_bytes()[:100])
     with pytest.raises(ValueError, match="no complete checkpoint"):
         train(train_args(workdir, workdir / "data", run.name, max_steps=8, save_steps=3, resume=True),
-              MedusaRecipe(RECIPE))
+              MedusaRecipe(MEDUSA_RECIPE))

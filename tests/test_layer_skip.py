@@ -1,10 +1,10 @@
 """`LayerSubset` (the target run through some of its own layers) and the `LayerSkip` drafter."""
 
-import copy
 
 import pytest
 import torch
 from conftest import leaves_untouched, random_prompt, reference, run, tiny_model
+from helpers import assert_cache_stays_reconciled, assert_drafts_what_the_target_says, identity_layers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specdec import kv
@@ -139,34 +139,11 @@ def test_exact(arch, kwargs):
         assert drafter.calibration is not None and drafter.calibration.skip == drafter.skip
 
 
-def assert_drafts_what_the_target_says(model, drafter) -> None:
-    """`drafter` (4 tokens deep, no confidence cut-off) drafts the target's own greedy tokens:
-    every step drafts as deep as the 23 new tokens leave room for, and all of it is accepted."""
-    prompt = random_prompt(6, 7)
-    out, stats = run(model, prompt, drafter, 23)
-    assert torch.equal(out, reference(model, prompt, 23))
-    produced = 0
-    for step in stats.steps:
-        assert len(step.tree) == min(4, 23 - produced - 1)
-        assert step.accepted_nodes == list(range(len(step.tree)))
-        produced += len(step.new_tokens)
-    assert stats.mean_accepted == 23 / 5  # four steps of 5 tokens, then 3
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen"])
 def test_no_skipped_layer_drafts_what_the_target_says(arch):
     """skip=[] drafts with the whole target: every drafted token must be accepted, every step."""
     model = tiny_model(arch, layers=3)
     assert_drafts_what_the_target_says(model, LayerSkip(model, skip=[], draft_tokens=4, min_confidence=0.0))
-
-
-def identity_layers(model, layers):
-    """A copy of `model` whose `layers` add nothing to the residual stream (zero output projections)."""
-    model = copy.deepcopy(model)
-    for name, param in model.named_parameters():
-        if any(f"layers.{i}." in name for i in layers) and ("o_proj" in name or "down_proj" in name):
-            param.data.zero_()
-    return model
 
 
 def test_calibration_finds_layers_that_do_nothing():
@@ -192,20 +169,6 @@ def test_calibration_waits_for_context_and_recalibrates():
     assert drafter.skip is None
     drafter.propose(Context(random_prompt(2, 40)[0]))
     assert drafter.calibration is not first
-
-
-def assert_cache_stays_reconciled(model, drafter, prompt_length: int = 9) -> None:
-    """After a run with rejections, a `LayerSubset` drafter's cache holds exactly the tokens it
-    says (`drafter.cached`, from position `drafter.start`): one more token fed on it gives a
-    fresh forward's logits."""
-    _, stats = run(model, random_prompt(4, prompt_length), drafter, 30)
-    assert any(len(s.accepted_nodes) < len(s.tree) for s in stats.steps)  # there were rejections
-    held, start = drafter.cached, drafter.start
-    assert drafter.view.cached(drafter.cache) == held.numel()
-    nxt = torch.tensor([3])
-    incremental = drafter.view(nxt, torch.tensor([start + held.numel()]), cache=drafter.cache).logits[-1]
-    fresh = drafter.view(torch.cat([held, nxt]), torch.arange(start, start + held.numel() + 1)).logits[-1]
-    torch.testing.assert_close(incremental, fresh, rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("kwargs", [dict(skip=[1]), dict(skip=[2], topk=2, draft_tokens=3)])

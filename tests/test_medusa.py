@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 from conftest import assert_drafts_within, random_prompt, reference, run, tiny_model
+from helpers import K, assert_drafts_from_the_second_step, assert_refuses_other_targets, assert_same_drafts, named_model, random_heads
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import specdec
 from specdec.drafter import Context
@@ -20,17 +20,6 @@ from specdec.training.medusa import MedusaArguments, MedusaRecipe
 from specdec.training.train import TrainArguments
 from specdec.trees import optimal_shape, parents_of
 from specdec.trees.presets import MEDUSA_63, PRESETS, calibrated, cut
-
-K = 3
-
-
-def random_heads(model, seed: int, num_heads: int = K, own: bool = False) -> MedusaHeads:
-    torch.manual_seed(seed)
-    vocab = model.config.vocab_size if own else None
-    heads = MedusaHeads(model.config.hidden_size, num_heads, num_layers=2, vocab_size=vocab)
-    for p in heads.parameters():
-        torch.nn.init.normal_(p, std=0.5)
-    return heads.to(device=model.device, dtype=model.dtype)
 
 
 ACCURACY = [[0.5, 0.2, 0.1], [0.4, 0.2, 0.1], [0.3, 0.2, 0.1]]
@@ -142,15 +131,6 @@ def test_draft_vocabulary_drafts_from_it_and_the_context_and_round_trips(tmp_pat
         Medusa(model, random_heads(model, 0), draft_vocab=torch.tensor([vocab_size]))
 
 
-def assert_drafts_from_the_second_step(model, drafter) -> None:
-    """A one-token prompt: a drafter reading the target's hidden states has none before the first
-    verification, so it drafts nothing on the first step and something on the second; exact."""
-    prompt = random_prompt(2, 1)
-    out, stats = run(model, prompt, drafter, 12)
-    assert torch.equal(out, reference(model, prompt, 12))
-    assert len(stats.steps[0].tree) == 0 and len(stats.steps[1].tree) > 0
-
-
 def test_one_token_prompt_drafts_nothing_first():
     model = tiny_model("llama")
     assert_drafts_from_the_second_step(model, Medusa(model, random_heads(model, 0)))
@@ -254,35 +234,6 @@ def test_argument_errors():
 
 
 # ---- checkpoints --------------------------------------------------------------------------
-
-def named_model(name: str, hidden: int = 32, vocab: int = 96, layers: int = 2):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, name_or_path=f"/some/dir/{name}")
-    return LlamaForCausalLM(cfg).eval()
-
-
-def assert_same_drafts(model, drafter, loaded) -> None:
-    """`loaded` (`drafter` saved and loaded again) drafts the same trees and gives the same output."""
-    prompt = random_prompt(4, 6)
-    a, sa = run(model, prompt, drafter, 20)
-    b, sb = run(model, prompt, loaded, 20)
-    assert torch.equal(a, b)
-    for x, y in zip(sa.steps, sb.steps):
-        assert torch.equal(x.tree.tokens, y.tree.tokens) and torch.equal(x.tree.parents, y.tree.parents)
-
-
-def assert_refuses_other_targets(base, load) -> None:
-    """`load(model, **kwargs)` reads a checkpoint saved for `base` (``named_model("base-a")``): it
-    takes `base`, refuses a model differing in hidden size, vocabulary, layer count or name (naming
-    the field), and takes another name with ``check_base_model=False``."""
-    load(base)
-    cases = [(named_model("base-a", hidden=48), "hidden_size=32"), (named_model("base-a", vocab=100), "vocab_size=96"),
-             (named_model("base-a", layers=3), "num_hidden_layers=2"), (named_model("base-b"), "base model 'base-a'")]
-    for other, message in cases:
-        with pytest.raises(CheckpointError, match=message):
-            load(other)
-    load(named_model("base-b"), check_base_model=False)
 
 
 def test_round_trip_gives_the_same_drafts(tmp_path):

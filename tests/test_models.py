@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_target
 
 from specdec import models
 from specdec.models import EMBEDDED, EmbeddedModel, ModelNotInstalledError
@@ -125,8 +126,6 @@ def test_a_damaged_cache_is_converted_again(monkeypatch, tmp_path, caplog):
     """A converted model cut short (or missing a file) in the cache is converted again, saying so.
     The conversion itself is stood in for by a tiny model (the real one takes 20 s)."""
     import hashlib
-
-    from test_training import write_target
 
     write_target(tmp_path / "tiny")
     monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))

@@ -13,6 +13,7 @@ from specdec import profile
 from specdec.drafters import DraftModel, Eagle, Medusa, PromptLookup
 from specdec.packing import PackedLinears, PackedRoute, available, packed_linears
 from conftest import random_prompt, reference, tiny_model
+from helpers import random_head, random_heads
 
 pytestmark = pytest.mark.skipif(not available(), reason="this torch build has no oneDNN linear packing")
 
@@ -122,9 +123,6 @@ def test_draft_model_forwards_can_run_packed_and_stay_exact():
 
 
 def head_drafter(kind: str, model, packed_from, draft_vocab):
-    from test_eagle import random_head
-    from test_medusa import random_heads
-
     if kind == "eagle":
         return Eagle(model, random_head(model, 1), packed_from=packed_from, draft_vocab=draft_vocab, min_gain=0)
     return Medusa(model, random_heads(model, 1), tree="medusa-16", packed_from=packed_from, draft_vocab=draft_vocab)

@@ -13,51 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import reference, run
+from helpers import MEDUSA_RECIPE, NUM_PROMPTS, data_args, read_log, train_args, write_prompts, write_target
 from safetensors.torch import load_file
 
 from specdec.drafters.medusa import Medusa
 from specdec.models import load_model
 from specdec.training import data as data_module
 from specdec.training.cli import main
-from specdec.training.data import MakeDataArguments, load_examples, make_data
+from specdec.training.data import load_examples, make_data
 from specdec.training.medusa import MedusaArguments, MedusaRecipe
 from specdec.training.prompts import MakePromptsArguments, make_prompts, user_prefix
-from specdec.training.train import TrainArguments, train
+from specdec.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-NUM_PROMPTS = 10
-
-
-def write_target(directory: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    words = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant"] + [f"w{i}" for i in range(90)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
-                                  eos_token="<|im_end|>", bos_token="<|im_start|>")
-    tok.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
-                         "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
-    torch.manual_seed(0)
-    # A wide init makes the random model's next token confident (and its text repetitive), so
-    # the heads have something to learn in a few steps.
-    cfg = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      initializer_range=0.2, eos_token_id=3, bos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(cfg).save_pretrained(directory)
-    tok.save_pretrained(directory)
-
-
-def write_prompts(path: Path, n: int, seed: int, ids: bool = False) -> None:
-    """`n` prompts of 2 to 8 random words of `write_target`'s vocabulary, one JSON line each
-    (with an "id" field too if `ids`)."""
-    g = torch.Generator().manual_seed(seed)
-    with open(path, "w") as f:
-        for i in range(n):
-            words = torch.randint(0, 90, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g)
-            row = {"id": i} if ids else {}
-            f.write(json.dumps({**row, "prompt": " ".join(f"w{int(w)}" for w in words)}) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +34,6 @@ def workdir(tmp_path_factory):
     write_target(root / "tiny-target")
     write_prompts(root / "prompts.jsonl", NUM_PROMPTS + 2, seed=0, ids=True)
     return root
-
-
-def data_args(workdir: Path, out: str, **kw) -> MakeDataArguments:
-    kw = {"max_new_tokens": 16, "limit": NUM_PROMPTS, "batch_size": 4, "shard_size": 4, "save_hidden_states": True, **kw}
-    return MakeDataArguments(model=str(workdir / "tiny-target"), prompts=str(workdir / "prompts.jsonl"),
-                             output_dir=str(workdir / out), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -127,22 +89,9 @@ def test_make_data_resumes_after_a_crash(workdir, dataset, monkeypatch):
         make_data(data_args(workdir, "resumed", max_new_tokens=8))
 
 
-def train_args(workdir: Path, dataset: Path, out: str, **kw) -> TrainArguments:
-    kw = {"max_steps": 12, "batch_size": 2, "learning_rate": 3e-2, "log_steps": 1, "save_steps": 4,
-          "eval_fraction": 0.2, "lr_scheduler": "constant", **kw}
-    return TrainArguments(model=str(workdir / "tiny-target"), data=str(dataset), output_dir=str(workdir / out), **kw)
-
-
-RECIPE = MedusaArguments(num_heads=3, eval_topk=5, tree_budget=8)
-
-
-def read_log(directory: Path) -> list[dict]:
-    return [json.loads(line) for line in (directory / "log.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def trained(workdir, dataset):
-    return train(train_args(workdir, dataset, "run"), MedusaRecipe(RECIPE))
+    return train(train_args(workdir, dataset, "run"), MedusaRecipe(MEDUSA_RECIPE))
 
 
 def test_training_lowers_the_loss_and_saves_a_loadable_drafter(workdir, trained):
@@ -187,11 +136,11 @@ def test_draft_vocab_command_gives_medusa_heads_one(workdir, dataset, trained, c
 
 def test_resume_continues_exactly(workdir, dataset, trained):
     with pytest.raises(ValueError, match="--resume"):
-        train(train_args(workdir, dataset, "run"), MedusaRecipe(RECIPE))
+        train(train_args(workdir, dataset, "run"), MedusaRecipe(MEDUSA_RECIPE))
     # Interrupted after step 8 (its newest checkpoint), then resumed to 12.
-    partial = train(train_args(workdir, dataset, "part", max_steps=8), MedusaRecipe(RECIPE))
+    partial = train(train_args(workdir, dataset, "part", max_steps=8), MedusaRecipe(MEDUSA_RECIPE))
     assert read_log(workdir / "part")[-2]["step"] == 8
-    resumed = train(train_args(workdir, dataset, "part", resume=True), MedusaRecipe(RECIPE))
+    resumed = train(train_args(workdir, dataset, "part", resume=True), MedusaRecipe(MEDUSA_RECIPE))
     log = [r for r in read_log(workdir / "part") if "loss" in r]
     assert [r["step"] for r in log] == list(range(1, 13))  # the first run's eval record was dropped
     straight = [r for r in read_log(workdir / "run") if "loss" in r]
@@ -227,7 +176,7 @@ def test_medusa2_joint_training_ships_its_adapted_target(workdir, dataset, tmp_p
                  str(dataset), "--size", "6", "--output-dir", str(tmp_path / "vocab")]) == 0
     with_vocab = Medusa.from_pretrained(tmp_path / "vocab", adapted_target(tmp_path / "vocab", model))
     assert with_vocab.draft_vocab.numel() == 6 and with_vocab.backbone_lora.keys() == drafter.backbone_lora.keys()
-    plain = train(train_args(workdir, dataset, "medusa1-small", max_steps=1), MedusaRecipe(RECIPE))
+    plain = train(train_args(workdir, dataset, "medusa1-small", max_steps=1), MedusaRecipe(MEDUSA_RECIPE))
     with pytest.raises(checkpoint.CheckpointError, match="Medusa-1"):
         adapted_target(plain, model)
 
@@ -236,7 +185,7 @@ def test_medusa2_joint_training_ships_its_adapted_target(workdir, dataset, tmp_p
 def test_bf16_mixed_precision_trains(workdir, dataset, kind):
     from specdec.training.eagle import EagleArguments, EagleRecipe
 
-    recipe = MedusaRecipe(RECIPE) if kind == "medusa" else EagleRecipe(EagleArguments(unroll=2, eval_depth=2))
+    recipe = MedusaRecipe(MEDUSA_RECIPE) if kind == "medusa" else EagleRecipe(EagleArguments(unroll=2, eval_depth=2))
     train(train_args(workdir, dataset, f"bf16-{kind}", max_steps=8, mixed_precision="bf16"), recipe)
     losses = [r["loss"] for r in read_log(workdir / f"bf16-{kind}") if "loss" in r]
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))

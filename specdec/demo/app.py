@@ -146,12 +146,12 @@ def respond(session: Session, message: str, history: list[dict], model_name: str
 def build_demo(*, load_model: Callable | None = None, default_model: str = "smollm2-135m", preload: bool = False):
     """The gradio Blocks (not launched). `load_model(name) -> (model, tokenizer)` defaults to
     `specdec.models.load_model`; `preload` loads and warms up `default_model` now."""
-    import gradio as gr
-
+    from specdec.extras import require
     from specdec.models import EMBEDDED
     from specdec.models import load_model as default_loader
     from specdec.registry import DRAFTERS
 
+    gr = require("gradio", "demo")
     session = Session(load_model or default_loader)
     if preload:
         session.model(default_model)

@@ -49,6 +49,7 @@ from specdec.decode import resolve_packed_from
 from specdec.drafter import Context, Feedback
 from specdec.drafters import checkpoint
 from specdec.drafters.vocab import DraftVocab, PackedDraft, stored, stripped
+from specdec.extras import require
 from specdec.trees import TokenTree, fill, parents_of
 from specdec.trees.presets import calibrated, cut, preset, validate
 
@@ -128,16 +129,13 @@ def _split_lora(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str
 
 def lora_config(backbone: dict):
     """The peft `LoraConfig` a Medusa-2 checkpoint's metadata["backbone"]["lora"] describes."""
-    from peft import LoraConfig
-
-    return LoraConfig(**backbone["lora"], lora_dropout=0.0, bias="none")
+    return require("peft", "train").LoraConfig(**backbone["lora"], lora_dropout=0.0, bias="none")
 
 
 def adapted_target(directory, model):
     """Medusa-2: a copy of `model` with the checkpoint's jointly trained LoRA merged into its
     decoder, the target those heads read (`model` itself is left untouched)."""
-    from peft import get_peft_model, set_peft_model_state_dict
-
+    peft = require("peft", "train")
     ckpt = checkpoint.load(directory, KIND, model)
     backbone = ckpt.metadata.get("backbone")
     if not backbone:
@@ -149,8 +147,8 @@ def adapted_target(directory, model):
                        "adapted_target: a copy of the target to merge the adapter into",
                        "free memory, or use Medusa-1 heads, which read the target itself")
     adapted = copy.deepcopy(model)
-    decoder = get_peft_model(adapted.get_decoder(), lora_config(backbone))  # injects into the copy's decoder
-    unexpected = set_peft_model_state_dict(decoder, {k: v.to(model.dtype) for k, v in lora.items()}).unexpected_keys
+    decoder = peft.get_peft_model(adapted.get_decoder(), lora_config(backbone))  # injects into the copy's decoder
+    unexpected = peft.set_peft_model_state_dict(decoder, {k: v.to(model.dtype) for k, v in lora.items()}).unexpected_keys
     if unexpected or not lora:
         raise checkpoint.CheckpointError(f"drafter checkpoint {str(directory)!r} is corrupt: its adapter tensors "
                                          f"({sorted(unexpected)[:3] or 'none'}) do not fit the model")

@@ -17,6 +17,7 @@ import sys
 
 from transformers import HfArgumentParser
 
+from specdec.extras import require
 from specdec.training.data import MakeDataArguments, make_data
 from specdec.training.draft_model import DraftModelArguments, DraftModelRecipe
 from specdec.training.draft_vocab import DraftVocabArguments, add_draft_vocab
@@ -79,8 +80,10 @@ def _run(argv: list[str]) -> int:
     if command not in COMMANDS:
         raise UsageError(f"specdec train: unknown command {command!r}; the commands are {', '.join(COMMANDS)} "
                          "(see `specdec train --help`)")
-    import datasets
     from transformers.utils import logging
+
+    datasets = require("datasets", "train")  # before any work: the [train] extra installs both
+    require("peft", "train")
 
     logging.set_verbosity_error()  # per-call generation-flag warnings would drown the progress bars
     datasets.disable_progress_bars()  # one bar per saved shard otherwise

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from specdec.extras import require
 from specdec.models import load_model
 from specdec.training import arguments
 
@@ -162,7 +163,7 @@ def load_examples(path: str | Path):
     """The dataset written by `make_data` (give its output_dir or the dataset dir itself; several,
     joined by commas, are concatenated in that order, keeping the columns they share: hidden states
     only if every part has them)."""
-    import datasets
+    datasets = require("datasets", "train")
 
     dirs = data_dirs(path)
     if len(dirs) > 1:
@@ -273,7 +274,7 @@ def _generate_shard(model, tok, prompts: list[str], args: MakeDataArguments) -> 
 
 def make_data(args: MakeDataArguments) -> Path:
     """Self-distilled training data in ``args.output_dir`` (resumable); returns the dataset dir."""
-    import datasets
+    datasets = require("datasets", "train")
 
     arguments.at_least_one(batch_size=args.batch_size, shard_size=args.shard_size,
                            max_new_tokens=args.max_new_tokens, limit=args.limit, threads=args.threads)
@@ -323,9 +324,9 @@ def make_data(args: MakeDataArguments) -> Path:
 
 
 def _features(model, hidden: bool):
-    from datasets import Array2D, Features, Sequence, Value
+    d = require("datasets", "train")
 
-    cols = {"input_ids": Sequence(Value("int32")), "prompt_length": Value("int32")}
+    cols = {"input_ids": d.Sequence(d.Value("int32")), "prompt_length": d.Value("int32")}
     if hidden:
-        cols["hidden_states"] = Array2D(shape=(None, model.config.hidden_size), dtype="float16")
-    return Features(cols)
+        cols["hidden_states"] = d.Array2D(shape=(None, model.config.hidden_size), dtype="float16")
+    return d.Features(cols)

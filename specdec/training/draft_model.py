@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from specdec.drafters import checkpoint
+from specdec.extras import require
 from specdec.models import load_model
 from specdec.training import arguments
 from specdec.training.data import Batch
@@ -98,11 +99,10 @@ class DraftModelRecipe:
         draft, self._tokenizer = self._load_draft(target)
         if not self.args.lora:
             return draft
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(r=self.args.lora_rank, lora_alpha=self.args.lora_alpha, lora_dropout=0.0,
+        peft = require("peft", "train")
+        config = peft.LoraConfig(r=self.args.lora_rank, lora_alpha=self.args.lora_alpha, lora_dropout=0.0,
                             target_modules="all-linear", bias="none")
-        return get_peft_model(draft, config)
+        return peft.get_peft_model(draft, config)
 
     def _logits(self, draft, target, batch: Batch, *, grad: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Draft and target logits [n, vocab] at the n labelled positions, their target tokens [n]."""

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from specdec.drafters import checkpoint
+from specdec.extras import require
 from specdec.drafters.medusa import Medusa, MedusaHeads, lm_head_of, lora_config
 from specdec.training.data import Batch
 from specdec.training.train import TrainArguments
@@ -115,11 +116,9 @@ class MedusaRecipe:
         heads.init_lm_heads(lm_head_of(target)[0])
         if not self.args.joint:
             return heads.to(target.device)
-        from peft import get_peft_model
-
         decoder = copy.deepcopy(target.get_decoder()).float()  # a copy: the frozen target stays the original
         decoder.requires_grad_(False)
-        return JointMedusa(heads, get_peft_model(decoder, lora_config({"lora": self.lora}))).to(target.device)
+        return JointMedusa(heads, require("peft", "train").get_peft_model(decoder, lora_config({"lora": self.lora}))).to(target.device)
 
     def _logits(self, module, target, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Logits [n, K, vocab] at the n positions where some head has a label, with their
@@ -197,9 +196,8 @@ class MedusaRecipe:
     def save(self, module, target, directory: Path, metadata: dict) -> Path:
         if not self.args.joint:
             return Medusa(target, module, accuracy=metadata.get("accuracy"), metadata=metadata).save_pretrained(directory)
-        from peft import get_peft_model_state_dict
-
-        lora = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(module.backbone).items()}
+        state = require("peft", "train").get_peft_model_state_dict(module.backbone)
+        lora = {k: v.detach().cpu().clone() for k, v in state.items()}
         adapted = copy.deepcopy(target)  # the target the heads read: the adapter merged into its decoder
         adapted.get_decoder().load_state_dict(copy.deepcopy(module.backbone).merge_and_unload().state_dict())
         metadata = {**metadata, "backbone": {"lora": self.lora, "fingerprint": checkpoint.fingerprint(adapted)}}
