@@ -1,21 +1,14 @@
 """Acceptance rules: given the target's logits over ``[root] + tree``, which path is kept.
 
-Notation (Leviathan et al., 2023): p = target distribution, q = draft distribution.
-A rule returns the accepted root-to-node path and the next token, which is the target's own
-choice after that path (the "bonus" token when the path is a leaf, the correction otherwise).
-`Greedy` reproduces greedy decoding exactly. `Speculative` samples: its output has exactly the
-distribution of sampling from p token by token (rejection sampling over each node's children
-against ``tree.draft_probs``), where p comes from logits that already went through the logits
-processors (temperature, top-k/top-p, penalties), as in ``model.generate(do_sample=True)``.
+A rule returns the accepted root-to-node path and the next token, the target's own choice after
+that path (bonus or correction). `Greedy` reproduces greedy decoding exactly. `Speculative`
+samples with exactly the distribution of sampling token by token from p, the logits after the
+logits processors (as ``model.generate(do_sample=True)``), against ``tree.draft_probs`` (q).
+Seeded and given ``position``, its output depends on the seed and the context alone, whatever
+was drafted. `Typical` is lossy and opt-in.
 
-Rules are called with ``position``, the index in the sequence of the token the root's row
-predicts. A seeded `Speculative` uses it to make its output a function of the seed and the
-context alone, whatever was drafted (see `Speculative`).
-
-Devices: `logits` stay on the model's device; what a rule reads on the host comes over in as few
-transfers as the rule allows: `Greedy` one [n + 1] argmax per step, the sampling rules one
-[vocab] row per node they visit (never one value per child tried). Random draws use host
-generators, so a seed means the same thing on every device.
+Boundary: core level. Logits stay on the model's device; a rule reads at most one row per node
+it visits on the host, and draws from host generators. Rationale: docs/design.md.
 """
 
 from __future__ import annotations
@@ -90,21 +83,13 @@ class Speculative:
     """Lossless speculative sampling over a tree (Leviathan et al. for a chain; the recursive
     rejection of SpecInfer / EAGLE-2 for siblings).
 
-    At a node with target distribution p, try its children in order: child x is accepted with
-    probability min(1, p(x) / q(x)); on rejection p <- norm(max(0, p - q)) and the next sibling
-    is tried against that residual. When no child is accepted the next token is sampled from
-    the residual. With ``tree.draft_probs`` None the drafts are deterministic (prompt lookup,
-    top-k trees) and q is one-hot at x: accept with p(x), else remove x from p. With draft_probs,
-    each node's siblings must be independent samples from that node's q.
-
-    Seeded and told the `position` (as `generate` does), it samples by coupling instead: the
-    target's token at sequence index j is the Gumbel-max ``argmax(log p + g_j)``, with the noise
-    g_j drawn from (seed, j) alone, and a drafted token is accepted when it is that token. Each
-    token is still an exact sample from p, and the output no longer depends on what was drafted,
-    so the same seed gives the same text whatever the drafter, the tree size or the no-slowdown
-    guard (which decides by wall time) did. For deterministic drafts the chance of acceptance is
-    the same as rejection sampling's (a node's children are accepted with their mass under p);
-    for drafts sampled from q (``draft_probs``) it is sum q p instead of sum min(p, q).
+    At a node with target distribution p, child x is accepted with probability min(1, p(x) / q(x));
+    on rejection p <- norm(max(0, p - q)) and the next sibling is tried; with no child accepted the
+    next token is sampled from the residual. With ``tree.draft_probs`` None, q is one-hot at x.
+    With draft_probs, each node's siblings must be independent samples from that node's q.
+    Seeded and given `position`, it couples instead: the token at index j is the Gumbel-max of
+    ``log p + g_j`` with g_j drawn from (seed, j) alone, still an exact sample from p, and the
+    same text whatever was drafted.
     """
 
     def __init__(self, seed: int | None = None):

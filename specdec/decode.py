@@ -2,16 +2,12 @@
 
 Each step: 1. propose a token tree  2. verify it in one target forward  3. accept a path
 4. commit the path to the KV cache  5. feed the decision back to the drafter. A chain is a tree,
-so there is one code path; with no drafter (or an empty tree, or while the no-slowdown guard
-pauses drafting) a step is plain decoding. Greedy and sampled decoding differ only in the rule
-of step 3.
+so there is one code path; with no drafter, an empty tree or a paused guard a step is plain
+decoding. Greedy and sampled decoding differ only in the rule of step 3.
 
 Boundary: the loop knows the `Drafter` protocol, the `Verifier`, the guard and acceptance
-rules; it never imports a concrete drafter and never asks which drafter it holds.
-
-Devices: the model's forward, logits and hidden states stay on the model's device; the committed
-token ids and the trees are host data (Python reads them every step). docs/device.md lists every
-place a step waits for the device and why.
+rules; it never imports a concrete drafter. The model's outputs stay on its device; token ids
+and trees are host data (docs/device.md lists every wait on the device).
 """
 
 from __future__ import annotations
@@ -311,21 +307,13 @@ def generate(
     """Speculative decoding with the output of ``model.generate``. Returns ``[1, prompt + new]``.
 
     Greedy (the default): token for token what ``model.generate(do_sample=False)`` returns.
-    ``do_sample=True`` (None: ``model.generation_config.do_sample``) samples with `temperature`,
-    `top_k`, `top_p`, `min_p` as ``model.generate`` does (`specdec.sampling`), through the
-    lossless `Speculative` rule: the distribution of the output is exactly that of sampling from
-    the target token by token. `seed` makes a sampled run reproducible, and its text the same
-    whatever the drafter, the tree or the guard did (`Speculative` couples each position's sample
-    to the seed). With ``seed=None`` torch's global RNG draws, so ``torch.manual_seed`` works as
-    with HF, but then the text also depends on what was drafted, and the guard decides that by
-    wall time. `rule` overrides the acceptance rule (e.g.
-    `specdec.Typical`, which is lossy). The no-slowdown guard (on by default) pauses drafting
-    while speculation measures slower than plain decoding; ``guard=True`` starts a fresh
-    `specdec.Guard` for this call, a `Guard` object keeps its measurements and the drafter's record
-    of failed windows across the calls it is passed to (as `specdec.Session` does; see
-    `Guard.begin`), ``None``/``False`` drafts on every step. `verifier`: a
-    `specdec.Verifier` of this model kept from an earlier call, whose cached common prefix with
-    this prompt is reused instead of prefilled again (a conversation; `specdec.Session`).
+    ``do_sample=True`` (None: the generation config's) samples with `temperature`, `top_k`,
+    `top_p`, `min_p` as ``model.generate`` does, through the lossless `Speculative` rule. With
+    `seed` the text is reproducible and the same whatever was drafted; with None torch's global
+    RNG draws (``torch.manual_seed`` works) and the text depends on what was drafted. `rule`
+    overrides the acceptance rule (e.g. the lossy `specdec.Typical`). `guard`: True starts a fresh
+    no-slowdown `specdec.Guard`, a `Guard` object keeps its record across calls, None/False drafts
+    every step. `verifier`: one kept from an earlier call, whose cached common prefix is reused.
 
     `max_new_tokens` and `eos_token_id` default to the model's generation config, as in HF
     (pass ``eos_token_id=[]`` to never stop on EOS). `stopping_criteria` / `logits_processor` are

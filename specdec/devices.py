@@ -1,14 +1,13 @@
 """Where models run: the `--device` / `--dtype` strings as torch objects, and clocks that are
 right on asynchronous devices.
 
-On CUDA a forward returns before the device has run it, so a wall clock read right after it
-measures the launch, not the work. `clock` waits for the device's queued work first (`sync`), so
-every timed span in specdec (`GenerationStats`' prefill/draft/verify split, `specdec profile`,
-the bench and the demo) ends when its work has. On the CPU both are plain `time.perf_counter`.
+`clock` waits for the device's queued work first (`sync`), so every timed span in specdec
+(`GenerationStats`, `specdec profile`, the bench, the demo) ends when its work has; on CUDA a
+forward returns before the device has run it. On the CPU both are plain `time.perf_counter`.
 
 Boundary: core level, torch and the standard library only. The CLI turns strings into objects
-with `parse_device` / `parse_dtype` (its config dataclasses declare the options with
-`device_field` / `dtype_field`); everything below it takes `torch.device` / `torch.dtype`.
+with `parse_device` / `parse_dtype` (declared with `device_field` / `dtype_field`); everything
+below it takes `torch.device` / `torch.dtype`.
 """
 
 from __future__ import annotations

@@ -1,28 +1,16 @@
 """The no-slowdown guard: speculation has to beat plain decoding, as measured, or it pauses.
 
-Users of speculative decoding report runs slower than plain decoding when the drafter is poor
-or drafting is dear. The guard compares two running rates of seconds per committed token,
-both measured in this process (each a running average of seconds over a running average of
-tokens, so a step that commits four tokens weighs four times one that commits one, as in the
-wall clock): steps that speculated (draft + verify + overhead) and plain steps
-(a forward over the root alone, the drafter not asked). Plain steps happen while the guard
-pauses drafting, as the first step of a fresh guard, as a forced probe when the plain reference is
-`refresh` steps old (after `probe_every` speculative steps), and for the last token. A step whose drafter
-was asked but proposed nothing is speculative: the drafting it cost is what is being judged. When speculating costs more
-per token than plain decoding by more than `margin`, drafting pauses for `pause` steps, doubling
-on each consecutive failure up to `max_pause`, then resumes to re-probe. A new request (`begin`)
-ends the pause, since its text may suit the drafter, but not the record: a drafter whose last
-verdict was a failure waits for its backoff again, at most `request_wait` plain steps, before the
-request's first probe (a short answer is over before a probe could pay for itself; so a drafter
-that keeps failing is not probed on answers of up to `request_wait` tokens), and one whose last
-verdict was a pass, or that has none yet, drafts at once. The failure count, and so the doubling,
-carries across requests until a window passes. A window that is plainly
-losing fails before `probe_every` steps: from its third step on, as soon as it costs more than
-`early_fail` times plain decoding's rate (a drafter whose drafting alone costs two target
-forwards would otherwise spend eight steps proving it at every re-probe).
+It compares two running rates of seconds per committed token measured in this process:
+speculative steps (draft + verify + overhead; a drafter asked that proposed nothing counts) and
+plain steps (the root alone, the drafter not asked). Plain steps happen while paused, first in a
+fresh guard, as a probe once the plain reference is `refresh` steps old, and for the last token.
+A window of `probe_every` speculative steps that costs more per token than plain by more than
+`margin` (or, from its third step, more than `early_fail` times plain) pauses drafting for
+`pause` steps, doubling per consecutive failure up to `max_pause`. `begin` (a new request) ends
+the pause but keeps the failure count: a drafter that failed last waits up to `request_wait`.
 
-Boundary: core level, no model and no drafter type; `generate` asks it before step 1 and reports
-every step to it. Only the choice to draft changes, so outputs stay exact.
+Boundary: core level, no model and no drafter type; only the choice to draft changes, so
+outputs stay exact. Why these defaults: docs/design.md, "The no-slowdown guard".
 """
 
 from __future__ import annotations
@@ -33,16 +21,11 @@ from dataclasses import dataclass, field
 @dataclass
 class Guard:
     # Speculative steps before a window's first verdict (and before a probe of a `refresh`-old reference).
-    # 8, not more: a 30-token answer is 15-30 steps, and a verdict after 16 came too late to save a
-    # short answer from a drafter that does not pay (measured: layer-skip on Qwen-0.5B's rag question).
     probe_every: int = 8
     refresh: int = 256  # steps after which the plain reference is measured again
     pause: int = 16  # plain steps after the first failure (doubles on consecutive failures)
     max_pause: int = 512
     # Most plain steps a request waits before its first probe when the drafter's last window failed.
-    # 32: a short answer (qa: 20-40 tokens) is not probed by a drafter that keeps losing (measured: a
-    # probe at every request cost eagle and layer-skip 9-24% on SmolLM2's qa answer), while a drafter
-    # that fits this request's text (lookahead copying a rag document) still gets three quarters of it.
     request_wait: int = 32
     margin: float = 0.0  # tolerated slowdown, as a fraction of the plain time per token
     early_fail: float = 2.0  # a window fails before probe_every steps (from step 3) once this many times slower
@@ -75,9 +58,8 @@ class Guard:
 
     def begin(self) -> None:
         """A new request (`generate` calls this first). Its text may suit the drafter where the last
-        one did not, so a long pause does not carry over (measured: kept across questions, it locked
-        lookahead out of a rag answer it copies 9 tokens a step from); the rates and the count of
-        consecutive failures do, and a drafter that failed last waits up to `request_wait` steps."""
+        one did not, so a pause does not carry over; the rates and the count of consecutive
+        failures do, and a drafter that failed last waits up to `request_wait` steps."""
         self._paused = min(self.request_wait, self._backoff()) if self._failures else 0
         self._new_window()
 

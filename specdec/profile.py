@@ -1,15 +1,13 @@
 """The verify cost curve: how long one target forward over k new tokens takes on this machine.
 
-Speculation pays off only when verifying a k-token tree costs little more than decoding one token,
-so this curve decides tree budgets and draft lengths. `measure` times the forward the verifier
-really runs (k tokens after a realistic KV cache, median of repeats), with and without
-`specdec.packing` (CPU only); curves are stored as JSON under the cache directory, one per model,
-device type and dtype (`model_key`), valid on the machine that measured them (`machine_id`: the
-CPU, its threads and torch, plus the GPU's name off the CPU). `for_model` is what `generate` asks:
-the stored profile, or off the CPU a short curve measured on first use.
+The curve decides tree budgets and draft lengths (`specdec.trees.sizing`). `measure` times the
+forward the verifier really runs (k tokens after a realistic KV cache, median of repeats), with
+and without `specdec.packing` on the CPU. Curves are stored as JSON under the cache directory per
+model, device type and dtype (`model_key`), valid only on the machine that measured them
+(`machine_id`). `for_model` is what `generate` asks: the stored profile, or off the CPU a short
+curve measured on first use.
 
-Boundary: core level; knows the model's public forward, `specdec.kv`, `specdec.packing` and
-`specdec.devices`.
+Boundary: core level; the model's public forward, `specdec.kv`, `specdec.packing`, `specdec.devices`.
 """
 
 from __future__ import annotations

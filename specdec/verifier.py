@@ -1,14 +1,11 @@
 """The verifier: runs the stock target model over ``[root] + tree`` in ONE forward.
 
 Only public model arguments are used: a 4D additive float mask, ``position_ids`` and
-``past_key_values``. Cache compaction is delegated to `specdec.kv`. Forwards over at least
-`packed_from` tokens run with `specdec.packing`'s oneDNN-prepacked linears (faster on CPU for
-small k; the crossover comes from `specdec.profile`); shorter ones run the model as it is.
-Invariant between steps: the cache holds every committed token except the last one (the root).
-Token ids (`prefix`, trees) are host data; every model input is built on or copied to the model's
-device, and the scores stay there.
-A verifier can be reused for a later prompt that extends an earlier one (a conversation): the
-cached common prefix is kept and only the new tokens are prefilled (`specdec.Session`).
+``past_key_values``; cache edits go through `specdec.kv`. Forwards over at least `packed_from`
+tokens run with `specdec.packing`'s prepacked linears. Invariant between steps: the cache holds
+every committed token except the last one (the root). Token ids and trees are host data; model
+inputs are built on the model's device and the scores stay there. A verifier can serve a later
+prompt that extends an earlier one (`specdec.Session`): the cached common prefix is kept.
 """
 
 from __future__ import annotations

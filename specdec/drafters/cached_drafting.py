@@ -1,26 +1,15 @@
 """One proposal of a drafter that runs a causal LM (or part of one) with its own KV cache.
 
-Shared by `DraftModel` (a second, smaller model), `LayerSkip` and `EarlyExit` (the target run
-through a `LayerSubset`). The cache is an optimisation reconciled against the committed tokens
-before every proposal, as HF's assisted generation does: it keeps the longest prefix of the
-tokens it holds that still agrees with ``ctx.input_ids`` (but feeds at least the last committed
-token again, so the root's distribution comes out of this proposal's first forward), so
-rejections need no protocol. A greedy chain or a dynamic top-k tree is then grown with
-`specdec.trees.expand` (EAGLE-2 style), each growth step feeding the whole frontier in one
-forward with a tree mask. Afterwards a chain's fed nodes stay cached, since they extend the
-sequence and may be accepted (those the budget kept); a tree's fed nodes are not one sequence
-and are dropped.
+Shared by `DraftModel`, `LayerSkip` and `EarlyExit`. Before every proposal the cache keeps the
+longest prefix of its tokens that agrees with ``ctx.input_ids`` (always re-feeding the last
+committed token, so the root's distribution comes from this proposal's first forward); a chain
+or dynamic top-k tree is then grown with `specdec.trees.expand`, one forward per level with a
+tree mask. A chain's fed nodes stay cached (they may be accepted); a tree's are dropped. With
+`window`, a (re)start on more than `window` committed tokens rebuilds the cache from the last
+`window` of them at their true positions.
 
-Window (optional): a drafter may attend to only the most recent committed tokens. When more than
-`window` committed tokens would have to be fed at once (a long prompt, a new turn), the cache is
-rebuilt from the last `window` of them, at their true positions; afterwards it grows with the
-sequence as usual. The draft then guesses from a truncated context: cheaper to start on long
-prompts (a self-drafting view's prefill costs most of the target's own), the output exact anyway.
-
-Boundary: owns no model, cache or state. The drafter passes its forward (which appends the keys
-and values of the tokens it is given to the cache), its cache, the tokens that cache holds and
-its tree knobs, and keeps what `draft` returns; the drafter validates its knobs, clamps the
-depth to ``ctx.max_depth`` and decides whether to draft at all. Cache edits go through
+Boundary: owns no model, cache or state: the drafter passes its forward, cache, the tokens it
+holds and its tree knobs, validates them and decides whether to draft. Cache edits go through
 `specdec.kv`.
 """
 

@@ -1,24 +1,14 @@
 """Save and load trained drafters: ``drafter_config.json`` + ``drafter.safetensors`` in one directory.
 
-Every trained drafter (Medusa heads, feature heads, exit adapters) uses this format. The JSON
-names the drafter kind, the target it was trained for (base model name, hidden size, vocabulary,
-layer count), the drafter's constructor config and free-form metadata (how it was trained, its
-measured accuracy). Loading checks the target first and refuses a mismatch with a message that
-names both sides, because a drafter trained on another model still yields exact output but
-would be silently useless. Every dimension the drafter config stores (``hidden_size``,
-``vocab_size``) must equal the recorded target's, which the weights are checked against when they
-load into a module built for that target (`instantiate`, or a drafter's own ``load_state_dict``):
-a config edited by hand is a corrupt checkpoint for every drafter, whether or not it builds its
-module from the config. Saving is atomic: the files are written into a temporary directory
-next to the destination and renamed into place, so a crash never leaves a half-written drafter
-(`write_directory`, which the draft-model training recipe uses for its saved models too).
+The JSON names the drafter kind, the target it was trained for (base model, hidden size,
+vocabulary, layer count), the drafter's config and free-form metadata. Loading refuses a target
+mismatch with a message naming both sides (a drafter for another model is exact but useless).
+Every dimension the config stores must equal the recorded target's; weights that do not fit the
+module built from the config are a corrupt checkpoint (`instantiate`). Saving is atomic: files
+go to a temporary sibling directory that is renamed into place (`write_directory`). Shipped
+drafters live in ``specdec/drafters/shipped/<base model>/<kind>/``; `shipped()` finds them.
 
-Shipped drafters live in ``specdec/drafters/shipped/<base model>/<kind>/``; `shipped()` finds
-the one matching a loaded model.
-
-Boundary: files and validation only; the drafter classes build themselves from a `Checkpoint`
-(`instantiate` loads the saved weights into the module a drafter builds from the saved config, and
-reports a mismatch as a corrupt checkpoint).
+Boundary: files and validation only; drafter classes build themselves from a `Checkpoint`.
 """
 
 from __future__ import annotations

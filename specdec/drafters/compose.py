@@ -52,35 +52,15 @@ def _committed_only(feedback: Feedback, k: int) -> Feedback:
 
 class Merge:
     """Every drafter proposes from the same context; their trees merge into one trie
-    (`specdec.trees.merge`), cut to the `budget` best nodes (None: keep every node).
+    (`specdec.trees.merge`), cut to the `budget` best nodes (None: no cap).
 
-    Nodes rank by the drafter's own `TokenTree.scores` when it gives them, else by ``a ** depth``
-    where `a` is that drafter's running per-token acceptance rate in this composition (prior
-    0.5, decayed by `decay` per step): the chance that one of its nodes is accepted given the
-    path to its parent was. A drafter whose proposal the budget dropped entirely has its rate
-    drift back toward the prior, so it is re-tried once the others look no better than 0.5.
-    Size: each part sizes its own tree for itself, but their union costs more to verify than
-    either, so the merged tree is cut to the n >= 1 best nodes that maximise expected tokens per
-    unit of verify time, ``(1 + sum of the n best scores) / ctx.verify_cost(n)`` (the rule the
-    parts use, `specdec.trees.sizing`; the n best are ancestor-closed because merged scores never
-    rise from parent to child); an int `budget` caps it further.
-
-    The merged tree carries no `draft_probs` (a path may come from several drafters, each with
-    its own q). That stays lossless under `specdec.Speculative`: with draft_probs None every
-    child is a one-hot proposal, tried in order, accepted with the current p(x), and on
-    rejection x is removed from p and p renormalised. For any set of distinct candidates chosen
-    without the verifier's random draws (the drafters see only committed tokens, and their own
-    randomness is independent of the verifier's), the token that comes out is distributed
-    exactly as p, by induction over the siblings. It costs only acceptance rate, and only for a
-    drafter that sampled its drafts from q: its rule would have accepted x with
-    ``min(1, p(x) / q(x)) >= p(x)``. Deterministic drafts (top-k trees, prompt lookup) lose
-    nothing. Greedy decoding ignores draft_probs altogether.
-
-    `update` gives each drafter a `Feedback` about its own proposal restricted to the nodes the
-    budget kept (``tree.subtree(kept)``; empty if none survived), with `accepted_nodes` the
-    nodes of that subtree on the accepted path, the step's `new_tokens` (these may run past its
-    own accepted nodes, where another drafter's nodes continued the path), and the target's
-    top-k rows for its root and kept nodes, cut to its own `feedback_topk`.
+    Nodes rank by the drafter's own `TokenTree.scores`, else by ``a ** depth`` with `a` that
+    drafter's running acceptance rate here (prior 0.5, decayed by `decay`; it drifts back to the
+    prior when the budget drops the whole proposal). The union is cut to the n >= 1 best nodes by
+    the sizing rule (`specdec.trees.sizing`) over ``ctx.verify_cost``. The merged tree carries no
+    `draft_probs`, which stays lossless under `specdec.Speculative` (docs/design.md). `update`
+    gives each drafter a `Feedback` on its own kept nodes (``tree.subtree(kept)``), with the
+    step's `new_tokens` and target top-k rows cut to its own `feedback_topk`.
     """
 
     _PRIOR = (1.0, 2.0)  # [accepted, trials]: a = 0.5, weak

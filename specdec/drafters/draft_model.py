@@ -1,10 +1,8 @@
 """A smaller causal LM sharing the target's vocabulary drafts a chain or a dynamic top-k tree.
 
-The draft model keeps its own KV cache. Before each proposal it reconciles that cache against
-the committed tokens by their common prefix (as HF's assisted generation does), so rejections
-need no protocol. Trees are grown with `specdec.trees.expand` (EAGLE-2 style); each growth step
-feeds the whole frontier through the draft model in one forward with a tree mask. Both steps are
-`specdec.drafters.cached_drafting`, shared with the self-speculative drafters.
+The draft model keeps its own KV cache, reconciled against the committed tokens by common prefix
+before each proposal, and grows trees with `specdec.trees.expand` (both in
+`specdec.drafters.cached_drafting`, shared with the self-speculative drafters).
 """
 
 from __future__ import annotations

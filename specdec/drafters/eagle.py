@@ -1,55 +1,15 @@
-"""EAGLE: a one-layer feature-level autoregressive head drafts a dynamic tree (EAGLE-1/2 design,
-with EAGLE-3's reduced draft vocabulary).
+"""EAGLE: a one-layer feature-level head drafts a dynamic tree (EAGLE-1/2, EAGLE-3's draft vocabulary).
 
-Feature. The head works on the target's last-layer state as the verifier hands it over
-(`Context.hidden_states`): ``out.hidden_states[-1]``, which transformers 5.x ties to
-``last_hidden_state``, i.e. the state AFTER the final norm (EAGLE's papers use the pre-norm
-state, which the verifier does not expose). Training (`specdec.training.eagle`) regresses the
-same post-norm state (make-data stores it; `target_states` computes it), so the drafter sees at
-inference exactly the feature space it was trained on.
+`EagleHead`: pair p is (f_p, x_{p+1}), the target's post-norm last-layer feature at p and the
+next token; ``fc([embed(x_{p+1}); f_p])`` feeds one decoder layer of the target's class with its
+own KV cache, and the target's frozen final norm and lm_head turn the output into f_{p+1} and
+logits for x_{p+2}. ``Context.hidden_states[-1]`` is the feature of the token before the root,
+so a node at depth d sits at position t - 2 + d. The cache is reconciled with ``ctx.input_ids``
+by common prefix; pairs whose features never arrived are left out (less informed, never wrong).
+Trees grow with `specdec.trees.expand` and are cut by the sizing rule over calibrated scores.
 
-Head (`EagleHead`). Pair p is (f_p, x_{p+1}): the target's feature at position p and the token
-that follows it. ``fc([embed(x_{p+1}); f_p])`` (2H -> H) feeds ONE decoder layer of the
-target's own class (built from a copy of its config with one layer; fresh weights, optionally
-started from the target's last layer), at position p, attending to the pairs before it through
-the head's own one-layer KV cache. The target's final-norm weight (frozen, shared) turns the
-layer's output into the predicted feature f_{p+1} in the target's post-norm space, and the
-target's lm_head (frozen, shared) turns a feature into next-token logits: lm_head(f_{p+1})
-predicts x_{p+2}. The token embedding is the target's too (shared, never copied).
-
-Alignment. ``Context.hidden_states[-1]`` is the feature of ids[-2], the token before the root
-(see `specdec.drafters.medusa`), so the last pair is (f_{t-2}, root) at position t - 2, and its
-output predicts the root's feature and the root's children. A tree node at depth d is fed as
-(predicted feature of its parent, its token) at position t - 2 + d.
-
-Cache. The head caches the pairs of committed tokens with the target's real features. Each
-propose reconciles the cache with ``ctx.input_ids`` by common prefix (pair p stays valid while
-ids[:p + 2] are unchanged), then adds the pairs whose features arrived in `ctx`. Features of
-steps in which `propose` was not called (a paused guard, a composition that skipped this drafter,
-the last step of an earlier Session turn) never arrive: those pairs are left out of the cache
-(the positions of the others stay true), which only makes drafts less informed, never wrong;
-rows that arrive later for a span with such a hole (a fresh verifier's prefill) re-fill it.
-Tree nodes enter the cache during growth and leave it afterwards.
-
-Tree. `specdec.trees.expand` grows an EAGLE-2 dynamic tree: every level feeds the frontier
-through the head in one forward with a tree mask; nodes are ranked by cumulative draft
-probability (the tree's `scores`). The grown tree is cut to the size that maximises expected
-tokens per unit of verify time (`specdec.trees.sizing`): node i's chance of acceptance is its
-score times a running calibration (accepted drafts / summed scores of proposed trees, from
-`update`), at most 1, and n nodes cost ``ctx.verify_cost(n)``.
-
-Draft vocabulary (EAGLE-3's). On a small target the lm_head is most of a draft's cost: a
-width-8, depth-6 tree puts 41 rows through SmolLM2's 49k x 576 lm_head, about nine target
-forwards' worth of multiply-adds, so a draft cost 2-4 plain steps. With `draft_vocab` (token ids, e.g. the
-8k most frequent answer tokens of the training data, stored in the checkpoint) the head scores
-only those rows plus every token of the current request's context as it appears
-(`specdec.drafters.vocab`). Its probabilities are normalised over those rows, so they overstate q
-a little; the tree sizing's running calibration absorbs that.
-
-Boundary: imports the core interface, `specdec.kv`, `specdec.trees`, `specdec.decode`'s
-`resolve_packed_from`, and the checkpoint, mask and draft-vocabulary helpers of this package;
-works with Llama-layout decoders (``get_decoder()`` with ``layers``, ``rotary_emb`` and an RMS
-``norm``), checked on construction.
+Boundary: the core interface, `specdec.kv`, `specdec.trees` and this package's checkpoint, mask
+and vocabulary helpers; Llama-layout decoders only (checked on construction).
 """
 
 from __future__ import annotations
@@ -217,10 +177,8 @@ class Eagle:
         `min_confidence`: stop growing once no frontier node's best token is that likely.
         `min_gain`: stop growing once no frontier node's calibrated acceptance chance (running
         acceptance ratio x cumulative draft probability, what `size` counts) reaches it: a level
-        costs a head step, and a node can only be less likely than its parent. A per-node bar,
-        set by measurement: on SmolLM2, where a head step costs about 7% of a verify forward,
-        0.1 cut the draft time by 38-49% at the same accepted length (BENCHMARKS.md, "Cheaper
-        drafts for the trained heads"; 0.05 and 0.2 did about as well). 0: always grow `depth` levels.
+        costs a head step, and a node can only be less likely than its parent (default: see
+        docs/design.md). 0: always grow `depth` levels.
         `calibration_decay`: weight of past steps in the running acceptance calibration.
         `draft_vocab`: [V] token ids the head scores (with each request's context tokens added);
         None: the whole vocabulary. `from_pretrained` passes the checkpoint's, if it has one.

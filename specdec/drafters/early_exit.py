@@ -1,70 +1,16 @@
-"""Self-speculative drafting from an early exit of the target: its first `exit_layer` decoder
-layers, then its own final norm and lm_head (LayerSkip, Elhoushi et al. 2024, without the
-early-exit training recipe), optionally through a small trained exit adapter (self-supervised
-early-exit heads).
+"""Self-speculative drafting from an early exit of the target (LayerSkip, Elhoushi et al. 2024):
+its first `exit_layer` decoder layers, its final norm and lm_head, optionally a trained adapter.
 
-The draft is the target run through a `LayerSubset` of layers ``0 .. exit_layer - 1``: no second
-model and no copied weights. It drafts a greedy chain (or, with ``topk > 1``, a dynamic top-k
-tree via `specdec.trees.expand`) with its own KV cache, reconciled against ``ctx.input_ids`` by
-common prefix before every proposal (`cached_drafting`, shared with `DraftModel`), stops deeper
-drafting once its best next token is less likely than `min_confidence`, and scores nodes by
-cumulative draft probability.
+The draft is the target through a `LayerSubset` (nothing copied) with its own KV cache
+(`cached_drafting`): a greedy chain or, with ``topk > 1``, a dynamic tree. `ExitAdapter` adds
+``up(silu(down(n)))`` to the normed early state, folded into the lm_head once per `begin`; ``up``
+starts at zero, so an untrained adapter drafts like the plain exit. Unless fixed, the exit layer
+is calibrated on recent committed tokens by ``max_d (1 + a + ... + a^d) / (verify(d) + d * c)``
+(agreement `a`, weight cost `c`); if no exit beats plain decoding it proposes nothing until
+`recalibrate()`.
 
-Exit adapter (`ExitAdapter`): a residual SiLU bottleneck on the *normed* early state,
-``n + up(silu(down(n)))`` with ``n = norm(h_exit)``, fed to the target's lm_head. It sits after
-the shared norm rather than before it so that the lm_head is read once per draft forward: by
-linearity ``lm_head(n + d) = lm_head(n) + W_head @ up(silu(down(n)))``, and ``W_head @ W_up``
-([vocab, rank]) is folded once per `begin`, so the adapter adds a rank-`rank` correction to the
-logits the view already computes instead of a second [vocab, hidden] product (on CPU a draft
-forward's cost is reading weights, and the lm_head is a large share of them for an early exit).
-``up`` starts at zero: an untrained adapter drafts exactly like the plain early exit.
-
-Choosing the exit layer (unless `exit_layer` fixes it or an adapter brings its own): on the first
-proposal, and again after `recalibrate()`, a short teacher-forced calibration on the last
-`calibrate_tokens` committed tokens (the prompt, on the first step), as LayerSkip picks its exit
-by agreement against cost. One forward of every layer gives the target's next-token choices and
-each layer's input state; for up to `calibrate_trials` evenly spaced candidate exits k, the
-target's norm + lm_head on the layer-k state give the agreement `a` (share of window positions
-where the exit picks the target's token), and the exit's cost `c` is its decoder-layer plus
-lm_head weights over the target's (a one-token forward on CPU is bound by reading weights). The
-exit with the best ``max_d (1 + a + ... + a^d) / (verify(d) + d * c)`` wins, verify(d) being
-`Context.verify_cost` (`specdec.trees.sizing` with a draft cost). When even the best value is at
-most 1 (plain decoding), no exit is expected to pay and the drafter proposes nothing until
-`recalibrate()`; that is the usual verdict for a model never trained for early exit
-(SmolLM2-135M's exits agree with it on 0-7% of tokens up to two thirds of its depth), where a
-trained adapter is the way in.
-Cost: one full forward plus one lm_head pass per candidate over the window, once. A float
-`exit_layer` in (0, 1) skips calibration and exits after that fraction of the depth.
-
-KV for the shared layers: what is and is not computed twice.
-- The drafter's cache holds only layers ``0 .. exit_layer - 1`` (a first-k `LayerSubset` never
-  runs the later ones), at their own layer indices; for committed tokens these keys and values
-  equal the verifier's for the same layers.
-- Not recomputed by the drafter: a committed token already in its cache. Chain nodes it fed while
-  drafting (every level but the last) stay cached, so after a step it feeds only what it has not
-  seen: the last accepted node and the target's own next token (a tree's fed nodes are not one
-  sequence and are dropped, so its accepted path is fed again).
-- Computed twice, because drafters cannot reach the verifier's cache: the prompt's first
-  `exit_layer` layers (the verifier's prefill computed them, the drafter's first proposal does
-  again), each step's one or two committed tokens the drafter had not fed (the last accepted node
-  and the target's own token: the verifier ran them as tree node and root), and, on the
-  verifier's side, layers ``0 .. exit_layer - 1`` for the chain nodes the drafter already ran.
-  The protocol hands drafters committed tokens only (`Context`), and the verifier's
-  cache also holds unaccepted nodes mid-step, so sharing needs a core change, not done here:
-  (1) `Context` gains a read-only view of the verifier's committed cache (after `commit`), e.g.
-  ``kv.layer_view(cache, layers)``: a cache whose first `exit_layer` layers alias the verifier's
-  committed key/value tensors and grow copy-on-append, so drafting never writes into the
-  verifier's storage and is rolled back by dropping the view; the drafter would then feed only
-  the root and its draft nodes, no prefill. (2) LayerSkip's cache reuse in verification: the
-  verifier would accept, per draft node, the drafter's layer-`exit_layer` state and its
-  ``0 .. exit_layer - 1`` keys/values (`Feedback`-like handover from `propose`), run layers
-  ``exit_layer ..`` only for those nodes, and splice the handed-over keys/values into its own
-  cache via `specdec.kv`; that needs the verifier to run a layer range from given states, i.e.
-  `LayerSubset`-style forwards instead of the model's own.
-
-Boundary: imports the core interface, `specdec.trees`, the `LayerSubset` view, the shared
-`cached_drafting` step and the checkpoint helpers; the adapter variant saves and loads as drafter
-kind ``"early-exit"``.
+Boundary: the core interface, `specdec.trees`, `LayerSubset`, `cached_drafting` and the
+checkpoint helpers (drafter kind ``"early-exit"``).
 """
 
 from __future__ import annotations

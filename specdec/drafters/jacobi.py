@@ -1,42 +1,16 @@
-"""Lookahead decoding (LADE; Fu et al. 2024, "Break the Sequential Dependency of LLM Inference Using
-Lookahead Decoding"): Jacobi iterations fill an n-gram pool, in the same target forward that
-verifies the pool's guesses. Model-free: the target does all the work, through the tree.
+"""Lookahead decoding (LADE; Fu et al. 2024): Jacobi iterations fill an n-gram pool in the same
+target forward that verifies the pool's guesses. Model-free: the target does all the work.
 
-Each proposal is one tree under the root (the last committed token, at position t - 1):
+Each proposal is one tree under the root (position t - 1): up to `max_candidates` pool n-grams
+that start with the root, merged into a trie, and the lookahead chain of the current Jacobi
+guesses for positions t .. t + window - 1. The target's top-1 at chain node j
+(``feedback_topk = 1``) is the next iterate for position t + j + 1; past iterates stay here, and
+n-grams are read along their diagonal (docs/design.md). The committed text adds its n-grams too.
+The window is rebuilt from the context when it does not start right after ``ctx.input_ids``.
+Scores are ``a_pool^depth`` (times the n-gram's share) and ``a_chain^depth``, running rates; the
+chain is always sent and pool nodes are added by the sizing rule (`specdec.trees.sizing`).
 
-* verification branches: up to `max_candidates` continuations from the pool keyed by the root
-  token (n-grams whose first token is the root; most recent first), merged into a trie;
-* the lookahead branch: the current Jacobi guesses for positions t, ..., t + window - 1 as one
-  chain, so chain node j (depth j + 1) sits at position t + j.
-
-How LADE's 2D window maps onto a tree: LADE feeds N - 1 levels of W guesses with a mask that
-lets each token see its own causal row. Here only the newest level is fed, as the chain: a
-chain is exactly a causal row, so the target's top-1 at chain node j (``feedback_topk = 1``:
-`Feedback.target_topk`) is the next Jacobi iterate for position t + j + 1, and the root's row
-gives position t. The older levels never need the target again: they live in this drafter as
-past iterates (at most ngram - 2 of them, with absolute positions). An n-gram is read along the
-diagonal of the last `ngram` iterates, ``x^(k-N+1)_(p-N+1), ..., x^(k-1)_(p-1), x^(k)_p``: each
-token was the target's choice right after its predecessor in the previous iterate. Its tokens
-after the first must be real iterates (not the random fill of a fresh slot). The committed text
-adds its own n-grams too (LADE's prompt pool), so repeated text is found from the first step.
-
-After a step the window shifts by the number of committed tokens: positions stay absolute, the
-new iterate's tokens at positions past the committed ones become the next guesses, and the
-slots at the far end are filled with random tokens from the context (LADE's initialisation).
-A guess window that does not start right after ``ctx.input_ids`` (a new prompt, a restart) is
-rebuilt from the context, and the pool's committed-text index is reconciled by common prefix, so
-`propose` is correct from ctx alone.
-
-Scores: a pool node gets ``a_pool^depth`` times the share (by how often each n-gram was seen) of
-the candidates through it; a chain node ``a_chain^depth``; a node on both the larger. `a_pool` and
-`a_chain` are running per-token acceptance rates (priors 0.5 and 0.1: Jacobi guesses rarely
-match), so a `Merge` under a budget drops the lookahead chain first.
-
-Size: verifying n nodes costs ``ctx.verify_cost(n)`` target forwards. The chain is always sent
-(it is what iterates); of the pool nodes, best score first, as many are added as maximise the
-expected tokens per unit of verify time, ``(1 + sum of kept scores) / verify_cost(n)``
-(`specdec.trees.sizing` with the chain as its fixed base). The defaults (window 5, 4-grams, 5
-candidates) keep the tree at most 20 nodes.
+Boundary: model-free; reads only `Context`/`Feedback` and returns `specdec.trees.TokenTree`.
 """
 
 from __future__ import annotations

@@ -1,44 +1,16 @@
-"""Self-speculative drafting with the target minus some of its middle layers (SWIFT, Xia et al.
-2024, "SWIFT: On-the-Fly Self-Speculative Decoding").
+"""Self-speculative drafting with the target minus some middle layers (SWIFT, Xia et al. 2024).
 
-The drafter is the target itself run through a `LayerSubset` that leaves out a skip set of decoder
-layers: no second model, no training, no extra weights. It drafts a greedy chain (or, with
-``topk > 1``, a dynamic top-k tree via `specdec.trees.expand`) with its own KV cache, reconciled
-against ``ctx.input_ids`` by common prefix before every proposal (`cached_drafting`, shared with
-`DraftModel`), and stops early once its best next token is less likely than `min_confidence`
-(SWIFT's confidence-aware drafting). Scores are the cumulative draft probabilities `expand` gives.
+The draft is the target through a `LayerSubset` that leaves out a skip set (no training, no
+copied weights) with its own KV cache for the kept layers (`cached_drafting`): a greedy chain or,
+with ``topk > 1``, a dynamic tree, stopping below `min_confidence`. Unless ``skip=[...]`` fixes
+it, the skip set is calibrated on the first proposal (and after `recalibrate()`), teacher-forced
+over the last `calibrate_tokens` committed tokens: middle layers ranked by block influence
+``1 - cos(input, output)`` (ShortGPT), the k least influential skipped for several k, then
+random swaps; a set scores ``max_d (1 + a + ... + a^d) / (verify(d) + d * c)`` (agreement `a`,
+weight cost `c`). Cost: one full forward plus `calibrate_trials` partial ones, once.
 
-Choosing the skip set (unless ``skip=[...]`` fixes it): on the first proposal for this model, and
-again after `recalibrate()`, a bounded search runs teacher-forced over the last `calibrate_tokens`
-committed tokens (the prompt, on the first step):
-
-1. One forward of every layer gives the target's next-token choices (the reference) and each
-   layer's input state.
-2. Each middle layer (never the first or the last) is ranked by its block influence
-   ``1 - cos(input, output)`` over the window (ShortGPT's measure): layers that barely turn the
-   residual stream are the cheapest to drop.
-3. A candidate skip set is scored by its agreement `a` (share of window positions where the subset
-   picks the target's token) and its cost `c` (its decoder-layer plus lm_head weights over the
-   target's: a one-token forward on CPU is bound by reading weights) as the best expected speed of
-   a chain of up to `draft_tokens`, ``max_d (1 + a + ... + a^d) / (verify(d) + d * c)``, where
-   verify(d) is `Context.verify_cost` (`specdec.trees.sizing` with a draft cost). This is
-   "skip as many layers as possible while agreement stays high" made one number.
-4. Half of `calibrate_trials` goes to skipping the k least influential layers for k evenly
-   spaced up to ``max_skip_ratio`` of the middle layers; the rest to random swaps (one skipped
-   layer for one kept middle layer) around the best set, kept when they score higher (SWIFT's
-   random-search phase, without its Bayesian optimisation). A candidate reuses the reference
-   forward's state at its first skipped layer, so it costs only the layers after it.
-
-Cost: one full forward plus `calibrate_trials` partial forwards over at most `calibrate_tokens`
-tokens, once. The window drops the context before it, which makes the agreement an estimate.
-
-Shared with the target: every weight (the view calls the target's own modules; nothing copied) and
-its prepacked linears (`specdec.packing` keys them by model). Not shared: KV caches. The keys and
-values of the layers before the first skipped one are the target's own for the same tokens, but
-the verifier's cache is not exposed to drafters (the protocol gives them committed tokens only),
-and mid-step it also holds unaccepted tree nodes; the layers after the first skipped one see
-other inputs than in the target, so their caches differ anyway. The drafter keeps its own cache
-for the kept layers, at their original layer indices.
+Boundary: the core interface, `specdec.trees`, `LayerSubset` and `cached_drafting`; never the
+verifier's cache.
 """
 
 from __future__ import annotations

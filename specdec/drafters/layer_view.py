@@ -1,23 +1,14 @@
-"""`LayerSubset`: run the target's embedding, a chosen subset of its decoder layers (in order), its
-final norm and its lm_head, as a model of its own that shares every weight with the target.
+"""`LayerSubset`: the target's embedding, a chosen subset of its decoder layers (in order), its
+final norm and lm_head, run as a model of its own that shares every weight with the target.
 
-Used by self-speculative drafters (`LayerSkip`: the target minus some middle layers; an early-exit
-drafter: the first k layers). Nothing is copied and nothing on the target is changed (no
-attribute, no config field, no hook): the view calls the public forwards of the target's own
-submodules, the same calls the target's forward makes, and leaves out the skipped layers.
+Nothing is copied or changed on the target (no attribute, config field or hook): the view calls
+the public forwards of the target's own submodules and leaves out the skipped layers. A cache
+from `new_cache` holds the chosen layers at their original ``layer_idx``. Masks are 4D additive
+floats; a multi-token feed without one gets an explicit causal mask over cache + new tokens.
 
-Boundary: decoder-only models laid out as transformers' Llama family (``get_decoder()`` holding
-``embed_tokens``, ``rotary_emb``, a ``layers`` ModuleList and ``norm``; ``get_output_embeddings()``),
-with full attention everywhere. Other layouts raise a ValueError naming the missing part, and
-`check_faithful` catches models whose forward does more than these parts (an embedding scale,
-per-layer rotary tables): there the view would silently be another model.
-
-Caches: each decoder layer's attention stores keys/values at its own ``layer_idx``, so a cache
-from `new_cache` (one slot list per target layer, via `specdec.kv`) holds the chosen layers at
-their original indices and leaves the others empty. Masks are 4D additive floats (0 / finfo.min)
-as `specdec.trees.tree_mask` builds them; a multi-token feed without one gets an explicit causal
-mask over cache + new tokens, never the attention kernel's own causal inference (which assumes
-the queries are the last rows of a square mask and is wrong once past keys are passed).
+Boundary: Llama-family layouts (``get_decoder()`` with ``embed_tokens``, ``rotary_emb``,
+``layers``, ``norm``; ``get_output_embeddings()``) with full attention. Other layouts raise a
+ValueError naming the missing part; `check_faithful` refuses models whose forward does more.
 """
 
 from __future__ import annotations

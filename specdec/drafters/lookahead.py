@@ -1,33 +1,14 @@
 """Lookahead (Zhao et al. 2023, Alipay's PIA): draft several branches from a frequency trie of
 everything seen so far.
 
-A token trie holds every window of ``window = branch_length + max_prefix`` tokens or fewer
-starting at each position of the prompts and outputs of this and past requests (it persists
-across generate() calls), each node counting how often its path occurred. So the continuations
-of any suffix of up to `max_prefix` tokens are the children of the suffix's node, with counts.
-Committed tokens are inserted as they are committed: each propose reconciles against
-``ctx.input_ids`` and inserts only the tokens after the common prefix with what it saw last
-(a new prompt once, then a step's few tokens), so a repeated prompt is not counted twice.
-
-At each step the longest suffix of the context (`max_prefix` down to `min_prefix` tokens) whose
-node has continuations is matched, and the branches below it are taken best-first by relative
-frequency, ``count(child) / count(parent)`` multiplied along the path ("multiple branches with
-frequency-based pruning"), as one trie-shaped tree. How many nodes to draft is the expected-gain-
-per-cost rule of `specdec.trees.sizing`: the chance that a node is accepted is its frequency
-score times a running calibration (accepted drafts / predicted, per match length, decayed), at
-most 1, and the tree keeps the n best nodes that maximise ``(1 + sum of chances) / cost(n)``
-with cost `Context.verify_cost` (or ``1 + token_cost * n``). `TokenTree.scores` holds those
-chances. The tokens of a call's last step reach no later propose of that call; they
-are inserted when a later context holds them (the next turn of a chat).
-
-Memory: at most `max_trie_nodes` nodes, about 270 bytes each in CPython (a slotted object and
-its children dict, measured with tracemalloc), so ~27 MB at the default 100,000 (~8,000 tokens
-of novel text at window 12; repeated text shares nodes). Past the cap the trie is pruned to at
-most 3/4 of it: all counts are halved and nodes whose count reaches 0 are removed (least frequent
-first; repeated halving also ages old text), except nodes touched by the latest
-``max_trie_nodes // (4 * window)`` inserted tokens, so the current text stays matchable. A prune
-walks the whole trie (~0.1 s at the default cap) and happens at most once per
-``max_trie_nodes / 4`` new nodes. Insertion costs ~16 us per token (window 12).
+The trie holds every window of up to ``branch_length + max_prefix`` tokens of the prompts and
+outputs of this and past requests (it persists across calls), each node counting its path.
+Committed tokens are inserted once: each propose inserts only what follows the common prefix
+with what it saw last. A step matches the longest context suffix (`max_prefix` down to
+`min_prefix`) that has continuations and takes branches best-first by relative frequency; the
+node count comes from the sizing rule (`specdec.trees.sizing`) with chances calibrated per
+match length. Past `max_trie_nodes` the trie is pruned to 3/4 of it by halving counts, keeping
+nodes touched by the latest text.
 
 Boundary: model-free; reads only `Context`/`Feedback` and returns `specdec.trees.TokenTree`.
 """

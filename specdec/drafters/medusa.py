@@ -1,36 +1,16 @@
 """Medusa: K extra heads on the target's last hidden state guess the tokens 2..K+1 ahead.
 
-Alignment (checked by an oracle test). ``Context.hidden_states[-1]`` is always the target's
-last-layer state (post final norm) at the token *before* the root: after the prefill the rows
-are the prompt's ``input_ids[:-1]``, and after a step they are the old root plus the accepted
-nodes, the last of which predicted the new root. So with that state at position p, the target's
-own lm_head predicted the root (p + 1), and head k (1-based) predicts position p + 1 + k, the
-depth-k node under the root. The first step needs no special case.
+``Context.hidden_states[-1]`` is the target's post-norm state at the token before the root, so
+with that state at position p, head k (1-based) predicts position p + 1 + k, the depth-k node.
+Each head is `num_layers` zero-initialised residual blocks ``x + SiLU(W x)`` and the target's
+shared lm_head (or its own). The tree is a static shape (`specdec.trees.presets`) filled with
+each head's top-k, scored by the product of head probabilities; with a measured accuracy table
+it is calibrated and sized by the verify-cost curve. A Medusa-2 checkpoint carries a LoRA
+adapter; `adapted_target` merges it into a copy of the model, and output is exact for that
+adapted model, which the drafter requires.
 
-Heads (Medusa-1): each head is `num_layers` residual blocks ``x + SiLU(W x)`` followed by the
-target's own lm_head (shared, frozen, never copied) or, optionally, its own. The blocks start at
-zero, so an untrained head repeats the target's next-token guess.
-
-Medusa-2 (joint training, `specdec train medusa --joint`): the heads trained together with LoRA
-adapters on the target's decoder, so they read the states of the *adapted* target. Such a
-checkpoint carries the adapter (tensors under ``backbone_lora.``) and the adapted decoder's
-fingerprint; `adapted_target(directory, model)` merges the adapter into a copy of the model, and
-the drafter refuses any other target. Output is exact with respect to the adapted model, whose
-training keeps it close to the original (a KL term), not token-identical to the original.
-
-Tree: a static shape (list of paths of ranks, `specdec.trees.presets`) filled with each head's
-top-k tokens; a node's score is the product of its path's head probabilities. With a measured
-accuracy table (from training) the default shape is calibrated from it and sized by the
-target's verify-cost curve (Medusa's sparse tree, Sequoia's size rule).
-
-Draft vocabulary. Four heads through SmolLM2's 49k-row lm_head cost about 0.8 of a target
-forward's multiply-adds per step; with `draft_vocab` (stored in the checkpoint by
-``specdec train draft-vocab``) the heads score only those rows and the request's context tokens (`specdec.drafters.vocab`,
-shared with Eagle). The accuracy table still ranks over every row, a close stand-in: a token's
-rank among fewer rows is never worse, unless it is not among them.
-
-Boundary: imports the core interface, `specdec.trees`, `specdec.decode`'s `resolve_packed_from`,
-`specdec.memory`, and the checkpoint and draft-vocabulary helpers only.
+Boundary: the core interface, `specdec.trees`, `specdec.memory` and this package's checkpoint
+and draft-vocabulary helpers.
 """
 
 from __future__ import annotations

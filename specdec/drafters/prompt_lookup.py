@@ -1,18 +1,13 @@
 """Prompt lookup: copy what followed the latest earlier occurrence of the context's last n-gram.
 
-Training-free and model-free. The search runs over prompt + generated text (numpy, O(t * n) per
-step). With ``num_matches > 1`` the continuations of several distinct matches merge into one
-trie-shaped tree, so the verifier checks all of them in the same forward.
+Training-free and model-free; the search runs over prompt + generated text (numpy). With
+``num_matches > 1`` the continuations of several distinct matches merge into one trie. The
+draft length L is chosen per step: for each n-gram size a running estimate `a` of a copied
+token's acceptance gives L maximising ``(1 + a + ... + a^L) / cost(L)`` (`specdec.trees.sizing`),
+cost being `Context.verify_cost` or ``1 + token_cost * L``; ``token_cost = 0`` always drafts
+`num_tokens`, like HF's ``prompt_lookup_num_tokens``.
 
-Draft length is chosen per step, not fixed: an extra draft token can make the target's forward
-dearer (with stock fp32 linears on a 2-core CPU a forward over 8 new tokens costs 2-3x one
-token), and a match on a short n-gram is often wrong. For each n-gram size the drafter keeps a
-running estimate `a` of the chance that a copied token is accepted given the previous one was,
-and drafts the length L that maximises expected tokens per unit of verify time,
-``(1 + a + ... + a^L) / cost(L)`` (`specdec.trees.sizing`). cost(L) is `Context.verify_cost`
-(this target's measured curve on this machine, so where verifying 16 tokens costs what one does
-the drafter copies long), or ``1 + token_cost * L`` when `token_cost` is set. With
-``token_cost = 0`` it always drafts `num_tokens`, like HF's ``prompt_lookup_num_tokens``.
+Boundary: model-free; reads only `Context`/`Feedback`.
 """
 
 from __future__ import annotations

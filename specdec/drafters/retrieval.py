@@ -1,26 +1,15 @@
 """Retrieval drafting (REST, He et al. 2023): continuations of the context's longest suffix found in a corpus.
 
-A `Datastore` is built once from tokenized documents: the tokens, each document followed by a
-separator (-1), and a suffix array over them, on disk as ``tokens.npy`` (int32),
-``suffixes.npy`` and ``datastore.json``. `Datastore.open` memory-maps the arrays, so a corpus of
-any size costs page cache, not process memory. A query takes the context's last n tokens for
-n from `max_suffix` down (a binary search over the suffix array in Python: O(n log N) token
-comparisons per n, and the longest matching n is itself found by bisection, since a suffix that
-occurs implies every shorter one occurs), reads what followed up to `max_matches` occurrences
-and merges these continuations into a trie whose node scores are the share of continuations
-passing through the node. Separators sort below every token and never equal a context token,
-so a match and its continuation never cross a document boundary.
+A `Datastore` is built once from tokenized documents: the tokens (each document followed by a
+separator, -1, that sorts below every token, so matches never cross documents) and a suffix
+array, on disk as ``tokens.npy``, ``suffixes.npy`` and ``datastore.json``; `Datastore.open`
+memory-maps them. A query finds the longest matching suffix of up to `max_suffix` tokens by
+bisection, reads what followed up to `max_matches` occurrences and merges them into a trie
+scored by each node's share of continuations. `Retrieval` drafts from it: training-free and
+model-free, the node count chosen by the sizing rule with a running calibration of the scores.
 
-`Retrieval` is the drafter over a datastore: training-free and model-free. How many trie nodes
-it proposes is chosen per step, as `PromptLookup` chooses its length: the node scores are the
-chance of each node being accepted if the target continued like the corpus, so the kept top-k
-nodes promise ``1 + c * sum(scores)`` tokens per forward, where `c` is a running calibration
-(accepted nodes / promised nodes, learned from feedback); k maximises that over the verify
-cost of k nodes (`Context.verify_cost`) within `budget` (`specdec.trees.sizing`).
-
-Boundary: numpy (the datastore), torch (the trees) and `specdec.trees`; no model. The corpus
-reader and `encode_corpus` take any tokenizer-like object; loading the tokenizer is the CLI's
-job (``specdec datastore build``).
+Boundary: numpy, torch (the trees) and `specdec.trees`; no model. The corpus reader and
+`encode_corpus` take any tokenizer-like object; loading one is the CLI's job.
 """
 
 from __future__ import annotations

@@ -1,26 +1,13 @@
-"""Token recycling (Luo et al. 2024, "Turning Trash into Treasure"): draft from the target's own
-discarded top-k predictions.
+"""Token recycling (Luo et al. 2024): draft from the target's own discarded top-k predictions.
 
-Every verify forward computes the target's logits after the root and after every draft node;
-the verifier hands their top-k token ids back (`Feedback.target_topk`, asked for with
-``feedback_topk``). They are recycled into an adjacency table ``succ`` ([vocab, topk] int32, -1 =
-unknown): row x holds the latest top-k successors the target predicted after token x. Rows the
-target has never predicted are filled from the bigrams of the committed text (prompt and
-output, most recent successor first), so the first steps of a fresh drafter can draft too.
-
-A draft is a static template tree (the `specdec.trees.static` paths format) walked breadth-first:
-the rank-r child of a node with token x is ``succ[x, r]``; nodes whose token is unknown are
-skipped with their subtree. The template is sized from data: per (depth, rank) the drafter keeps
-decayed counts of how often the committed token at that depth was the rank-r successor of the
-committed token before it, given the path to it matched (counted from the committed tokens and
-the table as it stood at proposal time, so ranks and depths outside the current template are
-measured too and the shape can grow). Every `reshape_every` steps `optimal_shape` turns those
-chances and the measured verify-cost curve (`Context.verify_cost`) into the template with the
-most expected tokens per unit of verify time.
-
-Memory: the table is ``vocab * topk * 4`` bytes plus ``vocab`` bytes of flags (Qwen2.5's
-151,936-token vocabulary at topk = 8: 4.9 MB). It persists across generate() calls and requests,
-as in the paper; `begin` only re-allocates it when the target's vocabulary size changes.
+Each verify forward's top-k token ids after the root and every node (`Feedback.target_topk`)
+fill an adjacency table ``succ`` ([vocab, topk] int32, -1 = unknown): row x holds the latest
+top-k successors the target predicted after x; rows never predicted come from the committed
+text's bigrams. A draft walks a static template (`specdec.trees.static` paths) breadth-first,
+the rank-r child of token x being ``succ[x, r]``; unknown nodes drop with their subtree. Every
+`reshape_every` steps `optimal_shape` re-sizes the template from decayed per-(depth, rank)
+acceptance counts and `Context.verify_cost`. The table persists across requests; `begin`
+re-allocates it only when the vocabulary size changes.
 
 Boundary: model-free; reads only `Context`/`Feedback` and builds trees with `specdec.trees`.
 """

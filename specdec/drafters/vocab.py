@@ -1,15 +1,10 @@
 """Draft vocabulary (EAGLE-3's): the lm_head rows a head-based drafter scores.
 
-On a small target the lm_head is most of a draft's cost (SmolLM2: 49k x 576, a fifth of a
-target forward's multiply-adds per row; four Medusa heads put four rows through it).
-`DraftVocab` keeps a fixed set of token ids (e.g. the 8k most frequent answer tokens of the
-training data, stored in the checkpoint), their rows copied out of the lm_head once for a
-contiguous matmul, plus every token of the current request's context as it appears (`admit`:
-names and numbers copied from a prompt stay draftable). Logits come in columns; `tokens` maps a column to its token id. Probabilities
-normalised over these columns overstate q a little; drafting only proposes, so outputs stay exact.
-
-Checkpoints carry the ids as the tensor `VOCAB_KEY` and their count as ``draft_vocab_size`` in
-the drafter config (`stored`, `stripped`).
+`DraftVocab` keeps a fixed set of token ids (e.g. the 8k most frequent answer tokens, stored in
+the checkpoint as `VOCAB_KEY` and ``draft_vocab_size``), their lm_head rows copied once for a
+contiguous matmul, plus every token of the current request's context as it appears (`admit`).
+Logits come in columns; `tokens` maps a column to its token id. Probabilities normalised over
+these columns overstate q a little; drafting only proposes, so outputs stay exact.
 
 Boundary: torch, the checkpoint helpers, `specdec.packing` and `specdec.memory`; used by `Eagle`
 and `Medusa`, which own one per target.
@@ -134,8 +129,7 @@ class PackedDraft:
     """``with route(rows): ...`` runs a head-based drafter's forward over `rows` rows with oneDNN-
     prepacked linears (`specdec.packing`) when ``rows >= packed_from``: the head module's weights
     and the vocabulary's fixed rows, packed on first use. Drafts put a few rows at a time through
-    small weights, where MKL's fp32 matmul is slowest (SmolLM2's Eagle: 29 -> 21 ms of drafting per
-    target forward). Scoring every row (no draft vocabulary) stays on the stock path: packing the
+    small weights, where MKL's fp32 matmul is slowest. Scoring every row (no draft vocabulary) stays on the stock path: packing the
     target's lm_head again would copy it."""
 
     def __init__(self, head: nn.Module, vocab: DraftVocab, packed_from: int | None):

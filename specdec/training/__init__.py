@@ -1,14 +1,8 @@
-"""Training trained drafters on this machine's CPU or many GPUs (``specdec train ...``).
+"""Training drafters on this machine's CPU or many GPUs (``specdec train ...``).
 
-- `data`: self-distilled training data (`make_data`, resumable, a `datasets` dataset on disk)
-  and padded batches of it.
-- `train`: the `accelerate` loop shared by every recipe (logging, atomic checkpoints, resume).
-- `medusa`: the Medusa-1 recipe (frozen target, per-head cross-entropy with decay).
-- `eagle`: the EAGLE recipe (feature regression + cross-entropy, unrolled training-time test).
-- `early_exit`: the exit-adapter recipe (cross-entropy against the target's own next token).
-- `draft_model`: distils a smaller same-vocabulary LM toward the target (KL; full or LoRA).
-- `arguments`: the checks every command runs on its arguments before any long work.
-- `cli`: ``specdec train <make-data|medusa|eagle|early-exit|draft-model>``.
+`data` (self-distilled data and batches), `prompts` (Magpie prompts), `train` (the `accelerate`
+loop every recipe shares), the recipes `medusa`, `eagle`, `early_exit` and `draft_model`,
+`draft_vocab`, `arguments` (checks run before any long work) and `cli`.
 
 Boundary: the training layer; it may import the core and the drafters, never the edge.
 """

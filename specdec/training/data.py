@@ -1,16 +1,12 @@
 """Training data for drafters: self-distillation (`make-data`) and batches of it.
 
-`make_data` lets the target answer prompts from a jsonl file through its chat template, greedy
-and batched (left padding), and stores each prompt + answer as token ids with the prompt length,
-so a drafter learns what this target actually says (Medusa's self-distillation). Optionally it
-also stores the target's last hidden states (fp16, post final norm: what the verifier hands a
-drafter), so head training never runs the target again. Work is saved in shards of prompts with
-a manifest; a rerun with the same settings skips finished shards, and the last step assembles
-one `datasets` dataset (`save_to_disk`) under ``<output_dir>/dataset``.
-
-`Batch` / `collate` turn stored examples into right-padded tensors with the mask of answer
-tokens (where the target's own tokens are the labels); `target_states` runs the frozen target
-for the hidden states when they were not stored.
+`make_data` has the target answer jsonl prompts through its chat template (greedy, batched,
+left padding) and stores prompt + answer token ids with the prompt length, optionally with the
+target's post-norm last hidden states (fp16), so head training never runs the target again.
+Work is saved in shards with a manifest; a rerun with the same settings skips finished shards,
+and the last step assembles one `datasets` dataset under ``<output_dir>/dataset``. `Batch` /
+`collate` make right-padded tensors with the answer-token mask; `target_states` computes the
+hidden states when they were not stored.
 
 Boundary: data only; no drafter and no training loop. Runs in one process.
 """

@@ -1,23 +1,15 @@
 """Draft-model distillation: a smaller LM with the target's vocabulary learns the target's
 next-token distribution, for `specdec.drafters.DraftModel`.
 
-Loss: at every position whose next token is an answer token of the self-distilled data, the
-forward KL ``T^2 * KL(softmax(target / T) || softmax(draft / T))`` from the frozen target's logits
-(DistillSpec's choice for greedy drafting: the draft should put its mass where the target does),
-plus optionally ``ce_weight *`` cross-entropy against the target's own token there. Either every
-draft weight trains, or (``--lora``) LoRA adapters on every linear layer through `peft`, merged
-into the weights when saved.
+Loss at every answer position: ``T^2 * KL(softmax(target / T) || softmax(draft / T))`` against
+the frozen target, plus optionally ``ce_weight *`` cross-entropy on the target's own token. All
+weights train, or (``--lora``) LoRA adapters via `peft`, merged when saved. Output:
+``<output_dir>/drafter/``, a plain HF model directory (written atomically) loadable with
+`specdec.models.load_model`, and ``distillation.json`` with held-out top-1 agreement and KL
+before and after training.
 
-Output: ``<output_dir>/drafter/`` is a plain Hugging Face model directory (model, config and the
-draft's tokenizer, written into a temporary sibling and renamed into place), loadable with
-`specdec.models.load_model` and usable as ``DraftModel(model)``. Next to the weights,
-``distillation.json`` records the held-out top-1 agreement with the target (argmax against
-argmax) and KL of the draft before and after training, with how it was trained (time, data size,
-arguments) as `specdec.training.train` gives it.
-
-Boundary: the recipe for `specdec.training.train`; imports the core (model loading), the data
-module, the loop's `TrainArguments` and the checkpoint module's atomic directory writer, no drafter: the result is an ordinary
-model.
+Boundary: the recipe for `specdec.training.train`; imports model loading, the data module, the
+loop's `TrainArguments` and the checkpoint's atomic writer; no drafter.
 """
 
 from __future__ import annotations

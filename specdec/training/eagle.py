@@ -1,40 +1,16 @@
 """EAGLE training with EAGLE-3's "training-time test": frozen target, one-layer feature head.
 
-Features are the target's last-layer states after the final norm, exactly what the verifier
-hands the drafter (stored by ``make-data --save-hidden-states`` or computed by the target).
-Pair p is (f_p, x_{p+1}) at position p; the head's output there is the predicted f_{p+1}, and
-the target's lm_head on it predicts x_{p+2} (`specdec.drafters.eagle` explains the alignment).
+Features are the target's post-norm last-layer states, what the verifier hands the drafter.
+Step 1 feeds every pair with real features; step k > 1 feeds the head's own step-(k-1)
+prediction of f_p with the true token, attention mirroring a depth-k draft; all steps share one
+cache. Loss per step: ``feature_weight *`` smooth L1 to the real feature + ``ce_weight *``
+cross-entropy on the target's own next token at answer positions, step k weighted
+``step_decay ** (k - 1)``. With `draft_vocab_size` the lm_head is cut to the N most frequent
+answer tokens. The held-out evaluation reports, per depth, acceptance, top-1/top-k accuracy,
+both losses and the greedy chain's expected tokens per step.
 
-Unrolled steps. Step 1 feeds every pair with the target's real features (teacher forcing, as in
-EAGLE-1). Step k > 1 feeds, at position p, the head's own step-(k-1) prediction of f_p with the
-true token x_{p+1}, so the head learns to draft from its own features (EAGLE-3's training-time
-test). Attention in step k mirrors a depth-k draft from anchor r = p - k + 1: real pairs at
-positions <= r (step 1's keys) and the same anchor's chain in steps 2..k (one key per step, on
-the diagonal); every step's keys stay in one cache, so the whole unroll is k layer forwards.
-
-Loss per step: smooth L1 between the predicted and the real feature (weight `feature_weight`,
-1 in EAGLE) + cross-entropy of the lm_head on the predicted feature against the target's own
-next token (weight `ce_weight`, 0.1 in EAGLE), at positions whose label is an answer token (the
-target's self-distilled output); step k is weighted ``step_decay ** (k - 1)``.
-
-Draft vocabulary (EAGLE-3). With `draft_vocab_size` N the lm_head is cut to the N tokens the
-target generated most often in the training split's answers: the cross-entropy runs over those
-rows (labels outside them are not scored; the held-out evaluation counts them as misses) and the
-saved head drafts over the same rows. On a small target the full lm_head is most of a training
-step (SmolLM2: 49k rows against a one-layer head): with 8,192 rows a 3-step unroll costs 2.6x less
-(`scripts/eagle_step_time.py`).
-
-Held-out evaluation, per depth d (an unroll of `eval_depth` steps): `acceptance[d]`, the chance
-that the head's top-1 token at depth d is the target's token given depths < d were right (a
-greedy chain's per-step acceptance), top-1 and top-k accuracy, the two losses, and the expected
-tokens per step of a greedy chain of depth `eval_depth`, ``1 + sum_d prod_{j<=d} acceptance[j]``.
-
-`specdec.training.draft_vocab` gives a head trained without one a draft vocabulary after the
-fact, picked the same way.
-
-Boundary: the recipe for `specdec.training.train`; imports the Eagle drafter, the data module, the
-draft-vocabulary picker and the loop's `TrainArguments` (the data and split the vocabulary is
-counted on).
+Boundary: the recipe for `specdec.training.train`; imports the Eagle drafter, the data module,
+the draft-vocabulary picker and the loop's `TrainArguments`.
 """
 
 from __future__ import annotations

@@ -1,20 +1,13 @@
 """Early-exit adapter training: frozen target, the adapter learns the target's own next token.
 
-At every position p whose next token is an answer token, the target's first `exit_layer` layers
-give the early state h (the target itself, run through a `LayerSubset` with its cache off), and
-the exit's logits are ``lm_head(adapter(norm(h)))`` with the target's frozen norm and lm_head.
-The label is the token at p + 1: the data is self-distilled, so that is the target's own greedy
-choice there (cross-entropy against it is the "self-supervised early-exit head" loss). With
-``kl_weight > 0`` every target layer runs as well and ``kl_weight * KL(target || exit)`` over the
-full next-token distributions is added.
-
-The held-out evaluation measures the exit's top-1 agreement with those target tokens, with the
-adapter and without it (the plain LayerSkip-style exit the adapter has to beat), and its
-cross-entropy; `specdec.training.train` stores them in the checkpoint's metadata next to the
-training time and data size.
+At every answer position the target's first `exit_layer` layers (a `LayerSubset`) give the
+early state h; the exit's logits are ``lm_head(adapter(norm(h)))`` with the target's frozen norm
+and lm_head, and the label is the next token (self-distilled, so the target's own choice). With
+``kl_weight > 0`` ``kl_weight * KL(target || exit)`` is added. The held-out evaluation reports
+top-1 agreement with and without the adapter, and cross-entropy.
 
 Boundary: the recipe for `specdec.training.train`; imports the EarlyExit drafter, the layer view,
-the data module and the loop's `TrainArguments` (`build`'s signature).
+the data module and the loop's `TrainArguments`.
 """
 
 from __future__ import annotations

@@ -1,25 +1,16 @@
-"""Medusa training: Medusa-1 (frozen target, K heads, per-head cross-entropy with decay) and
-Medusa-2 (`--joint`: the heads and LoRA adapters on the target's decoder train together).
+"""Medusa training: Medusa-1 (frozen target, K heads) and Medusa-2 (`--joint`: heads and LoRA
+adapters on the target's decoder train together).
 
-Head k (1-based) on the target state at position p learns the token at p + 1 + k (the target's
-own generated token there: the data is self-distilled), and only where that token is part of
-the answer. Head k's loss is weighted ``decay ** (k - 1)`` (Medusa's
-``medusa_decay_coefficient ** i`` with 0-based i). The held-out evaluation measures, per head,
-top-1 and top-k accuracy, and the per-depth, per-rank table ``accuracy[k][r]``: the chance that
-head k + 1's rank-r token is right at positions where the heads before it all had the right
-token in their top-k, i.e. where a tree would have reached that depth. The drafter's calibrated
-tree is built from that table.
+Head k (1-based) on the state at p learns the target's own token at p + 1 + k, at answer
+positions only, weighted ``decay ** (k - 1)``. The held-out evaluation gives per-head top-1 and
+top-k accuracy and ``accuracy[k][r]`` (head k + 1's rank-r token right where the heads before it
+all had the right token in their top-k), from which the drafter's tree is calibrated. Medusa-2
+adds ``base_weight * KL(p_original || p_adapted)`` at answer positions and reports the adapted
+model's agreement with the original; output is exact for the adapted model
+(`specdec.drafters.medusa.adapted_target`).
 
-Medusa-2 (``--joint``): the decoder of a copy of the target gets LoRA adapters (peft, every
-linear layer) and the heads read its states, so the backbone learns to help the heads. The
-loss adds ``base_weight * KL(p_original || p_adapted)`` at every answer position (Medusa-2's
-self-distillation: the original target's next-token distribution, from the stored states,
-keeps the adapted model's own predictions where they were). The evaluation also reports the
-adapted model's top-1 agreement with the original and that KL: speculative output is exact for
-the adapted model, which is what `specdec.drafters.medusa.adapted_target` rebuilds.
-
-Boundary: the recipe for `specdec.training.train`; imports the Medusa drafter, the data module and
-the loop's `TrainArguments` (`build`'s signature).
+Boundary: the recipe for `specdec.training.train`; imports the Medusa drafter, the data module
+and the loop's `TrainArguments`.
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
 """``specdec train make-prompts``: training prompts written by the target itself (Magpie).
 
-Why. Self-distillation teaches a drafter what the target answers to the prompts it is given, and
-the prompts at hand are far from what users ask: ``train_prompts.jsonl`` is 95% GSM8K, the dev
-set is MT-Bench-style writing, roleplay, extraction, coding... Heads trained on it accept
-1.7-2.4 tokens per forward on their own training prompts and 1.4-1.7 on the dev set
-(BENCHMARKS.md, "Trained drafters"). An instruction-tuned model given its chat template only up
-to where a user's message begins writes a user message itself (Magpie, Xu et al. 2024): sampled
-at temperature 1, such prompts are as varied as the instructions the model was tuned on, and
-they come from the model alone, with no download.
-
-Each prompt is sampled (seeded per batch) from the template's user-turn prefix until the model
-ends the turn. A sample that runs to ``max_new_tokens`` without ending, is shorter than
-``min_chars``, or repeats an earlier prompt is dropped. The jsonl file (one ``{"prompt": ...}``
-per line, the field make-data reads) is written atomically at the end.
+An instruction-tuned model given its chat template up to where a user's message begins writes a
+user message itself (Magpie, Xu et al. 2024); sampled at temperature 1 (seeded per batch), such
+prompts are as varied as its tuning data and need no download (why: docs/design.md). A sample
+that does not end its turn within ``max_new_tokens``, is shorter than ``min_chars`` or repeats
+an earlier prompt is dropped. The jsonl file (``{"prompt": ...}`` per line, what make-data
+reads) is written atomically at the end.
 
 Boundary: data only, like `specdec.training.data`; runs in one process.
 """

@@ -1,22 +1,12 @@
 """The training loop shared by every drafter recipe, under `accelerate`.
 
-One command runs on one CPU or many GPUs (``accelerate launch -m specdec.training ...``): the
-trainable module, optimizer and schedule go through ``Accelerator.prepare``; the frozen target
-is only moved to the device. On a machine without GPUs, ``accelerate launch --multi_gpu
---num_processes N`` starts N CPU processes that train together over gloo (accelerate's own
-``--cpu`` flag starts a single process unless MPI is set up). Each process takes its own slice
-of every global batch, chosen from a permutation seeded by (seed, epoch), so the data order is
-a pure function of the step and a resumed run sees exactly the batches the uninterrupted one
-would have.
-
-Output directory: ``log.jsonl`` (one record per logged step, and the final evaluation),
-``checkpoints/step-N/`` (accelerate state: weights, optimizer, schedule, RNG; plus the step,
-elapsed time and the size of every file), each written atomically, and ``drafter/`` (the trained
-drafter, loadable with the drafter's ``from_pretrained``) whose config records how it was made and
-how well it predicts. ``--resume`` continues from the newest checkpoint whose files are all there
-at their recorded sizes, and says so when it passes over a damaged one (a copy cut short).
-
-A recipe (`Recipe`) supplies the module, its loss, its held-out evaluation and how to save it.
+One command runs on one CPU or many GPUs (``accelerate launch -m specdec.training ...``; CPU
+processes with ``--multi_gpu --num_processes N`` train together over gloo). The trainable module,
+optimizer and schedule go through ``Accelerator.prepare``; the frozen target is only moved. The
+data order is a pure function of (seed, epoch, step), so a resumed run sees the same batches.
+Output: ``log.jsonl``, atomic ``checkpoints/step-N/`` (with file sizes, so ``--resume`` skips a
+damaged one and says so) and ``drafter/`` whose config records how it was made and how well it
+predicts. A `Recipe` supplies the module, its loss, its evaluation and how to save it.
 
 Boundary: imports the core (model loading), the data module and nothing drafter-specific.
 """

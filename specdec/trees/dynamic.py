@@ -31,22 +31,14 @@ def expand(
     vocab: Tensor | None = None,
 ) -> TokenTree:
     """Grow `depth` levels: each frontier node offers its top-`topk` tokens, the best `width` of all
-    offers by cumulative log-probability become the next frontier; finally keep the `budget` best
-    nodes overall. Because log-probabilities are <= 0, a node never outranks its parent (ties go
-    to the lower index, the parent), so the kept set is always closed under ancestors. The tree
-    carries no `draft_probs`: top-k children are deterministic, not samples from q, so lossless
-    sampling must treat them as one-hot proposals. Growth stops early (SpecDec++'s idea, as a
-    confidence rule) when no frontier node's best next token has draft probability
-    `min_confidence` or more: such a level would most likely be rejected and only cost time.
-    It also stops once no node of the newest level has cumulative draft probability `min_score`
-    or more (that level is kept; no `step` runs below it): every deeper node scores at most its
-    parent, so another `step` could only add nodes below that bar. `min_score` may exceed 1
-    (then only the first level grows).
-    `vocab` ([V] token ids, on the host): `step` scores only these tokens (a draft vocabulary,
-    EAGLE-3's cheaper lm_head), column j being token ``vocab[j]``; None: column j is token j.
-    `step` may return its log-probabilities on any device: each level's top-k is taken there and
-    only those [f, topk] values and ids come to the host (one transfer per level, the one a model
-    drafter needs), never the [f, vocab] rows.
+    offers by cumulative log-probability become the next frontier; keep the `budget` best nodes.
+    Log-probabilities are <= 0, so a node never outranks its parent (ties go to the parent) and
+    the kept set is closed under ancestors. The tree carries no `draft_probs` (top-k children are
+    deterministic). Growth stops when no frontier node's best token reaches `min_confidence`, or
+    no node of the newest level reaches cumulative probability `min_score` (that level is kept).
+    `vocab` ([V] host token ids): `step` scores only those tokens, column j being ``vocab[j]``.
+    `step` may return log-probabilities on any device; only each level's [f, topk] values and
+    ids come to the host.
     """
     width = topk if width is None else width
     if depth < 0 or topk < 1 or width < 1:

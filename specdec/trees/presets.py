@@ -1,13 +1,9 @@
 """Static tree presets in the list-of-paths format, and Medusa's calibrated sparse tree.
 
-A preset is a shape (`specdec.trees.static`): paths of candidate ranks, parents-first. The
-published trees were tuned for 7B models on GPUs, where a 63-node verify costs what one token
-does; on a CPU a forward over 63 tokens costs several single-token forwards, so the presets
-also come cut to smaller sizes. Medusa's list was built by adding the best path one at a time,
-so each of its prefixes is itself the best tree of that size under Medusa's accuracies.
-
-`calibrated(accuracy, budget)` rebuilds such a tree from a drafter's own measured per-depth,
-per-rank accuracy (Medusa's sparse-tree construction, `specdec.trees.static.optimal_shape`).
+A preset is a shape (`specdec.trees.static`): paths of candidate ranks, parents-first, so every
+prefix of the list is a tree. The published trees (tuned for 7B models on GPUs) also come cut to
+smaller sizes for CPUs, where a wide verify is dear. `calibrated(accuracy, budget)` rebuilds such
+a tree from a drafter's own per-depth, per-rank accuracy (`specdec.trees.static.optimal_shape`).
 
 Boundary: torch and the standard library only; no models.
 """

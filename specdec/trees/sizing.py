@@ -1,15 +1,13 @@
 """Tree sizing: how many draft nodes a step sends, the default cost curve, and running rates.
 
-The rule every self-sizing drafter follows: with c_1, c_2, ... the acceptance chances of its
-nodes best first (a node's ancestors before it), sending the n best yields 1 + c_1 + ... + c_n
-expected tokens per target forward and costs verify_cost(n) target forwards to verify plus
-draft_cost * n to draft, so n maximises expected tokens per unit of time:
+With c_1, c_2, ... the acceptance chances of a drafter's nodes best first (ancestors first),
+sending the n best yields 1 + c_1 + ... + c_n expected tokens per target forward, so n maximises
 
     value(n) = (1 + base + c_1 + ... + c_n) / (verify_cost(fixed + n) + draft_cost * (fixed + n))
 
 over min_size <= n <= len(chances), ties to the smaller n; `fixed` nodes of summed chance `base`
-are always sent. verify_cost(0) = 1 (a forward over the root alone): `specdec.Context.verify_cost`,
-the measured curve or `DEFAULT_VERIFY_COST`.
+are always sent. verify_cost(0) = 1 (the root alone): `specdec.Context.verify_cost`, the measured
+curve or `DEFAULT_VERIFY_COST`.
 
 Boundary: plain Python; callers compute (calibrate, clamp, order) the chances.
 """
@@ -21,8 +19,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 # Extra verify cost of one draft node, relative to a root-only forward, where no curve was
-# measured (`specdec profile`): stock fp32 linears on a 2-core CPU cost ~0.07 (SmolLM2-135M) to
-# ~0.3 (Qwen2.5-1.5B).
+# measured (`specdec profile`); why 0.2: docs/design.md.
 DEFAULT_TOKEN_COST = 0.2
 
 

@@ -1,19 +1,11 @@
 """Static tree shapes: the list-of-paths format and the hardware-aware optimal shape (Sequoia).
 
-A shape is a list of paths of candidate ranks, as Medusa, EAGLE and vLLM write their trees:
-``(0,)`` is the top candidate at depth 1, ``(0, 1)`` the second candidate at depth 2 under it.
-A drafter that offers ranked candidates per depth (Medusa heads, a draft model's top-k) fills a
-shape with tokens.
-
-`optimal_shape` picks the shape from measured acceptance: ``accept[d][r]`` is the chance that
-the rank-r candidate at depth d + 1 is the one the target accepts, given the path to its parent
-was accepted. A node is on the accepted path with the product of those chances along its path,
-and the expected tokens per step is 1 + the sum of that over the nodes. That value only falls
-along a path, so the best n-node shape is the n best paths (added greedily, Medusa's sparse-tree
-construction); Sequoia's point is the size: with `verify_cost(n)` (the measured cost of verifying
-n nodes relative to none, `specdec.Context.verify_cost`) the shape maximises expected tokens per
-unit of verify time (`specdec.trees.sizing`), so a flat cost curve buys a large tree and a steep
-one a small tree.
+A shape is a list of paths of candidate ranks, as Medusa, EAGLE and vLLM write trees: ``(0,)``
+is the top candidate at depth 1, ``(0, 1)`` the second candidate at depth 2 under it.
+`optimal_shape` takes ``accept[d][r]``, the chance that the rank-r candidate at depth d + 1 is
+accepted given its parent was; a node's chance is the product along its path, which only falls,
+so the best n-node shape is the n best paths (added greedily), and n follows the sizing rule
+over `verify_cost` (`specdec.trees.sizing`).
 
 Boundary: torch only, no models.
 """
