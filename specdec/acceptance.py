@@ -112,7 +112,8 @@ class Speculative:
                 x = tokens[child]
                 q = None if tree.draft_probs is None else tree.draft_probs[child].double().cpu()
                 if q is not None and q[x] <= 0:
-                    raise ValueError(f"Speculative: draft_probs gives probability 0 to drafted token {x} (node {child})")
+                    raise ValueError(f"Speculative: draft_probs gives probability 0 to drafted token {x} (node "
+                                     f"{child})")
                 accept = p[x] if q is None else torch.clamp(p[x] / q[x], max=1.0)
                 if float(torch.rand((), generator=gen, dtype=torch.float64)) < float(accept):
                     path.append(child)

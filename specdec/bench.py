@@ -44,14 +44,16 @@ class BenchConfig:
     methods: str = field(
         default="baseline,hf-prompt-lookup,prompt-lookup",
         metadata={
-            "help": "comma list: baseline, hf-prompt-lookup, hf-assisted, plain, or any specdec drafter name (options in brackets, "
+            "help": "comma list: baseline, hf-prompt-lookup, hf-assisted, plain, or any specdec drafter name (options "
+                    "in brackets, "
             "composed with + and |, e.g. eagle[full-vocab]+prompt-lookup); "
             "a specdec method with the suffix :stock runs every forward without packed linears, with :noguard "
             "without the no-slowdown guard"
         },
     )
     draft_model: str | None = field(default=None, metadata={"help": "draft model for hf-assisted and draft-model*"})
-    datastore: str | None = field(default=None, metadata={"help": "datastore for the retrieval drafters (default: the model's)"})
+    datastore: str | None = field(default=None, metadata={"help": "datastore for the retrieval drafters (default: the "
+                                                                  "model's)"})
     max_new_tokens: int = field(default=128, metadata={"help": "new tokens per turn"})
     limit: int | None = field(default=None, metadata={"help": "first N questions only"})
     per_category: int | None = field(default=None, metadata={"help": "first N questions of each category only"})
@@ -65,7 +67,8 @@ class BenchConfig:
     temperature: float = field(
         default=0.0,
         metadata={"help": "0 = greedy, every output checked token by token against model.generate; > 0 = every "
-                  "method samples (transformers' defaults otherwise, top_k 50): outputs are independent draws, not compared"},
+                  "method samples (transformers' defaults otherwise, top_k 50): outputs are independent draws, not "
+                  "compared"},
     )
     guard: bool = field(
         default=True,
@@ -132,7 +135,8 @@ def check_question(q, where: str) -> None:
         raise ValueError(f"{where}: category must be a string, got {q.get('category')!r:.60}")
     turns = q.get("turns")
     if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-        raise ValueError(f'{where}: turns must be a non-empty list of non-empty strings, e.g. ["Name a color."], got {turns!r:.60}')
+        raise ValueError(f'{where}: turns must be a non-empty list of non-empty strings, e.g. ["Name a color."], got '
+                         f'{turns!r:.60}')
 
 
 class _ForwardCounter:
@@ -262,7 +266,13 @@ def encode_chat(tokenizer, messages: list[dict]) -> Tensor:
 
 
 def run_bench(
-    cfg: BenchConfig, target, tokenizer, draft=None, progress: bool = True, on_question=None, drafters: dict | None = None
+    cfg: BenchConfig,
+    target,
+    tokenizer,
+    draft=None,
+    progress: bool = True,
+    on_question=None,
+    drafters: dict | None = None,
 ) -> list[Record]:
     """All records; `on_question(records so far)` after each question (for incremental reports);
     `drafters` as `make_methods` takes them."""
@@ -291,7 +301,12 @@ def run_bench(
                 rec = Record(q["question_id"], q["category"], turn, name, new.numel(), seconds, forwards, True)
                 if stats is not None:
                     rec.step_tokens = [len(step.new_tokens) for step in stats.steps]
-                    rec.split_s = {"prefill": stats.prefill_s, "draft": stats.draft_s, "verify": stats.verify_s, "overhead": stats.overhead_s}
+                    rec.split_s = {
+                        "prefill": stats.prefill_s,
+                        "draft": stats.draft_s,
+                        "verify": stats.verify_s,
+                        "overhead": stats.overhead_s,
+                    }
                 records.append(rec)
             ref = outputs["baseline"]
             for rec in records[-len(names) :] if cfg.temperature == 0 else []:  # sampled: independent draws
@@ -368,7 +383,11 @@ def report(summary: dict, cfg: BenchConfig, device: str) -> str:
         for m in split:
             parts = summary[m]["overall"]["split_s"]
             total = sum(parts.values()) or 1.0
-            lines.append(f"| {m} | " + " | ".join(f"{100 * parts[k] / total:.0f}%" for k in ("prefill", "draft", "verify", "overhead")) + " |")
+            lines.append(
+                f"| {m} | "
+                + " | ".join(f"{100 * parts[k] / total:.0f}%" for k in ("prefill", "draft", "verify", "overhead"))
+                + " |"
+            )
     lines += ["", "![speedup per category](speedup.png)", "", "![tokens per target forward](accepted.png)"]
     return "\n".join(lines) + "\n"
 

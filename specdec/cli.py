@@ -24,13 +24,18 @@ class GenerateConfig:
     model: str = field(default="smollm2-135m", metadata={"help": "target: embedded name, HF path/id or .gguf file"})
     device: str = device_field()
     dtype: str = dtype_field()
-    drafter: str = field(default="prompt-lookup", metadata={"help": "drafter name, with options in brackets (eagle[full-vocab], prompt-lookup-tree[budget=32]), composed with + (merge trees) and | (fallback), e.g. prompt-lookup+token-recycling; 'none' for plain decoding"})
+    drafter: str = field(default="prompt-lookup", metadata={
+        "help": "drafter name, with options in brackets (eagle[full-vocab], prompt-lookup-tree[budget=32]), composed "
+                "with + (merge trees) and | (fallback), e.g. prompt-lookup+token-recycling; 'none' for plain decoding"})
     draft_model: str | None = field(default=None, metadata={"help": "draft model for draft-model* drafters"})
-    datastore: str | None = field(default=None, metadata={"help": "datastore for the retrieval drafters (default: the model's, see `specdec datastore build`)"})
+    datastore: str | None = field(default=None, metadata={"help": "datastore for the retrieval drafters (default: the "
+                                                                  "model's, see `specdec datastore build`)"})
     max_new_tokens: int = field(default=256, metadata={"help": "most new tokens"})
-    chat: bool = field(default=True, metadata={"help": "wrap the prompt in the model's chat template; --no-chat feeds it as raw text"})
+    chat: bool = field(default=True, metadata={"help": "wrap the prompt in the model's chat template; --no-chat feeds "
+                                                       "it as raw text"})
     compare: bool = field(default=False, metadata={"help": "also run model.generate: report speedup, check identity"})
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy; above 0 samples (lossless), as model.generate would"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy; above 0 samples (lossless), as "
+                                                              "model.generate would"})
     seed: int | None = field(default=None, metadata={"help": "seed for sampling (reproducible runs)"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
 
@@ -58,14 +63,22 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class DatastoreConfig:
-    action: str = field(metadata={"help": "build: tokenize a corpus and write a retrieval datastore", "positional": True})
-    model: str = field(default="smollm2-135m", metadata={"help": "the target whose tokenizer is used: embedded name, HF path/id or .gguf"})
-    corpus: str | None = field(default=None, metadata={"help": "required: .jsonl (one record a line) or .txt (blank-line-separated documents)"})
-    out: str | None = field(default=None, metadata={"help": "datastore directory (an existing datastore there is replaced); default: the model's default datastore, which the retrieval drafter finds without --datastore"})
+    action: str = field(
+        metadata={"help": "build: tokenize a corpus and write a retrieval datastore", "positional": True}
+    )
+    model: str = field(default="smollm2-135m", metadata={"help": "the target whose tokenizer is used: embedded name, "
+                                                                 "HF path/id or .gguf"})
+    corpus: str | None = field(default=None, metadata={"help": "required: .jsonl (one record a line) or .txt "
+                                                               "(blank-line-separated documents)"})
+    out: str | None = field(default=None, metadata={"help": "datastore directory (an existing datastore there is "
+                                                            "replaced); default: the model's default datastore, which "
+                                                            "the retrieval drafter finds without --datastore"})
     limit: int | None = field(default=None, metadata={"help": "read at most this many records"})
-    chat: bool = field(default=False, metadata={"help": "a record is one conversation (user, assistant, ... turns) in the chat template"})
+    chat: bool = field(default=False, metadata={"help": "a record is one conversation (user, assistant, ... turns) in "
+                                                        "the chat template"})
     # Last: the name shadows dataclasses.field for the rest of the class body.
-    field: str = field(default="text", metadata={"help": "comma list of .jsonl fields to read (string or list-of-strings values)"})
+    field: str = field(default="text", metadata={"help": "comma list of .jsonl fields to read (string or "
+                                                         "list-of-strings values)"})
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
@@ -81,10 +94,18 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(f.name, type=kind, help=help_text)
         elif kind is bool:
             parser.add_argument(  # --flag / --no-flag
-                "--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=f.default, help=help_text
+                "--" + f.name.replace("_", "-"),
+                action=argparse.BooleanOptionalAction,
+                default=f.default,
+                help=help_text,
             )
         else:
-            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=help_text + f" (default: {f.default})")
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"),
+                type=kind,
+                default=f.default,
+                help=help_text + f" (default: {f.default})",
+            )
 
 
 def _setup(threads: int | None) -> None:
@@ -167,7 +188,9 @@ def cmd_generate(cfg: GenerateConfig) -> int:
     if cfg.seed is not None and cfg.temperature > 0:
         sampling["seed"] = cfg.seed
     try:
-        out = generate(model, ids, drafter, max_new_tokens=cfg.max_new_tokens, streamer=streamer, stats=stats, **sampling)
+        out = generate(
+            model, ids, drafter, max_new_tokens=cfg.max_new_tokens, streamer=streamer, stats=stats, **sampling
+        )
     except KeyboardInterrupt:
         if streamer.open_line:  # end the streamed line: main's "interrupted" starts a line of its own
             print(flush=True)
@@ -181,10 +204,15 @@ def cmd_generate(cfg: GenerateConfig) -> int:
     if cfg.compare:
         t0 = time.perf_counter()
         ref = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens, **temperature_kwargs(cfg.temperature)
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=cfg.max_new_tokens,
+            **temperature_kwargs(cfg.temperature),
         )
         base = (ref.shape[1] - ids.shape[1]) / (time.perf_counter() - t0)
-        same = ("identical" if torch.equal(ref, out) else "DIFFERENT") if cfg.temperature == 0 else "an independent sample"
+        same = (
+            ("identical" if torch.equal(ref, out) else "DIFFERENT") if cfg.temperature == 0 else "an independent sample"
+        )
         parts.append(f"model.generate {base:.2f} tokens/s, speedup {speed / base:.2f}x, output {same}")
     print("\n[specdec] " + "; ".join(parts), file=sys.stderr)
     return 0
@@ -238,7 +266,13 @@ def cmd_profile(cfg: ProfileConfig) -> int:
 
 def cmd_bench(cfg: BenchConfig) -> int:
     from specdec.bench import (
-        check_methods, describe_device, make_drafters, parse_packed_from, read_questions, run_bench, write_results,
+        check_methods,
+        describe_device,
+        make_drafters,
+        parse_packed_from,
+        read_questions,
+        run_bench,
+        write_results,
     )
     from specdec.decode import resolve_packed_from
     from specdec.extras import require
@@ -368,7 +402,8 @@ COMMANDS = {
     "bench": (BenchConfig, cmd_bench, "benchmark methods on Spec-Bench questions, interleaved, exactness checked"),
     "profile": (ProfileConfig, cmd_profile, "measure and store the target's verify cost curve (k = 1..64 new tokens)"),
     "demo": (DemoConfig, cmd_demo, "serve the side-by-side demo page (plain model.generate vs specdec)"),
-    "datastore": (DatastoreConfig, cmd_datastore, "build a retrieval (REST) datastore from a corpus: datastore build --corpus F --out D"),
+    "datastore": (DatastoreConfig, cmd_datastore, "build a retrieval (REST) datastore from a corpus: datastore build "
+                                                  "--corpus F --out D"),
 }
 
 

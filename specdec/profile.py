@@ -201,7 +201,9 @@ def save(prof: Profile, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump({"stock": asdict(prof.stock), "packed": None if prof.packed is None else asdict(prof.packed)}, f, indent=1)
+        json.dump(
+            {"stock": asdict(prof.stock), "packed": None if prof.packed is None else asdict(prof.packed)}, f, indent=1
+        )
     os.replace(tmp, path)
 
 

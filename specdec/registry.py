@@ -13,8 +13,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from specdec.drafters import (
-    Datastore, DraftModel, EarlyExit, Fallback, Jacobi, LayerSkip, Lookahead, Merge, PromptLookup, Retrieval,
-    TokenRecycling, load,
+    Datastore,
+    DraftModel,
+    EarlyExit,
+    Fallback,
+    Jacobi,
+    LayerSkip,
+    Lookahead,
+    Merge,
+    PromptLookup,
+    Retrieval,
+    TokenRecycling,
+    load,
 )
 
 __all__ = ["DRAFTERS", "Entry", "Resources", "check_name", "datastore_dir", "make_drafter", "parse_name"]
@@ -97,7 +107,9 @@ DRAFTERS = {
     "eagle": _trained("eagle"),
     "early-exit": Entry(_early_exit, {"untrained": FLAG, **BUDGET}),
     "draft-model": Entry(lambda r, **o: DraftModel(_draft(r), **o), BUDGET),
-    "draft-model-tree": Entry(lambda r, **o: DraftModel(_draft(r), **{"topk": 2, "width": 2, "budget": 8, **o}), BUDGET),
+    "draft-model-tree": Entry(
+        lambda r, **o: DraftModel(_draft(r), **{"topk": 2, "width": 2, "budget": 8, **o}), BUDGET
+    ),
 }
 
 _PART = re.compile(r"([a-z0-9-]+)(?:\[([^\[\]]*)\])?")

@@ -12,7 +12,13 @@ Boundary: core level; transformers' public processor classes only.
 
 from __future__ import annotations
 
-from transformers import LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 # transformers' values for fields neither the caller nor the model's generation config sets
 # (GenerationConfig._get_default_generation_params in 5.24).
@@ -31,7 +37,11 @@ def sampling_processors(
     min_p: float | None = None,
 ) -> LogitsProcessorList:
     temperature = _setting(model, "temperature", temperature)
-    top_k, top_p, min_p = _setting(model, "top_k", top_k), _setting(model, "top_p", top_p), _setting(model, "min_p", min_p)
+    top_k, top_p, min_p = (
+        _setting(model, "top_k", top_k),
+        _setting(model, "top_p", top_p),
+        _setting(model, "min_p", min_p),
+    )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}; use do_sample=False for greedy")
     if not 0 < top_p <= 1:

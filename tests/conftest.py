@@ -9,9 +9,8 @@ import contextlib
 import functools
 
 import pytest
-import torch
-
 import specdec
+import torch
 
 VOCAB = 96
 

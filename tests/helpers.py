@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_prompt, reference, run
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from specdec.drafters.checkpoint import CheckpointError
 from specdec.drafters.eagle import EagleHead
 from specdec.drafters.medusa import MedusaHeads
 from specdec.training.data import MakeDataArguments
 from specdec.training.medusa import MedusaArguments
 from specdec.training.train import TrainArguments
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import random_prompt, reference, run
 
 # ---- training: a tiny target on disk, its prompts and arguments -------------------------------
 
@@ -34,7 +34,8 @@ def write_target(directory: Path) -> None:
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
                                   eos_token="<|im_end|>", bos_token="<|im_start|>")
-    tok.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+    tok.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor "
+                         "%}"
                          "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
     torch.manual_seed(0)
     # A wide init makes the random model's next token confident (and its text repetitive), so
@@ -58,7 +59,14 @@ def write_prompts(path: Path, n: int, seed: int, ids: bool = False) -> None:
 
 
 def data_args(workdir: Path, out: str, **kw) -> MakeDataArguments:
-    kw = {"max_new_tokens": 16, "limit": NUM_PROMPTS, "batch_size": 4, "shard_size": 4, "save_hidden_states": True, **kw}
+    kw = {
+        "max_new_tokens": 16,
+        "limit": NUM_PROMPTS,
+        "batch_size": 4,
+        "shard_size": 4,
+        "save_hidden_states": True,
+        **kw,
+    }
     return MakeDataArguments(model=str(workdir / "tiny-target"), prompts=str(workdir / "prompts.jsonl"),
                              output_dir=str(workdir / out), **kw)
 

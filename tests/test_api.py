@@ -2,12 +2,12 @@
 logits processors, stats, and clear errors for bad inputs."""
 
 import pytest
+import specdec
 import torch
-from conftest import random_prompt, reference, tiny_model
+from specdec.drafters import DraftModel, PromptLookup
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StoppingCriteria, StoppingCriteriaList
 
-import specdec
-from specdec.drafters import DraftModel, PromptLookup
+from conftest import random_prompt, reference, tiny_model
 
 
 def self_drafter(model, n=4):
@@ -55,7 +55,9 @@ def test_stopping_criteria_stop_on_the_same_token():
     t = prompt.shape[1]
     criteria = StoppingCriteriaList([StopAfterSequence(free[0, t + 10 : t + 12].tolist())])
     ref = reference(model, prompt, 30, stopping_criteria=criteria)
-    out = specdec.generate(model, prompt, self_drafter(model, 6), max_new_tokens=30, eos_token_id=[], stopping_criteria=criteria)
+    out = specdec.generate(
+        model, prompt, self_drafter(model, 6), max_new_tokens=30, eos_token_id=[], stopping_criteria=criteria
+    )
     assert torch.equal(out, ref) and out.shape[1] < free.shape[1]
 
 
@@ -132,7 +134,14 @@ def test_stats_and_on_step():
     steps = []
     stats = specdec.GenerationStats()
     specdec.generate(
-        model, prompt, self_drafter(model, 3), max_new_tokens=16, eos_token_id=[], stats=stats, on_step=steps.append, guard=None
+        model,
+        prompt,
+        self_drafter(model, 3),
+        max_new_tokens=16,
+        eos_token_id=[],
+        stats=stats,
+        on_step=steps.append,
+        guard=None,
     )
     assert steps == stats.steps and stats.new_tokens == 16
     assert [len(s.new_tokens) for s in steps] == [4, 4, 4, 4]
@@ -151,7 +160,9 @@ def test_no_drafter_is_plain_decoding():
 def test_one_token_prompt():
     model = tiny_model()
     prompt = torch.tensor([[17]])
-    assert torch.equal(specdec.generate(model, prompt, PromptLookup(), max_new_tokens=8, eos_token_id=[]), reference(model, prompt, 8))
+    assert torch.equal(
+        specdec.generate(model, prompt, PromptLookup(), max_new_tokens=8, eos_token_id=[]), reference(model, prompt, 8)
+    )
 
 
 # ---- bad inputs ---------------------------------------------------------------------------
@@ -201,7 +212,9 @@ def test_sampling_with_top_k_1_is_greedy_through_both_entry_points():
         prompt, custom_generate=specdec.hf_generate, drafter=PromptLookup(min_ngram=1), do_sample=True, top_k=1,
         max_new_tokens=12, eos_token_id=None, pad_token_id=model.config.vocab_size - 1,
     )
-    direct = specdec.generate(model, prompt, PromptLookup(min_ngram=1), max_new_tokens=12, do_sample=True, top_k=1, temperature=0.5)
+    direct = specdec.generate(
+        model, prompt, PromptLookup(min_ngram=1), max_new_tokens=12, do_sample=True, top_k=1, temperature=0.5
+    )
     assert torch.equal(hook, ref) and torch.equal(direct, ref)
 
 
@@ -225,12 +238,18 @@ def test_same_seed_same_sample_whatever_was_drafted():
         return specdec.generate(model, prompt, drafter, max_new_tokens=24, do_sample=True, seed=seed, guard=guard)
 
     plain = run(None, 7)
-    for drafter in (PromptLookup(min_ngram=1), self_drafter(model), DraftModel(tiny_model(seed=3), topk=2, num_tokens=3)):
+    for drafter in (
+        PromptLookup(min_ngram=1),
+        self_drafter(model),
+        DraftModel(tiny_model(seed=3), topk=2, num_tokens=3),
+    ):
         assert torch.equal(run(drafter, 7), plain), drafter
     assert torch.equal(run(PromptLookup(min_ngram=1), 7, guard=specdec.Guard(probe_every=2, pause=3)), plain)
     assert not torch.equal(run(PromptLookup(min_ngram=1), 8), plain)
     stats = specdec.GenerationStats()  # not vacuous: drafts were accepted, so the forwards differed
-    specdec.generate(model, prompt, self_drafter(model), max_new_tokens=24, do_sample=True, seed=7, guard=None, stats=stats)
+    specdec.generate(
+        model, prompt, self_drafter(model), max_new_tokens=24, do_sample=True, seed=7, guard=None, stats=stats
+    )
     assert any(len(step.new_tokens) > 1 for step in stats.steps)
 
 
@@ -239,12 +258,21 @@ def test_hf_hook_stops_on_eos_and_refuses_what_it_cannot_do():
     prompt = random_prompt(6, 8)
     free = reference(model, prompt, 20)
     eos = int(free[0, prompt.shape[1] + 5])
-    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False, pad_token_id=model.config.vocab_size - 1)
+    kwargs = dict(
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=20,
+        do_sample=False,
+        pad_token_id=model.config.vocab_size - 1,
+    )
     ref = model.generate(prompt, eos_token_id=eos, **kwargs)
-    out = model.generate(prompt, custom_generate=specdec.hf_generate, drafter=self_drafter(model), eos_token_id=eos, **kwargs)
+    out = model.generate(
+        prompt, custom_generate=specdec.hf_generate, drafter=self_drafter(model), eos_token_id=eos, **kwargs
+    )
     assert torch.equal(out, ref) and out.shape[1] < free.shape[1]
     with pytest.raises(ValueError, match="num_beams"):
-        model.generate(prompt, custom_generate=specdec.hf_generate, drafter=PromptLookup(), num_beams=2, max_new_tokens=3)
+        model.generate(
+            prompt, custom_generate=specdec.hf_generate, drafter=PromptLookup(), num_beams=2, max_new_tokens=3
+        )
 
 
 def test_generation_config_processors_are_not_silently_dropped():
@@ -256,8 +284,16 @@ def test_generation_config_processors_are_not_silently_dropped():
     with pytest.raises(ValueError, match="repetition_penalty"):
         specdec.generate(model, prompt, PromptLookup(), max_new_tokens=5)
     ref = reference(model, prompt, 12)  # model.generate applies the config's penalty
-    out = model.generate(prompt, custom_generate=specdec.hf_generate, drafter=PromptLookup(), attention_mask=torch.ones_like(prompt),
-                         max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=model.config.vocab_size - 1)
+    out = model.generate(
+        prompt,
+        custom_generate=specdec.hf_generate,
+        drafter=PromptLookup(),
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=model.config.vocab_size - 1,
+    )
     assert torch.equal(out, ref)
 
 
@@ -315,8 +351,14 @@ def test_hook_takes_stop_strings_and_the_tokenizer(smol_tokenizer):
     k = next(i for i in range(10, len(new)) if len(tok.decode(new[i]).strip()) >= 3)  # a word mid-way
     stop = tok.decode(new[k]).strip()
     ref = model.generate(prompt, stop_strings=[stop], tokenizer=tok, **kwargs)
-    out = model.generate(prompt, custom_generate=specdec.hf_generate, drafter=self_drafter(model, 6), stop_strings=[stop],
-                         tokenizer=tok, **kwargs)
+    out = model.generate(
+        prompt,
+        custom_generate=specdec.hf_generate,
+        drafter=self_drafter(model, 6),
+        stop_strings=[stop],
+        tokenizer=tok,
+        **kwargs,
+    )
     assert torch.equal(out, ref) and ref.shape[1] < free.shape[1]
 
 
@@ -336,8 +378,13 @@ def test_hook_refuses_assistant_model_and_stop_strings_without_a_tokenizer():
     model = tiny_model()
     prompt = random_prompt(0, 8)
     with pytest.raises(ValueError, match="assistant_model"):
-        model.generate(prompt, custom_generate=specdec.hf_generate, drafter=PromptLookup(), assistant_model=tiny_model(seed=3),
-                       **greedy_kwargs(prompt, max_new_tokens=5))
+        model.generate(
+            prompt,
+            custom_generate=specdec.hf_generate,
+            drafter=PromptLookup(),
+            assistant_model=tiny_model(seed=3),
+            **greedy_kwargs(prompt, max_new_tokens=5),
+        )
     with pytest.raises(ValueError, match="tokenizer="):
         model.generate(prompt, custom_generate=specdec.hf_generate, drafter=PromptLookup(), stop_strings=["x"],
                        **greedy_kwargs(prompt, max_new_tokens=5))

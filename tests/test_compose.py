@@ -5,17 +5,17 @@ subtree, its own accepted path, the step's tokens and the target's top-k rows fo
 """
 
 import pytest
+import specdec
 import torch
-from conftest import VOCAB, random_prompt, reference, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import specdec
 from specdec.acceptance import Speculative
 from specdec.drafter import Context, Feedback
 from specdec.drafters import DraftModel, PromptLookup
 from specdec.drafters.compose import Fallback, Merge
 from specdec.trees import LinearCost, TokenTree, merge
+
+from conftest import VOCAB, random_prompt, reference, tiny_model
 
 DEPTH = 4
 FREE = LinearCost(0.0)  # verification priced as free: a Merge keeps every node
@@ -27,7 +27,9 @@ def paths(tree: TokenTree) -> list[tuple[int, ...]]:
 
 def tree(tokens, parents, scores=None, draft_probs=None) -> TokenTree:
     scores = None if scores is None else torch.tensor(scores, dtype=torch.float64)
-    return TokenTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long), draft_probs, scores)
+    return TokenTree(
+        torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long), draft_probs, scores
+    )
 
 
 # ---- merge ------------------------------------------------------------------------------
@@ -434,7 +436,9 @@ def test_fallback_feedback_goes_to_the_drafter_that_proposed():
     prompt = random_prompt(2, 6)
     ref = reference(model, prompt, 30 + DEPTH)
     oracle = scripted(ref)
-    primary = Recorder(lambda ctx: oracle(ctx) if ctx.input_ids.numel() % 3 == 0 else TokenTree.empty(), feedback_topk=2)
+    primary = Recorder(
+        lambda ctx: oracle(ctx) if ctx.input_ids.numel() % 3 == 0 else TokenTree.empty(), feedback_topk=2
+    )
     secondary = Recorder(scripted(ref, 2, "siblings"))
     fallback = Fallback(primary, secondary)
     assert fallback.feedback_topk == 2 and not fallback.needs_hidden_states

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_prompt, tiny_model
-
 from specdec.demo.app import DEFAULT_PROMPT, DemoError, Session, respond
 from specdec.demo.compare import (
     DRAFT,
@@ -32,6 +30,8 @@ from specdec.demo.compare import (
     trace_spec,
 )
 from specdec.drafters import PromptLookup
+
+from conftest import random_prompt, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,9 @@ def test_both_traces_produce_the_same_tokens_and_consistent_timing():
 
 
 def test_frames_and_live_stats_follow_the_clock():
-    plain = Trace((Piece(0.1, (1,), TARGET), Piece(0.2, (2,), TARGET), Piece(0.3, (3,), TARGET), Piece(0.4, (4,), TARGET)), 0.4, 4)
+    plain = Trace(
+        (Piece(0.1, (1,), TARGET), Piece(0.2, (2,), TARGET), Piece(0.3, (3,), TARGET), Piece(0.4, (4,), TARGET)), 0.4, 4
+    )
     spec = Trace((Piece(0.1, (1, 2), DRAFT), Piece(0.1, (3,), TARGET), Piece(0.2, (4,), TARGET)), 0.2, 2)
     assert frame(plain, 0.25) == list(plain.pieces[:2]) and frame(spec, 0.05) == []
     mid = live_stats(plain, spec, 0.1)
@@ -115,7 +117,9 @@ def tiny_session(fail: Exception | None = None):
 
 
 def test_respond_streams_identical_panes_and_stats():
-    frames = list(respond(tiny_session(), "copy copy copy copy", [], "smollm2-135m", "prompt-lookup", 16, 0, realtime=False))
+    frames = list(
+        respond(tiny_session(), "copy copy copy copy", [], "smollm2-135m", "prompt-lookup", 16, 0, realtime=False)
+    )
     chat, history, plain_html, spec_html, stats, plot, status = frames[-1]
     assert status == "Done."
     assert chat[-1]["role"] == "assistant" and history == chat and len(chat) == 2
@@ -126,7 +130,11 @@ def test_respond_streams_identical_panes_and_stats():
 
 
 def test_respond_samples_at_a_temperature():
-    frames = list(respond(tiny_session(), "copy copy", [], "smollm2-135m", "prompt-lookup", 12, 0, temperature=0.8, realtime=False))
+    frames = list(
+        respond(
+            tiny_session(), "copy copy", [], "smollm2-135m", "prompt-lookup", 12, 0, temperature=0.8, realtime=False
+        )
+    )
     chat, history, plain_html, spec_html, stats, plot, status = frames[-1]
     assert status == "Done." and "sampled: same distribution" in stats and "pane-text" in spec_html
     bad = list(respond(tiny_session(), "hi", [], "smollm2-135m", "prompt-lookup", 4, 0, temperature=-1, realtime=False))

@@ -18,12 +18,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
-from conftest import VOCAB, random_prompt, reference, run, tiny_model
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
-
 import specdec
+import torch
 from specdec import devices, packing, profile
 from specdec.cli import main
 from specdec.decode import DEFAULT_PACKED_FROM, resolve_packed_from
@@ -33,6 +29,10 @@ from specdec.drafters.medusa import MedusaHeads
 from specdec.drafters.vocab import DraftVocab, PackedDraft
 from specdec.trees import TokenTree
 from specdec.verifier import Verifier
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from conftest import VOCAB, random_prompt, reference, run, tiny_model
 
 
 def named(model, name: str = "tiny-model"):

@@ -10,21 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_prompt, reference, run
-from helpers import write_prompts, write_target
 from safetensors.torch import load_file
-from torch import Tensor
-
 from specdec.cli import main as specdec_main
 from specdec.drafters import DraftModel
 from specdec.drafters.early_exit import EarlyExit
 from specdec.drafters.layer_view import LayerSubset
 from specdec.models import load_model
-from specdec.training.data import MakeDataArguments, load_examples, make_data
+from specdec.training.data import MakeDataArguments, load_examples, make_data, split
 from specdec.training.draft_model import REPORT, DraftModelArguments, DraftModelRecipe
 from specdec.training.early_exit import EarlyExitArguments, EarlyExitRecipe
-from specdec.training.data import split
 from specdec.training.train import TrainArguments, train
+from torch import Tensor
+
+from conftest import random_prompt, reference, run
+from helpers import write_prompts, write_target
 
 NUM_PROMPTS = 10
 
@@ -137,7 +136,11 @@ def test_early_exit_kl_term(workdir):
 
 
 def test_recipe_arguments_are_validated():
-    for kwargs, word in [(dict(exit_layer=0), "exit-layer"), (dict(rank=0), "rank"), (dict(kl_weight=-1.0), "kl-weight")]:
+    for kwargs, word in [
+        (dict(exit_layer=0), "exit-layer"),
+        (dict(rank=0), "rank"),
+        (dict(kl_weight=-1.0), "kl-weight"),
+    ]:
         with pytest.raises(ValueError, match=word):
             EarlyExitRecipe(EarlyExitArguments(**kwargs))
     for kwargs, word in [(dict(temperature=0.0), "temperature"), (dict(ce_weight=-1.0), "ce-weight"),

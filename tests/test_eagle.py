@@ -7,7 +7,20 @@ import json
 import shutil
 
 import pytest
+import specdec
 import torch
+from safetensors.torch import load_file, save_file
+from specdec.drafter import Context, Feedback
+from specdec.drafters.checkpoint import CheckpointError
+from specdec.drafters.eagle import Eagle, EagleHead, FrozenTarget
+from specdec.models import load_model
+from specdec.training.cli import main
+from specdec.training.data import Batch, collate, frequent_answer_tokens, load_examples, make_data, split, target_states
+from specdec.training.eagle import EagleArguments, EagleRecipe, unroll_mask
+from specdec.training.train import TrainArguments, train
+from specdec.trees import LinearCost, TokenTree
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
 from conftest import assert_drafts_within, random_prompt, reference, run, tiny_model
 from helpers import (
     assert_drafts_from_the_second_step,
@@ -21,21 +34,6 @@ from helpers import (
     write_prompts,
     write_target,
 )
-from safetensors.torch import load_file, save_file
-from transformers import Qwen2Config, Qwen2ForCausalLM
-
-import specdec
-from specdec.drafter import Context, Feedback
-from specdec.trees import LinearCost, TokenTree
-from specdec.drafters.checkpoint import CheckpointError
-from specdec.drafters.eagle import Eagle, EagleHead, FrozenTarget
-from specdec.models import load_model
-from specdec.training.cli import main
-from specdec.training.data import (Batch, collate, frequent_answer_tokens, load_examples, make_data, split,
-                                   target_states)
-from specdec.training.eagle import EagleArguments, EagleRecipe, unroll_mask
-from specdec.training.train import TrainArguments, train
-
 
 FREE = LinearCost(0.0)  # verification priced as free: Eagle keeps the whole grown tree
 
@@ -241,7 +239,9 @@ def test_min_gain_stops_growth_by_calibrated_chance():
     shallow = cut.propose(Context(ids, hidden, verify_cost=FREE))
     keep = [i for i in range(len(tree)) if int(depths[i]) <= int(depths.min()) + 2]
     assert shallow.tokens.tolist() == tree.subtree(keep).tokens.tolist()  # three levels, no fourth step
-    chain = TokenTree(torch.zeros(4, dtype=torch.long), torch.arange(-1, 3), scores=torch.full((4,), 1e-9, dtype=torch.float64))
+    chain = TokenTree(
+        torch.zeros(4, dtype=torch.long), torch.arange(-1, 3), scores=torch.full((4,), 1e-9, dtype=torch.float64)
+    )
     for _ in range(100):  # unlikely proposals fully accepted: the ratio rises, the bar on q falls
         cut.update(Feedback(chain, [0, 1, 2, 3], torch.zeros(5, dtype=torch.long)))
     assert cut.acceptance_ratio * best[3] > bar
@@ -252,7 +252,9 @@ def test_min_gain_with_nothing_accepted_lately_drafts_one_level():
     model = tiny_model("llama")
     ids = random_prompt(3, 8)[0]
     hidden = states_of(model, ids[None])[:-1]
-    chain = TokenTree(torch.zeros(2, dtype=torch.long), torch.arange(-1, 1), scores=torch.full((2,), 0.5, dtype=torch.float64))
+    chain = TokenTree(
+        torch.zeros(2, dtype=torch.long), torch.arange(-1, 1), scores=torch.full((2,), 0.5, dtype=torch.float64)
+    )
     for min_gain in (0.0, 0.1):
         drafter = Eagle(model, random_head(model, 0), depth=4, topk=2, budget=None, min_gain=min_gain,
                         calibration_decay=0.01)

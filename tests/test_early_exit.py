@@ -7,16 +7,16 @@ import importlib.metadata
 import json
 
 import pytest
-import torch
-from conftest import leaves_untouched, random_prompt, reference, run, tiny_model
-from helpers import assert_cache_stays_reconciled, assert_drafts_what_the_target_says, identity_layers
-
 import specdec
+import torch
 from specdec import kv
 from specdec.drafter import Context
 from specdec.drafters.checkpoint import CheckpointError
 from specdec.drafters.early_exit import EarlyExit, ExitAdapter
 from specdec.drafters.layer_view import LayerSubset
+
+from conftest import leaves_untouched, random_prompt, reference, run, tiny_model
+from helpers import assert_cache_stays_reconciled, assert_drafts_what_the_target_says, identity_layers
 
 MAX_NEW = 24
 
@@ -31,8 +31,13 @@ def random_adapter(model, exit_layer: int, seed: int = 0, rank: int = 8) -> Exit
 @pytest.mark.parametrize("arch", ["llama", "qwen"])
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(exit_layer=2), dict(exit_layer=1, draft_tokens=3), dict(exit_layer=0.5, topk=2, width=3, budget=6, draft_tokens=3),
-     dict(adapter=1), dict(adapter=3, topk=2, draft_tokens=3)],
+    [
+        dict(exit_layer=2),
+        dict(exit_layer=1, draft_tokens=3),
+        dict(exit_layer=0.5, topk=2, width=3, budget=6, draft_tokens=3),
+        dict(adapter=1),
+        dict(adapter=3, topk=2, draft_tokens=3),
+    ],
     ids=["exit-2", "exit-1", "fraction-tree", "adapter", "adapter-tree"],
 )
 def test_exact(arch, kwargs):

@@ -4,13 +4,13 @@ cannot change the output, and nothing a caller passes in is written to."""
 import threading
 
 import pytest
-import torch
-from conftest import VOCAB, random_prompt, reference, tiny_model
-from transformers import LogitsProcessor, LogitsProcessorList
-
 import specdec
+import torch
 from specdec.drafters import LayerSkip, PromptLookup
 from specdec.trees import TokenTree
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from conftest import VOCAB, random_prompt, reference, tiny_model
 
 
 class Scribbler(PromptLookup):
@@ -56,7 +56,9 @@ def test_greedy_over_a_row_that_bans_every_token_answers_like_generate():
     model = tiny_model()
     prompt = random_prompt(0, 16)
     procs = LogitsProcessorList([BanAllAt(prompt.shape[1] + 3)])
-    out = specdec.generate(model, prompt, PromptLookup(min_ngram=1), max_new_tokens=8, eos_token_id=[], logits_processor=procs)
+    out = specdec.generate(
+        model, prompt, PromptLookup(min_ngram=1), max_new_tokens=8, eos_token_id=[], logits_processor=procs
+    )
     assert torch.equal(out, reference(model, prompt, 8, logits_processor=procs))
 
 
@@ -179,7 +181,9 @@ def test_a_drafter_or_session_in_use_by_another_thread_is_refused():
         shared["drafter"] = PausingLayerSkip(model, pause, skip=[1])
         return specdec.generate(model, prompt, shared["drafter"], **kwargs)
 
-    raised, out = generation_meets_a_second_one(first, lambda: specdec.generate(model, prompt, shared["drafter"], **kwargs))
+    raised, out = generation_meets_a_second_one(
+        first, lambda: specdec.generate(model, prompt, shared["drafter"], **kwargs)
+    )
     assert raised is not None and "drafter" in str(raised) and "another" in str(raised)
     assert torch.equal(out, reference(model, prompt, 12))  # the first one was not disturbed
     assert torch.equal(specdec.generate(model, prompt, shared["drafter"], **kwargs), out)  # free again afterwards
@@ -223,16 +227,20 @@ MISUSE = {
     "max_new_tokens float": (dict(max_new_tokens=5.0), TypeError, r"max_new_tokens.*int"),
     "max_new_tokens str": (dict(max_new_tokens="5"), TypeError, r"max_new_tokens.*int"),
     "propose returns None": (dict(drafter=Returns(lambda: None)), TypeError, r"propose returned None.*TokenTree"),
-    "propose returns a list": (dict(drafter=Returns(lambda: [5, 6])), TypeError, r"propose returned list.*TokenTree\.chain"),
-    "tree parents written": (dict(drafter=Returns(written_after_building("parents"))), ValueError, r"TokenTree.*in place"),
-    "tree tokens written": (dict(drafter=Returns(written_after_building("tokens"))), ValueError, r"TokenTree.*in place"),
+    "propose returns a list": (dict(drafter=Returns(lambda: [5, 6])), TypeError, r"propose returned "
+                                                                                 r"list.*TokenTree\.chain"),
+    "tree parents written": (dict(drafter=Returns(written_after_building("parents"))), ValueError, r"TokenTree.*in "
+                                                                                                   r"place"),
+    "tree tokens written": (dict(drafter=Returns(written_after_building("tokens"))), ValueError, r"TokenTree.*in "
+                                                                                                 r"place"),
     "draft_probs too narrow": (
         dict(drafter=Returns(lambda: TokenTree.chain([5, 6], draft_probs=torch.full((2, 10), 0.1))), do_sample=True),
         ValueError, rf"draft_probs.*width 10.*{VOCAB}",
     ),
     "drafter class": (dict(drafter=PromptLookup), TypeError, r"drafter.*class PromptLookup.*PromptLookup\(\)"),
     "drafter name": (dict(drafter="prompt-lookup"), TypeError, r"drafter.*'prompt-lookup'.*make_drafter"),
-    "not a drafter": (dict(drafter=object()), TypeError, r"drafter: object has no needs_hidden_states, begin.*specdec\.Drafter"),
+    "not a drafter": (dict(drafter=object()), TypeError, r"drafter: object has no needs_hidden_states, "
+                                                         r"begin.*specdec\.Drafter"),
 }
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from conftest import tiny_model
-
 import specdec.models
+import torch
 from specdec import cli
 from specdec.bench import read_questions
+
+from conftest import tiny_model
 
 GOOD = {"question_id": 1, "category": "qa", "turns": ["Name a color."]}
 
@@ -76,7 +76,9 @@ def no_demo(monkeypatch):
 
 
 def write_lines(path, *lines) -> str:
-    path.write_bytes(b"\n".join(line if isinstance(line, bytes) else json.dumps(line).encode() for line in lines) + b"\n")
+    path.write_bytes(
+        b"\n".join(line if isinstance(line, bytes) else json.dumps(line).encode() for line in lines) + b"\n"
+    )
     return str(path)
 
 
@@ -91,7 +93,15 @@ def write_lines(path, *lines) -> str:
         ({"question_id": None, "category": "qa", "turns": ["Fine."]}, "question_id"),
         ([GOOD], "question_id"),  # not an object
     ],
-    ids=["turns-string", "turns-empty", "turn-empty", "turn-number", "category-number", "question_id-null", "not-object"],
+    ids=[
+        "turns-string",
+        "turns-empty",
+        "turn-empty",
+        "turn-number",
+        "category-number",
+        "question_id-null",
+        "not-object",
+    ],
 )
 def test_bench_refuses_bad_question_schema(tmp_path, capsys, no_loading, bad, complaint):
     path = write_lines(tmp_path / "q.jsonl", GOOD, bad)
@@ -103,14 +113,18 @@ def test_bench_refuses_bad_question_schema(tmp_path, capsys, no_loading, bad, co
 
 @pytest.mark.parametrize(
     "bad, complaint",
-    [(b'{"question_id": 2, "category": "qa", ', "not valid JSON"), (b'{"question_id": 2, "category": "caf\xe9"}', "UTF-8")],
+    [
+        (b'{"question_id": 2, "category": "qa", ', "not valid JSON"),
+        (b'{"question_id": 2, "category": "caf\xe9"}', "UTF-8"),
+    ],
     ids=["json", "utf8"],
 )
 def test_bench_json_and_utf8_errors_name_file_and_line(tmp_path, capsys, no_loading, bad, complaint):
     path = write_lines(tmp_path / "q.jsonl", GOOD, GOOD, bad)
     assert cli.main(["bench", "--questions", path]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert f"{path}:3: " in line and complaint in line and "line 1" not in line  # json's own "line 1 column ..." misleads
+    # json's own "line 1 column ..." misleads
+    assert f"{path}:3: " in line and complaint in line and "line 1" not in line
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
@@ -164,7 +178,15 @@ def test_missing_datastore_refused_before_profiling(tmp_path, capsys, monkeypatc
     store = str(tmp_path / "no-datastore")
     args = {
         "generate": ["generate", "--drafter", "retrieval", "--datastore", store, "Say hi."],
-        "bench": ["bench", "--methods", "baseline,retrieval", "--datastore", store, "--questions", write_lines(tmp_path / "q.jsonl", GOOD)],
+        "bench": [
+            "bench",
+            "--methods",
+            "baseline,retrieval",
+            "--datastore",
+            store,
+            "--questions",
+            write_lines(tmp_path / "q.jsonl", GOOD),
+        ],
     }[command]
     assert cli.main(args) == 2
     line = one_error_line(capsys.readouterr().err)
@@ -217,7 +239,9 @@ def test_ctrl_c_during_bench_keeps_the_finished_questions(tmp_path, capsys, monk
         return " ".join(m["content"] for m in messages) + " >"
 
     monkeypatch.setattr(WordTokenizer, "apply_chat_template", apply_chat_template)
-    questions = write_lines(tmp_path / "q.jsonl", GOOD, {**GOOD, "question_id": 2, "turns": ["STOP"]}, {**GOOD, "question_id": 3})
+    questions = write_lines(
+        tmp_path / "q.jsonl", GOOD, {**GOOD, "question_id": 2, "turns": ["STOP"]}, {**GOOD, "question_id": 3}
+    )
     out = tmp_path / "out"
     args = ["bench", "--questions", questions, "--methods", "baseline,prompt-lookup", "--max-new-tokens", "3",
             "--packed-from", "none", "--out", str(out)]

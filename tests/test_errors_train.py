@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import MEDUSA_RECIPE, data_args, read_log, train_args, write_prompts, write_target
-
 from specdec.training.cli import main
 from specdec.training.data import make_data
 from specdec.training.medusa import MedusaRecipe
 from specdec.training.train import train
+
+from helpers import MEDUSA_RECIPE, data_args, read_log, train_args, write_prompts, write_target
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,9 @@ def test_rerunning_a_killed_job_needs_resume(workdir, capsys):
 def test_resume_falls_back_from_a_truncated_checkpoint(workdir, capsys):
     from safetensors.torch import load_file
 
-    straight = train(train_args(workdir, workdir / "data", "straight", max_steps=8, save_steps=3), MedusaRecipe(MEDUSA_RECIPE))
+    straight = train(
+        train_args(workdir, workdir / "data", "straight", max_steps=8, save_steps=3), MedusaRecipe(MEDUSA_RECIPE)
+    )
     run = workdir / "truncated"
     train(train_args(workdir, workdir / "data", run.name, max_steps=8, save_steps=3), MedusaRecipe(MEDUSA_RECIPE))
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())

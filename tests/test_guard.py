@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
-from conftest import random_prompt, reference, tiny_model
-
 import specdec
+import torch
 from specdec import Guard
 from specdec.trees import TokenTree
+
+from conftest import random_prompt, reference, tiny_model
 
 
 class Scripted:
@@ -37,7 +37,8 @@ def test_guard_pauses_a_slow_useless_drafter_and_stays_exact():
     model = tiny_model()
     prompt = random_prompt(4, 12)
     ref = reference(model, prompt, 60)
-    wrong = Scripted(lambda ctx: [(int(ref[0, ctx.input_ids.numel()]) + 1) % 95] * 3, delay=0.02)  # never the next token
+    # never the next token
+    wrong = Scripted(lambda ctx: [(int(ref[0, ctx.input_ids.numel()]) + 1) % 95] * 3, delay=0.02)
     guard = Guard(probe_every=4, pause=8)
     out = specdec.generate(model, prompt, wrong, max_new_tokens=60, guard=guard)
     assert torch.equal(out, ref)

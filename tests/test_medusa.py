@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from conftest import assert_drafts_within, random_prompt, reference, run, tiny_model
-from helpers import K, assert_drafts_from_the_second_step, assert_refuses_other_targets, assert_same_drafts, named_model, random_heads
-from safetensors.torch import load_file, save_file
-
 import specdec
+import torch
+from safetensors.torch import load_file, save_file
 from specdec.drafter import Context
 from specdec.drafters import checkpoint
 from specdec.drafters.checkpoint import CheckpointError
@@ -21,6 +18,15 @@ from specdec.training.train import TrainArguments
 from specdec.trees import optimal_shape, parents_of
 from specdec.trees.presets import MEDUSA_63, PRESETS, calibrated, cut
 
+from conftest import assert_drafts_within, random_prompt, reference, run, tiny_model
+from helpers import (
+    K,
+    assert_drafts_from_the_second_step,
+    assert_refuses_other_targets,
+    assert_same_drafts,
+    named_model,
+    random_heads,
+)
 
 ACCURACY = [[0.5, 0.2, 0.1], [0.4, 0.2, 0.1], [0.3, 0.2, 0.1]]
 
@@ -169,7 +175,9 @@ def test_heads_trained_on_own_output_get_accepted():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    _, untrained = run(model, prompt, Medusa(model, recipe.build(model, TrainArguments()).double(), tree="medusa-16"), 50)
+    _, untrained = run(
+        model, prompt, Medusa(model, recipe.build(model, TrainArguments()).double(), tree="medusa-16"), 50
+    )
     out, stats = run(model, prompt, Medusa(model, heads, tree="medusa-16"), 50)
     assert torch.equal(out, ref[:, : prompt.shape[1] + 50])
     assert stats.mean_accepted > 2.0 and stats.mean_accepted > untrained.mean_accepted + 0.5
@@ -266,7 +274,9 @@ def test_corrupt_or_missing_checkpoint(tmp_path):
         edit(d)
         return d
 
-    weights = broken("w", lambda d: (d / "drafter.safetensors").write_bytes((d / "drafter.safetensors").read_bytes()[:100]))
+    weights = broken(
+        "w", lambda d: (d / "drafter.safetensors").write_bytes((d / "drafter.safetensors").read_bytes()[:100])
+    )
     with pytest.raises(CheckpointError, match="corrupt: drafter.safetensors"):
         Medusa.from_pretrained(weights, model)
     config = broken("c", lambda d: (d / "drafter_config.json").write_text("{not json"))

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_target
-
 from specdec import models
 from specdec.models import EMBEDDED, EmbeddedModel, ModelNotInstalledError
+
+from helpers import write_target
 
 
 def test_unknown_name_lists_embedded_names():
@@ -131,7 +131,9 @@ def test_a_damaged_cache_is_converted_again(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
     file = "_pytest/__init__.py"
     digest = hashlib.sha256((Path(importlib.metadata.distribution("pytest").locate_file("")) / file).read_bytes())
-    monkeypatch.setitem(EMBEDDED, "fake", EmbeddedModel("fake", ("pytest",), (file,), "test", sha256=digest.hexdigest()))
+    monkeypatch.setitem(
+        EMBEDDED, "fake", EmbeddedModel("fake", ("pytest",), (file,), "test", sha256=digest.hexdigest())
+    )
     conversions = []
     monkeypatch.setattr(models, "_load_gguf", lambda path, **kw: conversions.append(path) or models.load_model(
         str(tmp_path / "tiny")))

@@ -6,12 +6,12 @@ import copy
 import dataclasses
 
 import pytest
-import torch
-
 import specdec
+import torch
 from specdec import profile
 from specdec.drafters import DraftModel, Eagle, Medusa, PromptLookup
 from specdec.packing import PackedLinears, PackedRoute, available, packed_linears
+
 from conftest import random_prompt, reference, tiny_model
 from helpers import random_head, random_heads
 

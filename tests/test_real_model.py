@@ -6,9 +6,8 @@ import importlib.metadata
 import json
 
 import pytest
-import torch
-
 import specdec
+import torch
 from specdec.bench import BenchConfig, encode_chat, run_bench, write_results
 from specdec.cli import main
 from specdec.drafters import DraftModel, PromptLookup
@@ -34,7 +33,11 @@ def smollm():
 
 @pytest.mark.parametrize(
     "make",
-    [lambda m: PromptLookup(), lambda m: PromptLookup(num_matches=3, token_cost=0), lambda m: DraftModel(m, topk=2, num_tokens=3)],
+    [
+        lambda m: PromptLookup(),
+        lambda m: PromptLookup(num_matches=3, token_cost=0),
+        lambda m: DraftModel(m, topk=2, num_tokens=3),
+    ],
     ids=["lookup-chain", "lookup-tree", "self-draft-tree"],
 )
 def test_exact_on_real_model(smollm, make):
@@ -67,10 +70,13 @@ def test_bench_end_to_end(smollm, tmp_path):
     questions = tmp_path / "q.jsonl"
     rows = [
         {"question_id": 1, "category": "summarization", "turns": ["Summarize: cats sleep a lot. Cats also purr."]},
-        {"question_id": 2, "category": "writing", "turns": ["Name three colours.", "Now repeat them in reverse order."]},
+        {"question_id": 2, "category": "writing", "turns": ["Name three colours.", "Now repeat them in reverse "
+                                                                                   "order."]},
     ]
     questions.write_text("\n".join(json.dumps(r) for r in rows))
-    cfg = BenchConfig(questions=str(questions), methods="baseline,hf-prompt-lookup,prompt-lookup,plain", max_new_tokens=16)
+    cfg = BenchConfig(
+        questions=str(questions), methods="baseline,hf-prompt-lookup,prompt-lookup,plain", max_new_tokens=16
+    )
     records = run_bench(cfg, model, tokenizer, progress=False)
     assert len(records) == 3 * 4 and all(r.exact for r in records)
     text = write_results(records, cfg, str(tmp_path / "out"), "test CPU")
@@ -85,7 +91,12 @@ def test_bench_sampled(smollm, tmp_path):
     model, tokenizer = smollm
     questions = tmp_path / "q.jsonl"
     questions.write_text(json.dumps({"question_id": 1, "category": "writing", "turns": ["Name three colours."]}))
-    cfg = BenchConfig(questions=str(questions), methods="baseline,hf-prompt-lookup,prompt-lookup,prompt-lookup:noguard", max_new_tokens=12, temperature=0.7)
+    cfg = BenchConfig(
+        questions=str(questions),
+        methods="baseline,hf-prompt-lookup,prompt-lookup,prompt-lookup:noguard",
+        max_new_tokens=12,
+        temperature=0.7,
+    )
     records = run_bench(cfg, model, tokenizer, progress=False)
     text = write_results(records, cfg, str(tmp_path / "out"), "test CPU")
     assert "sampled at temperature 0.7" in text and "| prompt-lookup |" in text and "not checked" in text
@@ -95,7 +106,8 @@ def test_cli_generate_and_errors(capsys):
     assert main(["generate", "--max-new-tokens", "6", "--compare", "Say hi."]) == 0
     err = capsys.readouterr().err
     assert "tokens/s" in err and "identical" in err
-    assert main(["generate", "--max-new-tokens", "6", "--temperature", "0.8", "--seed", "1", "--compare", "Say hi."]) == 0
+    assert main(["generate", "--max-new-tokens", "6", "--temperature", "0.8", "--seed", "1", "--compare", "Say "
+                                                                                                          "hi."]) == 0
     assert "independent sample" in capsys.readouterr().err
     assert main(["generate", "--model", "no-such-model", "hi"]) == 2
     assert "no-such-model" in capsys.readouterr().err

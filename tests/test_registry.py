@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_model
-
 from specdec import registry
 from specdec.bench import BenchConfig, check_methods, make_drafters
 from specdec.drafters import EarlyExit, Fallback, Jacobi, Merge, PromptLookup, TokenRecycling
 from specdec.registry import Resources, check_name, make_drafter, parse_name
+
+from conftest import tiny_model
 
 
 @pytest.fixture
@@ -62,7 +62,10 @@ def test_names_with_options_compose(loads):
 def test_bench_variant_follows_the_options(loads):
     cfg = BenchConfig(methods="baseline,eagle[full-vocab]:noguard,medusa[full-vocab]+prompt-lookup:stock")
     assert check_methods(cfg) == ["baseline", "eagle[full-vocab]:noguard", "medusa[full-vocab]+prompt-lookup:stock"]
-    assert set(make_drafters(cfg, None, None)) == {"eagle[full-vocab]:noguard", "medusa[full-vocab]+prompt-lookup:stock"}
+    assert set(make_drafters(cfg, None, None)) == {
+        "eagle[full-vocab]:noguard",
+        "medusa[full-vocab]+prompt-lookup:stock",
+    }
     assert loads == [("eagle", {"draft_vocab": None}), ("medusa", {"draft_vocab": None})]
     with pytest.raises(ValueError, match=r"--methods: .*unknown option 'nope'.*full-vocab, budget"):
         check_methods(BenchConfig(methods="baseline,eagle[nope]:noguard"))

@@ -7,15 +7,15 @@ import os
 
 import numpy as np
 import pytest
+import specdec
 import torch
-from conftest import VOCAB, random_prompt, reference, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import specdec
 from specdec.cli import main
 from specdec.drafter import Context, Feedback
 from specdec.drafters.retrieval import Datastore, Retrieval, encode_corpus, read_corpus, suffix_array
+
+from conftest import VOCAB, random_prompt, reference, tiny_model
 
 docs_strategy = st.lists(st.lists(st.integers(0, 3), min_size=0, max_size=12), min_size=1, max_size=6).filter(
     lambda docs: any(docs)
@@ -324,7 +324,9 @@ def tokenizer_dir(tmp_path):
     )
     path = tmp_path / "tok"
     fast.save_pretrained(path)
-    LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1).save_pretrained(path)
+    LlamaConfig(
+        vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1
+    ).save_pretrained(path)
     return path
 
 

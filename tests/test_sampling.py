@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-import torch
-from conftest import random_prompt, tiny_model
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
-
 import specdec
+import torch
 from specdec.acceptance import Greedy, Speculative, Typical
 from specdec.trees import TokenTree
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
+
+from conftest import random_prompt, tiny_model
 
 V = 6
 TRIALS = 20_000
@@ -97,7 +97,9 @@ def total_variation(counts: Counter, target: torch.Tensor) -> float:
     return 0.5 * sum(abs(counts[(a, b)] / TRIALS - float(exact[a, b])) for a in range(V) for b in range(V))
 
 
-@pytest.mark.parametrize("tree_of", [deterministic_chain, sampled_chain, sampled_siblings, top_k_siblings, lambda g: TokenTree.empty()])
+@pytest.mark.parametrize(
+    "tree_of", [deterministic_chain, sampled_chain, sampled_siblings, top_k_siblings, lambda g: TokenTree.empty()]
+)
 @pytest.mark.parametrize("k", [None, 3])
 def test_speculative_sampling_matches_the_target_distribution(tree_of, k):
     target = P if k is None else top_k(P, k)  # top-k: drafts outside the support must always be rejected
@@ -128,7 +130,8 @@ def test_rejections_really_happen():
     rule = Speculative(seed=3)
     gen = torch.Generator().manual_seed(4)
     lengths = Counter(
-        len(rule(tree := sampled_chain(gen), torch.cat([P[:1], P[tree.tokens]]).log()).accepted_nodes) for _ in range(2000)
+        len(rule(tree := sampled_chain(gen), torch.cat([P[:1], P[tree.tokens]]).log()).accepted_nodes)
+        for _ in range(2000)
     )
     assert lengths[0] > 100 and lengths[1] > 20 and lengths[2] > 20
 
@@ -197,7 +200,9 @@ def test_sampled_generate_matches_the_model_distribution(coupled):
     torch.manual_seed(0)
     for trial in range(trials):
         rule = Speculative(seed=trial) if coupled else Speculative()
-        out = specdec.generate(model, prompt, drafter, max_new_tokens=2, logits_processor=processors, rule=rule, guard=None)
+        out = specdec.generate(
+            model, prompt, drafter, max_new_tokens=2, logits_processor=processors, rule=rule, guard=None
+        )
         counts[tuple(out[0, -2:].tolist())] += 1
     keys = set(exact) | set(counts)
     tv = 0.5 * sum(abs(counts[k] / trials - exact.get(k, 0.0)) for k in keys)
@@ -208,7 +213,8 @@ def test_greedy_rule_is_still_the_default():
     model = tiny_model()
     prompt = random_prompt(1, 10)
     assert torch.equal(
-        specdec.generate(model, prompt, max_new_tokens=4), specdec.generate(model, prompt, max_new_tokens=4, rule=Greedy())
+        specdec.generate(model, prompt, max_new_tokens=4),
+        specdec.generate(model, prompt, max_new_tokens=4, rule=Greedy()),
     )
 
 

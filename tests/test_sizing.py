@@ -6,16 +6,16 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+import specdec
 import torch
-from conftest import random_prompt, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import specdec
 from specdec.drafter import Context
 from specdec.drafters import PromptLookup
 from specdec.trees import DEFAULT_VERIFY_COST, LinearCost, RunningRate, best_size
 from specdec.trees.sizing import DEFAULT_TOKEN_COST
+
+from conftest import random_prompt, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1] / "specdec"
 SIZING = ROOT / "trees" / "sizing.py"
@@ -83,7 +83,7 @@ def test_ties_go_to_the_smaller_size():
 
 def test_fixed_nodes_count_in_the_cost_and_base_in_the_gain():
     """Jacobi's chain: `fixed` nodes are always sent, so the extra ones are priced from there."""
-    knee = lambda k: 1.0 if k <= 3 else 10.0  # noqa: E731: free up to 3 nodes, then dear
+    knee = lambda k: 1.0 if k <= 3 else 10.0  # noqa: E731 - free up to 3 nodes, then dear
     assert best_size([0.5], knee).n == 1
     kept = best_size([0.5], knee, fixed=3, base=0.7)
     assert kept.n == 0 and kept.expected == pytest.approx(1.7) and kept.cost == 1.0

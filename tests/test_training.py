@@ -12,10 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import reference, run
-from helpers import MEDUSA_RECIPE, NUM_PROMPTS, data_args, read_log, train_args, write_prompts, write_target
 from safetensors.torch import load_file
-
 from specdec.drafters.medusa import Medusa
 from specdec.models import load_model
 from specdec.training import data as data_module
@@ -24,6 +21,9 @@ from specdec.training.data import load_examples, make_data
 from specdec.training.medusa import MedusaArguments, MedusaRecipe
 from specdec.training.prompts import MakePromptsArguments, make_prompts, user_prefix
 from specdec.training.train import train
+
+from conftest import reference, run
+from helpers import MEDUSA_RECIPE, NUM_PROMPTS, data_args, read_log, train_args, write_prompts, write_target
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,9 @@ def test_make_data_answers_like_unbatched_greedy(workdir, dataset):
     model, tok = load_model(str(workdir / "tiny-target"))
     prompts = data_module.read_prompts(workdir / "prompts.jsonl", "prompt", NUM_PROMPTS)
     for row, prompt in zip(ds, prompts):
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
         ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
         assert row["input_ids"][: row["prompt_length"]].tolist() == ids[0].tolist()
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
@@ -245,7 +247,9 @@ def test_make_prompts_keeps_ended_distinct_user_messages(workdir, capsys):
     assert "make-prompts: kept" in capsys.readouterr().out
     again = make_prompts(replace(args, output=str(workdir / "magpie-again.jsonl")))
     assert again.read_text() == path.read_text()
-    data = make_data(replace(data_args(workdir, "data-magpie", limit=None, save_hidden_states=False), prompts=str(path)))
+    data = make_data(
+        replace(data_args(workdir, "data-magpie", limit=None, save_hidden_states=False), prompts=str(path))
+    )
     assert len(load_examples(data)) == len(rows)
     with pytest.raises(ValueError, match="none of 8 samples ended"):  # one new token: at best an empty message
         make_prompts(replace(args, output=str(workdir / "none.jsonl"), max_new_tokens=1, max_batches=1))

@@ -16,7 +16,15 @@ import time
 from collections.abc import Callable, Iterator
 
 from specdec.demo.compare import (
-    Trace, accepted_per_step, bar_svg, frame, live_stats, render, trace_plain, trace_spec, warm_up,
+    Trace,
+    accepted_per_step,
+    bar_svg,
+    frame,
+    live_stats,
+    render,
+    trace_plain,
+    trace_spec,
+    warm_up,
 )
 
 DEFAULT_PROMPT = (
@@ -162,7 +170,9 @@ def build_demo(*, load_model: Callable | None = None, default_model: str = "smol
             drafter_name = gr.Dropdown(list(DRAFTERS), value="prompt-lookup", label="drafter", elem_id="drafter")
             max_new = gr.Slider(8, 512, value=128, step=8, label="max new tokens", elem_id="max-new-tokens")
             budget = gr.Slider(0, 64, value=0, step=1, label="tree budget (0 = drafter default)", elem_id="budget")
-            temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="temperature (0 = greedy)", elem_id="temperature")
+            temperature = gr.Slider(
+                0.0, 1.5, value=0.0, step=0.05, label="temperature (0 = greedy)", elem_id="temperature"
+            )
         chat = gr.Chatbot(label="conversation", height=220, elem_id="chat")
         history = gr.State([])
         with gr.Row():
@@ -181,12 +191,16 @@ def build_demo(*, load_model: Callable | None = None, default_model: str = "smol
                 plot = gr.HTML(elem_id="accepted-plot")
 
         def run(message, hist, model_value, drafter_value, max_value, budget_value, temperature_value):
-            yield from respond(session, message, hist, model_value, drafter_value, max_value, budget_value, temperature_value)
+            yield from respond(
+                session, message, hist, model_value, drafter_value, max_value, budget_value, temperature_value
+            )
 
         send.click(
             run,
             inputs=[prompt, history, model_name, drafter_name, max_new, budget, temperature],
             outputs=[chat, history, plain_pane, spec_pane, stats, plot, status],
         )
-        clear.click(lambda: ([], [], "", "", "", "", ""), outputs=[chat, history, plain_pane, spec_pane, stats, plot, status])
+        clear.click(
+            lambda: ([], [], "", "", "", "", ""), outputs=[chat, history, plain_pane, spec_pane, stats, plot, status]
+        )
     return demo

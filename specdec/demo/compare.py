@@ -98,7 +98,15 @@ def trace_spec(model, input_ids: Tensor, drafter, max_new_tokens: int, temperatu
             pieces.append(Piece(t, tuple(step.new_tokens[n_draft:]), TARGET))
 
     stats = GenerationStats()
-    generate(model, input_ids, drafter, max_new_tokens=max_new_tokens, stats=stats, on_step=on_step, **temperature_kwargs(temperature))
+    generate(
+        model,
+        input_ids,
+        drafter,
+        max_new_tokens=max_new_tokens,
+        stats=stats,
+        on_step=on_step,
+        **temperature_kwargs(temperature),
+    )
     return Trace(tuple(pieces), clock(model.device) - t0, stats.target_forwards)
 
 
@@ -133,7 +141,9 @@ def texts(pieces: list[Piece], tokenizer) -> list[tuple[str, str]]:
         full = tokenizer.decode(ids, skip_special_tokens=True)
         # A prefix decode can end in half a character that the next token completes; the text
         # added is then whatever follows the common prefix.
-        common = len(prev) if full.startswith(prev) else next((i for i, (a, b) in enumerate(zip(prev, full)) if a != b), 0)
+        common = (
+            len(prev) if full.startswith(prev) else next((i for i, (a, b) in enumerate(zip(prev, full)) if a != b), 0)
+        )
         out.append((full[common:], p.source))
         prev = full
     return out

@@ -23,6 +23,7 @@ from torch import Tensor
 from specdec import kv
 from specdec.trees import TokenTree, expand, tree_mask
 
+
 def check_window(owner: str, window: int | None) -> None:
     """Refuse a `window` that is neither None nor a positive token count."""
     if window is not None and window < 1:
@@ -53,7 +54,8 @@ def draft(
     """Grow a draft after the committed tokens `ids` ([t], t >= 1) and return it with the tokens
     `cache` holds afterwards ([c], the drafter's next `cached`) and the position of the first of
     them (the next `start`). `cached` ([c]): the tokens whose keys/values `cache` holds now, from
-    position `start`. `window`: the most committed tokens fed at once (None: all). `depth`, `topk`, `width`, `budget`, `min_confidence`: as
+    position `start`. `window`: the most committed tokens fed at once (None: all). `depth`, `topk`,
+    `width`, `budget`, `min_confidence`: as
     `specdec.trees.expand` (``width == 1`` is a chain). `dtype`: the tree masks' dtype (the
     model's). `cache_length`: slots `cache` holds (a layer-subset cache asks one of its own
     layers, as `LayerSubset.cached` does)."""

@@ -274,7 +274,8 @@ class Eagle:
         self._check(target)
         if target is not self.model:  # cached pairs hold another model's features
             frozen = FrozenTarget.of(target)
-            vocab = DraftVocab(frozen.lm_weight, frozen.lm_bias, self.draft_vocab, "Eagle")  # refused before anything changes
+            # refused before anything changes
+            vocab = DraftVocab(frozen.lm_weight, frozen.lm_bias, self.draft_vocab, "Eagle")
             self.model, self._frozen, self._vocab = target, frozen, vocab
             self._reset()
         else:  # the cache stays (propose keeps its common prefix with the next prompt); the last

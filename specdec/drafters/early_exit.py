@@ -25,9 +25,7 @@ from torch import Tensor, nn
 
 from specdec.decode import resolve_packed_from
 from specdec.drafter import Context, Feedback
-from specdec.drafters import cached_drafting
-from specdec.drafters import checkpoint
-from specdec.drafters import layer_view
+from specdec.drafters import cached_drafting, checkpoint, layer_view
 from specdec.packing import PackedRoute
 from specdec.trees import DEFAULT_VERIFY_COST, TokenTree
 
@@ -230,7 +228,8 @@ class EarlyExit:
             with self._route(w):
                 logits = exit_only(None, positions, hidden=states[k]).logits  # [w, vocab]
             a = float((logits.argmax(-1) == reference).double().mean())
-            cost = layer_view.LayerSubset(self.model, range(k)).weights() / full_weights  # one draft token, in target forwards
+            # one draft token, in target forwards
+            cost = layer_view.LayerSubset(self.model, range(k)).weights() / full_weights
             best = layer_view.draft_value(a, cost, self.draft_tokens, verify_cost)
             tried.append((k, a, best))
         k, a, v = max(tried, key=lambda r: (r[2], -r[0]))  # ties: the cheaper exit

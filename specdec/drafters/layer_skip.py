@@ -24,11 +24,9 @@ from torch import Tensor
 
 from specdec.decode import resolve_packed_from
 from specdec.drafter import Context, Feedback
-from specdec.drafters import cached_drafting
-from specdec.drafters import layer_view
+from specdec.drafters import cached_drafting, layer_view
 from specdec.packing import PackedRoute
 from specdec.trees import DEFAULT_VERIFY_COST, TokenTree
-
 
 
 @dataclass(frozen=True)
@@ -146,7 +144,8 @@ class LayerSkip:
 
         def value(skip: tuple[int, ...], a: float) -> float:
             kept = [i for i in range(n) if i not in skip]
-            cost = layer_view.LayerSubset(self.model, kept).weights() / full_weights  # one draft token, in target forwards
+            # one draft token, in target forwards
+            cost = layer_view.LayerSubset(self.model, kept).weights() / full_weights
             return layer_view.draft_value(a, cost, self.draft_tokens, verify_cost)
 
         tried: list[tuple[tuple[int, ...], float, float]] = []

@@ -59,7 +59,8 @@ class MedusaHeads(nn.Module):
         for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("num_layers", num_layers)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"MedusaHeads: {name} must be an int >= 1, got {value!r}")
-        self.hidden_size, self.num_heads, self.num_layers, self.vocab_size = hidden_size, num_heads, num_layers, vocab_size
+        self.hidden_size, self.num_heads, self.num_layers = hidden_size, num_heads, num_layers
+        self.vocab_size = vocab_size
         self.blocks = nn.ModuleList(
             nn.Sequential(*(ResBlock(hidden_size) for _ in range(num_layers))) for _ in range(num_heads)
         )
@@ -93,11 +94,14 @@ class MedusaHeads(nn.Module):
         columns (``vocab.tokens``), [..., num_heads, V' + c]."""
         feats = self.features(hidden, num_heads)  # [..., n, hidden]
         if self.lm_heads is not None:
-            return torch.stack([head(feats[..., i, :]) for i, head in enumerate(self.lm_heads[: feats.shape[-2]])], dim=-2)
+            return torch.stack(
+                [head(feats[..., i, :]) for i, head in enumerate(self.lm_heads[: feats.shape[-2]])], dim=-2
+            )
         if vocab is not None:
             return vocab.logits(feats)
         if lm_weight is None:
-            raise ValueError("MedusaHeads: pass the target's lm_head weight (the heads were built with vocab_size=None)")
+            raise ValueError("MedusaHeads: pass the target's lm_head weight (the heads were built with "
+                             "vocab_size=None)")
         return F.linear(feats.to(lm_weight.dtype), lm_weight, lm_bias)
 
 
@@ -128,7 +132,9 @@ def adapted_target(directory, model):
                        "free memory, or use Medusa-1 heads, which read the target itself")
     adapted = copy.deepcopy(model)
     decoder = peft.get_peft_model(adapted.get_decoder(), lora_config(backbone))  # injects into the copy's decoder
-    unexpected = peft.set_peft_model_state_dict(decoder, {k: v.to(model.dtype) for k, v in lora.items()}).unexpected_keys
+    unexpected = peft.set_peft_model_state_dict(
+        decoder, {k: v.to(model.dtype) for k, v in lora.items()}
+    ).unexpected_keys
     if unexpected or not lora:
         raise checkpoint.CheckpointError(f"drafter checkpoint {str(directory)!r} is corrupt: its adapter tensors "
                                          f"({sorted(unexpected)[:3] or 'none'}) do not fit the model")
@@ -227,7 +233,8 @@ class Medusa:
             if not checkpoint.same_fingerprint(checkpoint.fingerprint(target), backbone["fingerprint"]):
                 raise checkpoint.CheckpointError(
                     "Medusa: these heads were trained jointly with LoRA adapters on the target's decoder (Medusa-2), "
-                    "and this target is not the adapted one; pass `specdec.drafters.medusa.adapted_target(checkpoint_dir, "
+                    "and this target is not the adapted one; pass "
+                    "`specdec.drafters.medusa.adapted_target(checkpoint_dir, "
                     "model)` as the target (its outputs are exactly the adapted model's)")
             self._checked = target
 
@@ -286,9 +293,10 @@ class Medusa:
         self._vocab.admit(ctx.input_ids)
         depth = max(len(p) for p in paths)
         with self._route(depth):
-            logits = self.heads(hidden[-1:], num_heads=depth, vocab=self._vocab)[0]  # [depth, V' + c] (own heads: vocab)
+            # [depth, V' + c] (own heads: vocab)
+            logits = self.heads(hidden[-1:], num_heads=depth, vocab=self._vocab)[0]
         if 1 + max(max(p) for p in paths) > logits.shape[-1]:  # a draft vocabulary smaller than the tree's ranks
-            paths = [p for p in paths if max(p) < logits.shape[-1]]  # prefix-closed still: a prefix's ranks are its path's
+            paths = [p for p in paths if max(p) < logits.shape[-1]]  # prefix-closed: a prefix's ranks are its path's
         topk = 1 + max(max(p) for p in paths)
         probs, columns = torch.softmax(logits.float(), dim=-1).topk(topk, dim=-1)  # [depth, topk]
         probs, columns = probs.double().cpu().tolist(), columns.cpu()  # the proposal's one wait for the device

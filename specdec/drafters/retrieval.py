@@ -161,7 +161,8 @@ class Datastore:
         except (OSError, ValueError) as err:
             raise ValueError(f"datastore {str(path)!r}: {meta_path.name} is unreadable ({err}); {_REBUILD}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError(f"datastore {str(path)!r}: {meta_path.name} is not a specdec datastore description; {_REBUILD}")
+            raise ValueError(f"datastore {str(path)!r}: {meta_path.name} is not a specdec datastore description; "
+                             f"{_REBUILD}")
         if meta.get("version") != VERSION:
             raise ValueError(f"datastore {str(path)!r} has format version {meta.get('version')!r}, this specdec reads "
                              f"version {VERSION}; {_REBUILD}")
@@ -293,7 +294,9 @@ def _load(path: Path, dtypes: tuple, size: int) -> np.ndarray:
 
 
 # ---- corpora -------------------------------------------------------------------------------
-def read_corpus(path: str | os.PathLike, fields: tuple[str, ...] = ("text",), limit: int | None = None) -> Iterator[list[str]]:
+def read_corpus(
+    path: str | os.PathLike, fields: tuple[str, ...] = ("text",), limit: int | None = None
+) -> Iterator[list[str]]:
     """Records of a corpus file, each a list of strings. ``.jsonl``: one JSON object a line; a
     record is the values of `fields` in order, each a string or a list of strings (Spec-Bench's
     ``turns``). ``.txt``: a record per blank-line-separated block. `limit`: at most this many records."""
@@ -404,7 +407,8 @@ class Retrieval:
         one-token forward; None takes the core's curve (`Context.verify_cost`); a number overrides
         the curve; 0 always proposes `budget` nodes (REST's fixed budget)."""
         if budget < 1 or depth < 1 or max_matches < 1:
-            raise ValueError(f"Retrieval: budget, depth and max_matches must be >= 1, got {budget}, {depth}, {max_matches}")
+            raise ValueError(f"Retrieval: budget, depth and max_matches must be >= 1, got {budget}, {depth}, "
+                             f"{max_matches}")
         if not 1 <= min_suffix <= max_suffix:
             raise ValueError(f"Retrieval: need 1 <= min_suffix <= max_suffix, got {min_suffix}, {max_suffix}")
         if token_cost is not None and token_cost < 0:

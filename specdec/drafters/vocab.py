@@ -129,8 +129,8 @@ class PackedDraft:
     """``with route(rows): ...`` runs a head-based drafter's forward over `rows` rows with oneDNN-
     prepacked linears (`specdec.packing`) when ``rows >= packed_from``: the head module's weights
     and the vocabulary's fixed rows, packed on first use. Drafts put a few rows at a time through
-    small weights, where MKL's fp32 matmul is slowest. Scoring every row (no draft vocabulary) stays on the stock path: packing the
-    target's lm_head again would copy it."""
+    small weights, where MKL's fp32 matmul is slowest. Scoring every row (no draft vocabulary) stays
+    on the stock path: packing the target's lm_head again would copy it."""
 
     def __init__(self, head: nn.Module, vocab: DraftVocab, packed_from: int | None):
         self.parts = (head, vocab, packed_from)

@@ -1,4 +1,5 @@
-"""``specdec train <make-prompts|make-data|medusa|eagle|draft-vocab|early-exit|draft-model>``: argument parsing for the training commands.
+"""``specdec train <make-prompts|make-data|medusa|eagle|draft-vocab|early-exit|draft-model>``: argument
+parsing for the training commands.
 
 Each command's arguments are dataclasses parsed by `transformers.HfArgumentParser`, so
 ``--help`` lists every field with its help text and default. The same entry point runs under
@@ -28,17 +29,32 @@ from specdec.training.prompts import MakePromptsArguments, make_prompts
 from specdec.training.train import TrainArguments, train
 
 COMMANDS = {
-    "make-prompts": ("sample training prompts from the target itself (Magpie: its chat template up to a user message)",
-                     (MakePromptsArguments,)),
+    "make-prompts": (
+        "sample training prompts from the target itself (Magpie: its chat template up to a user message)",
+        (MakePromptsArguments,),
+    ),
     "make-data": ("self-distil training data: the target answers prompts (resumable)", (MakeDataArguments,)),
-    "medusa": ("train Medusa heads on make-data output (frozen target; --joint: Medusa-2 with a LoRA-adapted target)", (TrainArguments, MedusaArguments)),
-    "eagle": ("train an EAGLE feature head (unrolled training-time test) on make-data output (frozen target)",
-              (TrainArguments, EagleArguments)),
-    "draft-vocab": ("give a trained Eagle or Medusa drafter a draft vocabulary: the most frequent answer tokens of make-data output",
-                    (DraftVocabArguments,)),
-    "early-exit": ("train an early-exit adapter on make-data output (frozen target)", (TrainArguments, EarlyExitArguments)),
-    "draft-model": ("distil a smaller LM (--draft) toward the target's distribution; saves an HF model dir",
-                    (TrainArguments, DraftModelArguments)),
+    "medusa": (
+        "train Medusa heads on make-data output (frozen target; --joint: Medusa-2 with a LoRA-adapted target)",
+        (TrainArguments, MedusaArguments),
+    ),
+    "eagle": (
+        "train an EAGLE feature head (unrolled training-time test) on make-data output (frozen target)",
+        (TrainArguments, EagleArguments),
+    ),
+    "draft-vocab": (
+        "give a trained Eagle or Medusa drafter a draft vocabulary: the most frequent answer tokens of "
+        "make-data output",
+        (DraftVocabArguments,),
+    ),
+    "early-exit": (
+        "train an early-exit adapter on make-data output (frozen target)",
+        (TrainArguments, EarlyExitArguments),
+    ),
+    "draft-model": (
+        "distil a smaller LM (--draft) toward the target's distribution; saves an HF model dir",
+        (TrainArguments, DraftModelArguments),
+    ),
 }
 RECIPES = {MedusaArguments: MedusaRecipe, EagleArguments: EagleRecipe, EarlyExitArguments: EarlyExitRecipe,
            DraftModelArguments: DraftModelRecipe}

@@ -38,18 +38,23 @@ MANIFEST = "manifest.json"
 @dataclass
 class MakeDataArguments:
     # dataclasses.field in full: the `field` argument below shadows the bare name in this body.
-    model: str = dataclasses.field(default="smollm2-135m", metadata={"help": "target: embedded name, HF directory/hub id or .gguf file"})
-    prompts: str = dataclasses.field(default="../shared/data/train_prompts.jsonl", metadata={"help": "jsonl file of prompts"})
+    model: str = dataclasses.field(default="smollm2-135m", metadata={"help": "target: embedded name, HF directory/hub "
+                                                                             "id or .gguf file"})
+    prompts: str = dataclasses.field(default="../shared/data/train_prompts.jsonl", metadata={"help": "jsonl file of "
+                                                                                                     "prompts"})
     field: str = dataclasses.field(default="prompt", metadata={"help": "the jsonl key holding each prompt"})
-    output_dir: str = dataclasses.field(default="runs/data", metadata={"help": "where shards, manifest.json and dataset/ go"})
+    output_dir: str = dataclasses.field(default="runs/data", metadata={"help": "where shards, manifest.json and "
+                                                                               "dataset/ go"})
     max_new_tokens: int = dataclasses.field(default=256, metadata={"help": "longest answer, in tokens"})
-    limit: int | None = dataclasses.field(default=None, metadata={"help": "use only the first N prompts (default: all)"})
+    limit: int | None = dataclasses.field(default=None, metadata={"help": "use only the first N prompts (default: "
+                                                                          "all)"})
     batch_size: int = dataclasses.field(default=8, metadata={"help": "prompts generated together (left-padded)"})
     shard_size: int = dataclasses.field(default=64, metadata={"help": "prompts per saved shard: the unit of resuming"})
     save_hidden_states: bool = dataclasses.field(default=False, metadata={
         "help": "also store the target's last hidden states (fp16) so head training skips the target forward"})
     dtype: str = dataclasses.field(default="float32", metadata={"help": "target dtype: float32, bfloat16 or float16"})
-    threads: int | None = dataclasses.field(default=None, metadata={"help": "torch CPU threads (unset: torch's choice)"})
+    threads: int | None = dataclasses.field(default=None, metadata={"help": "torch CPU threads (unset: torch's "
+                                                                            "choice)"})
 
 
 def read_prompts(path: str | Path, key: str, limit: int | None = None) -> list[str]:
@@ -177,7 +182,8 @@ def load_examples(path: str | Path):
     if (path / MANIFEST).is_file():
         manifest = json.loads((path / MANIFEST).read_text())
         if not manifest.get("done"):
-            raise ValueError(f"{path} is unfinished ({len(manifest['shards'])} shards so far): rerun make-data with the "
+            raise ValueError(f"{path} is unfinished ({len(manifest['shards'])} shards so far): rerun make-data with "
+                             "the "
                              "same arguments to finish it")
         path = path / DATASET_DIR
     if not path.is_dir():

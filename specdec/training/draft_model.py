@@ -37,7 +37,8 @@ REPORT = "distillation.json"
 @dataclass
 class DraftModelArguments:
     draft: str = field(metadata={
-        "help": "required: the smaller LM to distil, with the target's vocabulary (embedded name, HF directory or hub id)"})
+        "help": "required: the smaller LM to distil, with the target's vocabulary (embedded name, HF directory or hub "
+                "id)"})
     lora: bool = field(default=False, metadata={
         "help": "train LoRA adapters (peft) on every linear layer instead of every weight; merged when saved"})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r"})
@@ -45,7 +46,8 @@ class DraftModelArguments:
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature T of both distributions in the KL"})
     ce_weight: float = field(default=0.0, metadata={
         "help": "add ce_weight * cross-entropy against the target's own next token (0: KL only)"})
-    save_dtype: str = field(default="float32", metadata={"help": "dtype of the saved weights: float32, bfloat16 or float16"})
+    save_dtype: str = field(default="float32", metadata={"help": "dtype of the saved weights: float32, bfloat16 or "
+                                                                 "float16"})
 
 
 def _vocab(model) -> int:

@@ -22,14 +22,17 @@ DRAFTERS = ("eagle", "medusa")  # checkpoint kinds whose drafters score lm_head 
 
 @dataclass
 class DraftVocabArguments:
-    model: str = field(metadata={"help": "the target the drafter was trained for: embedded name, HF path/id or .gguf file"})
+    model: str = field(metadata={"help": "the target the drafter was trained for: embedded name, HF path/id or .gguf "
+                                         "file"})
     drafter: str = field(metadata={"help": "an Eagle or Medusa checkpoint directory (specdec train eagle/medusa's "
                                            "output_dir/drafter)"})
     data: str = field(metadata={"help": "make-data output of the same target (several joined by commas): its answers "
                                         "are counted"})
-    size: int = field(default=8192, metadata={"help": "keep the N most frequent answer tokens of the drafter's training "
+    size: int = field(default=8192, metadata={"help": "keep the N most frequent answer tokens of the drafter's "
+                                                      "training "
                                                       "split (its held-out split measures their coverage)"})
-    output_dir: str | None = field(default=None, metadata={"help": "where to save (default: replace --drafter atomically)"})
+    output_dir: str | None = field(default=None, metadata={"help": "where to save (default: replace --drafter "
+                                                                   "atomically)"})
 
 
 def pick_draft_vocab(data: str, size: int, vocab_size: int, *, eval_fraction: float, seed: int) -> tuple[Tensor, dict]:

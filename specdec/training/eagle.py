@@ -218,12 +218,17 @@ class EagleRecipe:
                 "top1": (top1 / n).tolist(),
                 f"top{r}": (topr / n).tolist(),
                 "loss_feature": (feature_sum / n).tolist(),
-                "loss_ce": torch.where(ce_n > 0, ce_sum / ce_n.clamp(min=1), float("nan")).tolist(),  # labels it can draft
+                "loss_ce": torch.where(
+                    ce_n > 0, ce_sum / ce_n.clamp(min=1), float("nan")
+                ).tolist(),  # labels it can draft
                 "expected_chain_tokens": float(1 + acceptance.cumprod(0).sum()),
             },
         }
 
     def save(self, head, target, directory: Path, metadata: dict) -> Path:
         if self._vocab is not None:
-            metadata = {**metadata, "draft_vocab": {**self._vocab_info, "command": metadata.get("training", {}).get("command")}}
+            metadata = {
+                **metadata,
+                "draft_vocab": {**self._vocab_info, "command": metadata.get("training", {}).get("command")},
+            }
         return Eagle(target, head, draft_vocab=self._vocab, metadata=metadata).save_pretrained(directory)

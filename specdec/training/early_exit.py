@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from specdec.drafters.early_exit import EarlyExit, ExitAdapter
 from specdec.drafters import layer_view
+from specdec.drafters.early_exit import EarlyExit, ExitAdapter
 from specdec.training.data import Batch
 from specdec.training.train import TrainArguments
 

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from specdec.drafters import checkpoint
-from specdec.extras import require
 from specdec.drafters.medusa import Medusa, MedusaHeads, lm_head_of, lora_config
+from specdec.extras import require
 from specdec.training.data import Batch
 from specdec.training.train import TrainArguments
 from specdec.trees import optimal_shape
@@ -46,7 +46,8 @@ class MedusaArguments:
         "help": "Medusa-2: also train LoRA adapters on the target's decoder (the drafter then needs the adapted "
                 "target, see specdec.drafters.medusa.adapted_target)"})
     lora_rank: int = field(default=16, metadata={"help": "--joint: LoRA rank r"})
-    lora_alpha: float = field(default=32.0, metadata={"help": "--joint: LoRA scale alpha (updates scaled by alpha / r)"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "--joint: LoRA scale alpha (updates scaled by alpha / "
+                                                              "r)"})
     base_weight: float = field(default=1.0, metadata={
         "help": "--joint: weight of KL(original || adapted) next-token distributions, which keeps the adapted "
                 "model's predictions those of the original"})
@@ -109,7 +110,9 @@ class MedusaRecipe:
             return heads.to(target.device)
         decoder = copy.deepcopy(target.get_decoder()).float()  # a copy: the frozen target stays the original
         decoder.requires_grad_(False)
-        return JointMedusa(heads, require("peft", "train").get_peft_model(decoder, lora_config({"lora": self.lora}))).to(target.device)
+        return JointMedusa(
+            heads, require("peft", "train").get_peft_model(decoder, lora_config({"lora": self.lora}))
+        ).to(target.device)
 
     def _logits(self, module, target, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Logits [n, K, vocab] at the n positions where some head has a label, with their
@@ -136,7 +139,10 @@ class MedusaRecipe:
         ce = F.cross_entropy(logits.reshape(n * k, vocab).float(), targets.reshape(-1), reduction="none").view(n, k)
         per_head = (ce * valid).sum(0) / valid.sum(0).clamp(min=1)  # [K]
         weights = self.args.decay ** torch.arange(k, device=per_head.device, dtype=per_head.dtype)
-        total, parts = (weights * per_head).sum(), {f"loss_head{i + 1}": float(v) for i, v in enumerate(per_head.detach())}
+        total, parts = (
+            (weights * per_head).sum(),
+            {f"loss_head{i + 1}": float(v) for i, v in enumerate(per_head.detach())},
+        )
         if self.args.joint:
             kl = self._kl(target, batch, states)[0].mean()
             total, parts["loss_kl"] = total + self.args.base_weight * kl, float(kl.detach())
@@ -186,7 +192,9 @@ class MedusaRecipe:
 
     def save(self, module, target, directory: Path, metadata: dict) -> Path:
         if not self.args.joint:
-            return Medusa(target, module, accuracy=metadata.get("accuracy"), metadata=metadata).save_pretrained(directory)
+            return Medusa(target, module, accuracy=metadata.get("accuracy"), metadata=metadata).save_pretrained(
+                directory
+            )
         state = require("peft", "train").get_peft_model_state_dict(module.backbone)
         lora = {k: v.detach().cpu().clone() for k, v in state.items()}
         adapted = copy.deepcopy(target)  # the target the heads read: the adapter merged into its decoder

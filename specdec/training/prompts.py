@@ -30,8 +30,10 @@ _MARKER = "SPECDEC_USER_MESSAGE"
 
 @dataclass
 class MakePromptsArguments:
-    model: str = field(default="smollm2-135m", metadata={"help": "instruction-tuned model: embedded name, HF path/id or .gguf file"})
-    output: str = field(default="runs/prompts-magpie.jsonl", metadata={"help": "jsonl file to write ({\"prompt\": ...} per line)"})
+    model: str = field(default="smollm2-135m", metadata={"help": "instruction-tuned model: embedded name, HF path/id "
+                                                                 "or .gguf file"})
+    output: str = field(default="runs/prompts-magpie.jsonl", metadata={"help": "jsonl file to write ({\"prompt\": ...} "
+                                                                               "per line)"})
     num_prompts: int = field(default=1000, metadata={"help": "prompts to keep"})
     max_new_tokens: int = field(default=128, metadata={"help": "longest prompt in tokens; longer samples are dropped"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (1: the model's own distribution)"})
@@ -56,7 +58,11 @@ def user_prefix(tok) -> str:
 
 def make_prompts(args: MakePromptsArguments) -> Path:
     """Sample prompts from `args.model` (Magpie) into `args.output`; returns its path."""
-    if min(args.num_prompts, args.max_new_tokens, args.batch_size) < 1 or args.temperature <= 0 or not 0 < args.top_p <= 1:
+    if (
+        min(args.num_prompts, args.max_new_tokens, args.batch_size) < 1
+        or args.temperature <= 0
+        or not 0 < args.top_p <= 1
+    ):
         raise ValueError("make-prompts: --num-prompts, --max-new-tokens and --batch-size must be >= 1, "
                          "--temperature > 0 and 0 < --top-p <= 1")
     arguments.at_least_one(max_batches=args.max_batches, threads=args.threads)

@@ -39,14 +39,18 @@ STATE = "trainer_state.json"
 
 @dataclass
 class TrainArguments:
-    model: str = field(default="smollm2-135m", metadata={"help": "target: embedded name, HF directory/hub id or .gguf file"})
-    data: str = field(default="runs/data", metadata={"help": "output dir of `specdec train make-data` (or its dataset/); several joined by commas are concatenated"})
-    output_dir: str = field(default="runs/drafter", metadata={"help": "log.jsonl, checkpoints/ and the trained drafter/"})
+    model: str = field(default="smollm2-135m", metadata={"help": "target: embedded name, HF directory/hub id or .gguf "
+                                                                 "file"})
+    data: str = field(default="runs/data", metadata={"help": "output dir of `specdec train make-data` (or its "
+                                                             "dataset/); several joined by commas are concatenated"})
+    output_dir: str = field(default="runs/drafter", metadata={"help": "log.jsonl, checkpoints/ and the trained "
+                                                                      "drafter/"})
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps (the data is cycled in epochs)"})
     batch_size: int = field(default=4, metadata={"help": "sequences per process per step"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    lr_scheduler: str = field(default="cosine", metadata={"help": "transformers schedule: cosine, linear, constant, ..."})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "transformers schedule: cosine, linear, constant, "
+                                                                  "..."})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
     max_length: int = field(default=1024, metadata={"help": "sequences are cut to this many tokens"})
@@ -171,9 +175,7 @@ def train(args: TrainArguments, recipe: Recipe, command: str | None = None) -> P
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
-
-    from transformers import SchedulerType
+    from transformers import SchedulerType, get_scheduler
 
     # Every argument is checked before the model loads and before anything is written.
     arguments.at_least_one(**{name: getattr(args, name) for name in (

@@ -50,7 +50,9 @@ def expand(
     scores: list[float] = []
     frontier, frontier_scores = [-1], torch.zeros(1, dtype=torch.float64)
     for _ in range(depth):
-        logq = step(TokenTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long)), frontier)
+        logq = step(
+            TokenTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long)), frontier
+        )
         if vocab is not None and logq.shape[-1] != vocab.numel():
             raise ValueError(f"expand: step scored {logq.shape[-1]} tokens but vocab names {vocab.numel()}")
         top_lq, top_tok = logq.topk(min(topk, logq.shape[-1]), dim=-1)  # [f, topk]
