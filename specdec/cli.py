@@ -407,18 +407,23 @@ COMMANDS = {
 }
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The `specdec` parser: one subcommand per `COMMANDS` entry (``train`` parses its own)."""
+    parser = argparse.ArgumentParser(prog="specdec", description="Exact speculative decoding for HF causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (cls, _, help_text) in COMMANDS.items():
+        add_dataclass_arguments(sub.add_parser(name, help=help_text, description=help_text), cls)
+    sub.add_parser("train", help="train drafters and make their data (`specdec train --help` lists the commands)")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:  # its sub-commands parse their own dataclasses with HfArgumentParser
         from specdec.training.cli import main as train_main
 
         return train_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="specdec", description="Exact speculative decoding for HF causal LMs.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (cls, _, help_text) in COMMANDS.items():
-        add_dataclass_arguments(sub.add_parser(name, help=help_text, description=help_text), cls)
-    sub.add_parser("train", help="train drafters and make their data (`specdec train --help` lists the commands)")
-    args = vars(parser.parse_args(argv))
+    args = vars(build_parser().parse_args(argv))
     cls, run, _ = COMMANDS[args.pop("command")]
     try:
         return run(cls(**args))

@@ -91,11 +91,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _run(argv: list[str]) -> int:
+def parse(argv: list[str]) -> tuple[str, list]:
+    """``<command> [arguments]`` -> the command and its argument dataclasses, nothing run; a line
+    that does not parse raises `UsageError`."""
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         raise UsageError(f"specdec train: unknown command {command!r}; the commands are {', '.join(COMMANDS)} "
                          "(see `specdec train --help`)")
+    help_text, classes = COMMANDS[command]
+    parser = _Parser(classes, prog=f"specdec train {command}", description=help_text)
+    *parsed, unknown = parser.parse_args_into_dataclasses(rest, return_remaining_strings=True,
+                                                          look_for_args_file=False)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return command, parsed
+
+
+def _run(argv: list[str]) -> int:
+    command, parsed = parse(argv)
     from transformers.utils import logging
 
     datasets = require("datasets", "train")  # before any work: the [train] extra installs both
@@ -103,12 +116,6 @@ def _run(argv: list[str]) -> int:
 
     logging.set_verbosity_error()  # per-call generation-flag warnings would drown the progress bars
     datasets.disable_progress_bars()  # one bar per saved shard otherwise
-    help_text, classes = COMMANDS[command]
-    parser = _Parser(classes, prog=f"specdec train {command}", description=help_text)
-    *parsed, unknown = parser.parse_args_into_dataclasses(rest, return_remaining_strings=True,
-                                                          look_for_args_file=False)
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if command == "make-prompts":
         print(make_prompts(*parsed))
     elif command == "make-data":
