@@ -240,8 +240,8 @@ def cmd_bench(cfg: BenchConfig) -> int:
     from specdec.bench import (
         check_methods, describe_device, make_drafters, parse_packed_from, read_questions, run_bench, write_results,
     )
-    from specdec.decode import resolve_packed_from
-    from specdec.models import load_model
+    from specdec import profile
+    from specdec.models import cache_dir, load_model
 
     placement = _placement(cfg)
     check_methods(cfg)  # fail on bad arguments before loading models
@@ -251,7 +251,7 @@ def cmd_bench(cfg: BenchConfig) -> int:
     draft = load_model(cfg.draft_model, **placement)[0] if cfg.draft_model else None
     drafters = make_drafters(cfg, target, draft)  # a missing resource fails before the one-time profiling
     ensure_profiles(target, draft)
-    packed_from = resolve_packed_from(target, parse_packed_from(cfg.packed_from))
+    packed_from = profile.packing(parse_packed_from(cfg.packed_from), cache_dir()).packed_from(target)
     device = describe_device(target) + (
         f"; specdec runs forwards over k >= {packed_from} tokens with packed linears"
         if packed_from is not None else "; specdec verifies with the stock forward"

@@ -32,7 +32,7 @@ from specdec.acceptance import AcceptanceRule, Greedy, Speculative
 from specdec.drafter import Context, Drafter, Feedback
 from specdec.guard import Guard
 from specdec.models import cache_dir
-from specdec.packing import packable
+from specdec.packing import Packing
 from specdec.sampling import sampling_processors
 from specdec.trees import DEFAULT_VERIFY_COST, TokenTree
 from specdec.verifier import Verifier
@@ -187,10 +187,11 @@ def _check_in_vocab(tokens: Tensor, vocab: int, who: str) -> None:
         raise ValueError(f"{who} token ids outside the model's vocabulary [0, {vocab})")
 
 
-def _proposal(drafter: Drafter, ids: Tensor, hidden: Tensor | None, depth: int, cost, vocab: int) -> TokenTree:
+def _proposal(drafter: Drafter, ids: Tensor, hidden: Tensor | None, depth: int, runtime, vocab: int) -> TokenTree:
     """Step 1: the drafter's tree for a copy of the committed ids (writing into it cannot change the
-    output), refused with a clear error unless it is a usable tree, cut to `depth`."""
-    tree = drafter.propose(Context(ids.clone(), hidden, depth, cost))
+    output), refused with a clear error unless it is a usable tree, cut to `depth`. `runtime`: the
+    call's verify cost and `Packing`."""
+    tree = drafter.propose(Context(ids.clone(), hidden, depth, *runtime))
     who = f"{type(drafter).__name__}.propose"
     if not isinstance(tree, TokenTree):
         raise TypeError(
@@ -266,31 +267,15 @@ def _processed(logits: Tensor, ids: Tensor, tree: TokenTree, logits_processor) -
     return torch.stack(rows)
 
 
-# Measured crossover on this project's CPU for the 0.5B/1.5B targets (fp32, 2 threads); small
-# models gain less, and `specdec profile` stores the exact crossover for a model and machine.
-DEFAULT_PACKED_FROM = 4
-
-
-def verify_cost(model, packed_from: int | None) -> Callable[[int], float]:
+def verify_cost(model, packing: Packing) -> Callable[[int], float]:
     """`Context.verify_cost` from this model's curve on this machine and device (`profile.for_model`:
-    stored, or off the CPU measured on first use; unmeasured: the default curve)."""
+    stored, else measured on first use; unmeasured: the default curve), on the forward `packing` routes."""
     prof = profile.for_model(model, cache_dir())
     if prof is None:
         return DEFAULT_VERIFY_COST
-    seconds = prof.forward_cost(packed_from)
+    seconds = prof.forward_cost(packing.packed_from(model))
     one = seconds(1)
     return lambda n: seconds(n + 1) / one
-
-
-def resolve_packed_from(model, packed_from: int | None | str) -> int | None:
-    if packed_from == "auto":
-        prof = profile.stored(model, cache_dir())
-        if prof is not None:
-            return prof.packed_from
-        return DEFAULT_PACKED_FROM if packable(model) else None  # nothing to pack off the CPU
-    if packed_from is not None and (not isinstance(packed_from, int) or packed_from < 1):
-        raise ValueError(f"packed_from must be 'auto', None or a token count >= 1, got {packed_from!r}")
-    return packed_from
 
 
 @dataclass(frozen=True)
@@ -399,34 +384,34 @@ def generate(
 ) -> Tensor:
     """Speculative decoding with the output of ``model.generate``. Returns ``[1, prompt + new]``.
 
-    Greedy (the default): token for token what ``model.generate(do_sample=False)`` returns. ``do_sample``
-    (None: the generation config's) samples with `temperature`, `top_k`, `top_p`, `min_p` as HF does,
-    through the lossless `Speculative` rule (output distributed exactly as sampling the target); `seed`
-    makes it reproducible whatever was drafted (None: torch's global RNG). `rule` overrides the rule
-    (e.g. the lossy `specdec.Typical`). `guard`: True a fresh no-slowdown `specdec.Guard`, a `Guard` keeps
-    its measurements across calls, None/False drafts every step. `verifier`: a `Verifier` of this model
-    whose cached common prefix is reused (`specdec.Session`). `max_new_tokens`, `eos_token_id` default
-    as in HF (``eos_token_id=[]``: no EOS); `stopping_criteria` (checked after every token) and
-    `logits_processor` are transformers' lists. `on_step(StepInfo)` runs after every target forward;
-    `stats` collects the same. Forwards over >= `packed_from` tokens use prepacked linears (`specdec.packing`;
-    None: never; "auto": the stored `specdec profile` crossover, else `DEFAULT_PACKED_FROM`).
+    Greedy (the default): token for token what ``model.generate(do_sample=False)`` returns. ``do_sample`` (None:
+    the generation config's) samples with `temperature`, `top_k`, `top_p`, `min_p` as HF does, through the
+    lossless `Speculative` rule (output distributed exactly as sampling the target); `seed` makes it
+    reproducible whatever was drafted (None: torch's global RNG). `rule` overrides the rule (e.g. the lossy
+    `specdec.Typical`). A first call with no stored profile measures one (SPECDEC_TUNE=0: not). `guard`: True a
+    fresh no-slowdown `specdec.Guard`, a `Guard` keeps its measurements across calls, None/False drafts every
+    step. `verifier`: a `Verifier` of this model whose cached common prefix is reused (`specdec.Session`).
+    `max_new_tokens`, `eos_token_id` default as in HF (``eos_token_id=[]``: no EOS); `stopping_criteria`
+    (checked after every token) and `logits_processor` are transformers' lists. `on_step(StepInfo)` runs after
+    every target forward; `stats` collects the same. `packed_from`: forwards (the drafter's too) over >= this
+    many tokens run packed (`specdec.packing.Packing`; "auto": each model's crossover; None: never).
     """
     o = _resolve(model, input_ids, drafter, max_new_tokens, eos_token_id, logits_processor, rule, guard,
                  do_sample, temperature, top_k, top_p, min_p, seed)
     stats = stats if stats is not None else GenerationStats()
     stream = streamer if streamer is not None else _NoStream()
     stream.put(o.prompt[None])
-    packed_from = resolve_packed_from(model, packed_from)
-    cost = verify_cost(model, packed_from) if drafter is not None else None  # may measure a curve: not timed
+    packing = profile.packing(packed_from, cache_dir())  # the runtime decides packing, drafters take routes
+    runtime = (verify_cost(model, packing), packing) if drafter is not None else None  # may measure: not timed
     device, t0 = model.device, devices.clock(model.device)
-    verifier = _verifier(model, drafter, verifier, packed_from)
+    verifier = _verifier(model, drafter, verifier, packing.packed_from(model))
     hidden, ids, done = verifier.prefill(o.prompt), o.prompt, False
     stats.prefill_s = devices.clock(device) - t0
     while not done:
         remaining, t0 = o.max_new_tokens - (ids.numel() - o.prompt.numel()), devices.clock(device)
         # 1. Propose a tree under the root (the last committed token), no deeper than the budget.
         asked = drafter is not None and remaining > 1 and (o.guard is None or o.guard.speculate())
-        tree = _proposal(drafter, ids, hidden, remaining - 1, cost, o.vocab) if asked else TokenTree.empty()
+        tree = _proposal(drafter, ids, hidden, remaining - 1, runtime, o.vocab) if asked else TokenTree.empty()
         t1 = devices.clock(device)
         # 2. Verify: one target forward over [root] + tree; logits [n + 1, vocab] in fp32 as in HF.
         scores = verifier.score(int(ids[-1]), tree)
