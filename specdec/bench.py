@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from specdec.decode import GenerationStats, resolve_packed_from
+from specdec.decode import GenerationStats
 from specdec.devices import clock, device_field, dtype_field
 from specdec.extras import require
 from specdec.guard import Guard
@@ -77,8 +77,9 @@ class BenchConfig:
     )
     packed_from: str = field(
         default="auto",
-        metadata={"help": "specdec forwards over k >= N tokens use packed linears: 'auto' (the stored profile), "
-                  "'none', or N (to check packed exactness on a model whose profile keeps the stock path)"},
+        metadata={"help": "specdec forwards (the drafters' too) over k >= N tokens use packed linears: 'auto' (each "
+                  "model's profiled crossover), 'none', or N (to check packed exactness on a model whose profile "
+                  "keeps the stock path)"},
     )
     out: str = field(default="bench-out", metadata={"help": "folder for report.md and results.json"})
 
@@ -184,7 +185,7 @@ def make_drafters(cfg: BenchConfig, target, draft) -> dict:
     """method name -> its drafter, for the methods that have one; built before any long work
     (`specdec bench` builds them before the one-time cost profiling), so a missing datastore,
     draft model or trained head is refused first."""
-    from specdec.drafters import DraftModel, PromptLookup
+    from specdec.drafters import PromptLookup
     from specdec.registry import Resources, make_drafter
 
     drafters = {}
@@ -195,8 +196,6 @@ def make_drafters(cfg: BenchConfig, target, draft) -> dict:
         drafter = make_drafter(base, Resources(target, cfg.model, draft, cfg.datastore))
         if isinstance(drafter, PromptLookup):  # the same draft length as HF's prompt lookup
             drafter = dataclasses.replace(drafter, num_tokens=cfg.num_tokens)
-        if isinstance(drafter, DraftModel) and variant == "stock":
-            drafter.packed_from = None  # ":stock" means every forward, the draft model's too
         drafters[name] = drafter
     return drafters
 
@@ -222,10 +221,10 @@ def make_methods(
 
         return run
 
-    packed_from = resolve_packed_from(target, parse_packed_from(cfg.packed_from))
+    packed_from = parse_packed_from(cfg.packed_from)
 
     def spec(drafter, variant: str):
-        stock = variant == "stock"
+        stock = variant == "stock"  # every forward stock, the drafter's too: generate(packed_from=None)
         guard = Guard() if cfg.guard and variant != "noguard" else None  # one per method, kept across questions
         session: list[Session] = []
 

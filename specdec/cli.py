@@ -265,6 +265,7 @@ def cmd_profile(cfg: ProfileConfig) -> int:
 
 
 def cmd_bench(cfg: BenchConfig) -> int:
+    from specdec import profile
     from specdec.bench import (
         check_methods,
         describe_device,
@@ -274,9 +275,8 @@ def cmd_bench(cfg: BenchConfig) -> int:
         run_bench,
         write_results,
     )
-    from specdec.decode import resolve_packed_from
     from specdec.extras import require
-    from specdec.models import load_model
+    from specdec.models import cache_dir, load_model
 
     placement = _placement(cfg)
     check_methods(cfg)  # fail on bad arguments before loading models
@@ -287,7 +287,7 @@ def cmd_bench(cfg: BenchConfig) -> int:
     draft = load_model(cfg.draft_model, **placement)[0] if cfg.draft_model else None
     drafters = make_drafters(cfg, target, draft)  # a missing resource fails before the one-time profiling
     ensure_profiles(target, draft)
-    packed_from = resolve_packed_from(target, parse_packed_from(cfg.packed_from))
+    packed_from = profile.packing(parse_packed_from(cfg.packed_from), cache_dir()).packed_from(target)
     device = describe_device(target) + (
         f"; specdec runs forwards over k >= {packed_from} tokens with packed linears"
         if packed_from is not None else "; specdec verifies with the stock forward"

@@ -28,7 +28,7 @@ from specdec.acceptance import AcceptanceRule, Greedy, Speculative
 from specdec.drafter import Context, Drafter, Feedback
 from specdec.guard import Guard
 from specdec.models import cache_dir
-from specdec.packing import packable
+from specdec.packing import Packing
 from specdec.sampling import sampling_processors
 from specdec.trees import DEFAULT_VERIFY_COST, TokenTree
 from specdec.verifier import Verifier
@@ -183,8 +183,11 @@ def _check_in_vocab(tokens: Tensor, vocab: int, who: str) -> None:
         raise ValueError(f"{who} token ids outside the model's vocabulary [0, {vocab})")
 
 
-def _checked_proposal(drafter: Drafter, tree, vocab: int) -> TokenTree:
-    """What `drafter.propose` returned, refused with a clear error unless it is a usable tree."""
+def _proposal(drafter: Drafter, ids: Tensor, hidden: Tensor | None, depth: int, runtime, vocab: int) -> TokenTree:
+    """Step 1: the drafter's tree for a copy of the committed ids (writing into it cannot change the
+    output), refused with a clear error unless it is a usable tree, cut to `depth`. `runtime`: the
+    call's verify cost and `Packing`."""
+    tree = drafter.propose(Context(ids.clone(), hidden, depth, *runtime))
     who = f"{type(drafter).__name__}.propose"
     if not isinstance(tree, TokenTree):
         raise TypeError(
@@ -200,7 +203,15 @@ def _checked_proposal(drafter: Drafter, tree, vocab: int) -> TokenTree:
             f"has {vocab} tokens (lm_head rows): give each node's draft distribution over all of them, "
             f"[{len(tree)}, {vocab}], or draft_probs=None for a deterministic draft"
         )
-    return tree
+    return tree.truncate(depth)
+
+
+class _NoStream:
+    def put(self, value) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
 
 
 def _eos_set(model, eos_token_id) -> set[int]:
@@ -252,78 +263,33 @@ def _processed(logits: Tensor, ids: Tensor, tree: TokenTree, logits_processor) -
     return torch.stack(rows)
 
 
-# Measured crossover on this project's CPU for the 0.5B/1.5B targets (fp32, 2 threads); small
-# models gain less, and `specdec profile` stores the exact crossover for a model and machine.
-DEFAULT_PACKED_FROM = 4
-
-
-def verify_cost(model, packed_from: int | None) -> Callable[[int], float]:
+def verify_cost(model, packing: Packing) -> Callable[[int], float]:
     """`Context.verify_cost` from this model's curve on this machine and device (`profile.for_model`:
-    stored, or off the CPU measured on first use; unmeasured: the default curve)."""
+    stored, else measured on first use; unmeasured: the default curve), on the forward `packing` routes."""
     prof = profile.for_model(model, cache_dir())
     if prof is None:
         return DEFAULT_VERIFY_COST
-    seconds = prof.forward_cost(packed_from)
+    seconds = prof.forward_cost(packing.packed_from(model))
     one = seconds(1)
     return lambda n: seconds(n + 1) / one
 
 
-def resolve_packed_from(model, packed_from: int | None | str) -> int | None:
-    if packed_from == "auto":
-        prof = profile.stored(model, cache_dir())
-        if prof is not None:
-            return prof.packed_from
-        return DEFAULT_PACKED_FROM if packable(model) else None  # nothing to pack off the CPU
-    if packed_from is not None and (not isinstance(packed_from, int) or packed_from < 1):
-        raise ValueError(f"packed_from must be 'auto', None or a token count >= 1, got {packed_from!r}")
-    return packed_from
+@dataclass(frozen=True)
+class _Options:
+    """`generate`'s arguments checked and resolved (`_resolve`): what the loop reads."""
+
+    prompt: Tensor  # [t] a host copy of input_ids
+    max_new_tokens: int
+    vocab: int  # the target's lm_head rows
+    eos: frozenset[int]
+    logits_processor: LogitsProcessorList | None  # with do_sample, the sampling warpers after the caller's
+    rule: AcceptanceRule
+    guard: Guard | None  # begun for this call
 
 
-@_exclusive
-@torch.no_grad()
-def generate(
-    model,
-    input_ids: Tensor,
-    drafter: Drafter | None = None,
-    *,
-    max_new_tokens: int | None = None,
-    eos_token_id: int | list[int] | None = None,
-    streamer=None,
-    stopping_criteria=None,
-    logits_processor=None,
-    rule: AcceptanceRule | None = None,
-    stats: GenerationStats | None = None,
-    on_step=None,
-    packed_from: int | None | str = "auto",
-    do_sample: bool | None = None,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    seed: int | None = None,
-    guard: Guard | bool | None = True,
-    verifier: Verifier | None = None,
-) -> Tensor:
-    """Speculative decoding with the output of ``model.generate``. Returns ``[1, prompt + new]``.
-
-    Greedy (the default): token for token what ``model.generate(do_sample=False)`` returns.
-    ``do_sample=True`` (None: the generation config's) samples with `temperature`, `top_k`,
-    `top_p`, `min_p` as ``model.generate`` does, through the lossless `Speculative` rule. With
-    `seed` the text is reproducible and the same whatever was drafted; with None torch's global
-    RNG draws (``torch.manual_seed`` works) and the text depends on what was drafted. `rule`
-    overrides the acceptance rule (e.g. the lossy `specdec.Typical`). `guard`: True starts a fresh
-    no-slowdown `specdec.Guard`, a `Guard` object keeps its record across calls, None/False drafts
-    every step. `verifier`: one kept from an earlier call, whose cached common prefix is reused.
-
-    `max_new_tokens` and `eos_token_id` default to the model's generation config, as in HF
-    (pass ``eos_token_id=[]`` to never stop on EOS). `stopping_criteria` / `logits_processor` are
-    transformers' lists; criteria are checked after every single token, so generation stops on
-    exactly the token where ``model.generate`` stops. `on_step(StepInfo)` is called after every
-    target forward; `stats` (a `GenerationStats`) collects the same. Target forwards over at
-    least `packed_from` tokens use oneDNN-prepacked linears (`specdec.packing`; None: never);
-    "auto" takes the crossover from this model's stored `specdec profile`, else
-    `DEFAULT_PACKED_FROM`.
-    """
+def _resolve(model, input_ids, drafter, max_new_tokens, eos_token_id, logits_processor, rule, guard,
+             do_sample, temperature, top_k, top_p, min_p, seed) -> _Options:
+    """Every argument check `generate` makes before any work, and the options they resolve to."""
     prompt = _as_prompt(input_ids)
     _check_drafter(drafter)
     max_new_tokens = _max_new_tokens(model, prompt, max_new_tokens)
@@ -346,93 +312,121 @@ def generate(
             f"the prompt has {prompt.numel()} tokens but the model allows at most {limit} "
             "(config.max_position_embeddings); shorten the prompt"
         )
-    eos = _eos_set(model, eos_token_id)
-    rule = rule or Greedy()
-    if guard is True:
-        guard = Guard()
-    guard = guard or None
+    eos = frozenset(_eos_set(model, eos_token_id))
+    guard = Guard() if guard is True else (guard or None)
     if guard is not None:
         guard.begin()
-    stats = stats if stats is not None else GenerationStats()
-    if streamer is not None:
-        streamer.put(prompt[None])
+    return _Options(prompt, max_new_tokens, vocab, eos, logits_processor, rule or Greedy(), guard)
 
-    device = model.device
-    packed_from = resolve_packed_from(model, packed_from)
-    cost = verify_cost(model, packed_from) if drafter is not None else None  # may measure a curve: not timed
-    t0 = devices.clock(device)
+
+def _verifier(model, drafter: Drafter | None, verifier: Verifier | None, packed_from: int | None) -> Verifier:
+    """The drafter begun on the target, and the verifier for this call: a new one, or the passed
+    one (a Session's) set up for it with its cache kept."""
     if drafter is not None:
         drafter.begin(model)
     keep_hidden = drafter is not None and drafter.needs_hidden_states
     if verifier is None:
-        verifier = Verifier(model, keep_hidden_states=keep_hidden, packed_from=packed_from)
-    elif verifier.model is not model:
+        return Verifier(model, keep_hidden_states=keep_hidden, packed_from=packed_from)
+    if verifier.model is not model:
         raise ValueError("verifier: it was built for another model; pass a Verifier(model) of this target")
-    else:
-        verifier.configure(keep_hidden_states=keep_hidden, packed_from=packed_from)
-    hidden = verifier.prefill(prompt)
+    verifier.configure(keep_hidden_states=keep_hidden, packed_from=packed_from)
+    return verifier
+
+
+def _emitted(new: list[int], path: list[int], ids: Tensor, logits: Tensor, remaining: int, eos, stopping_criteria):
+    """The stop scan: the step's tokens up to where ``model.generate`` would stop (an EOS, the
+    stopping criteria checked after every single token, the token budget), and whether it stops."""
+    emitted: list[int] = []
+    for j, tok in enumerate(new[:remaining]):
+        emitted.append(tok)
+        if tok in eos:
+            return emitted, True
+        if stopping_criteria is not None:
+            row = 0 if j == 0 else path[j - 1] + 1  # the logits row that predicted this token
+            seq = torch.cat([ids, torch.tensor(emitted)]).to(logits.device)[None]
+            if bool(stopping_criteria(seq, logits[row][None]).all()):
+                return emitted, True
+    return emitted, len(emitted) == remaining
+
+
+def _feedback(drafter: Drafter | None, scores, tree: TokenTree, path: list[int], new: list[int], logits: Tensor):
+    """Step 5: the drafter learns the decision (`feedback_topk` rows of the target's top tokens if
+    it asks); returns the committed tokens' hidden states for its next proposal (or None)."""
+    if drafter is not None:
+        k = getattr(drafter, "feedback_topk", 0)
+        top = logits.topk(k, dim=-1).indices.cpu() if k else None  # [n + 1, k]
+        drafter.update(Feedback(tree, path, torch.tensor(new), top))
+    return None if scores.hidden_states is None else scores.hidden_states[[0] + [i + 1 for i in path]]
+
+
+def _record(step: StepInfo, asked: bool, drafter: Drafter | None, guard: Guard | None, stats, on_step) -> None:
+    """After every step: `stats`, the guard, `on_step`. A step the drafter was asked for counts as
+    speculative even when it proposed nothing: its drafting time is part of what speculation costs."""
+    stats.steps.append(step)
+    if guard is not None and drafter is not None:
+        guard.record(asked, len(step.new_tokens), step.draft_s + step.verify_s + step.overhead_s)
+    if on_step is not None:
+        on_step(step)
+
+
+@_exclusive
+@torch.no_grad()
+def generate(
+    model, input_ids: Tensor, drafter: Drafter | None = None, *, max_new_tokens: int | None = None,
+    eos_token_id: int | list[int] | None = None, streamer=None, stopping_criteria=None, logits_processor=None,
+    rule: AcceptanceRule | None = None, stats: GenerationStats | None = None, on_step=None,
+    packed_from: int | None | str = "auto", do_sample: bool | None = None, temperature: float | None = None,
+    top_k: int | None = None, top_p: float | None = None, min_p: float | None = None, seed: int | None = None,
+    guard: Guard | bool | None = True, verifier: Verifier | None = None,
+) -> Tensor:
+    """Speculative decoding with the output of ``model.generate``. Returns ``[1, prompt + new]``.
+
+    Greedy (the default): token for token what ``model.generate(do_sample=False)`` returns. ``do_sample`` (None:
+    the generation config's) samples with `temperature`, `top_k`, `top_p`, `min_p` as HF does, through the
+    lossless `Speculative` rule (output distributed exactly as sampling the target); `seed` makes it
+    reproducible whatever was drafted (None: torch's global RNG). `rule` overrides the rule (e.g. the lossy
+    `specdec.Typical`). A first call with no stored profile measures one (SPECDEC_TUNE=0: not). `guard`: True a
+    fresh no-slowdown `specdec.Guard`, a `Guard` keeps its measurements across calls, None/False drafts every
+    step. `verifier`: a `Verifier` of this model whose cached common prefix is reused (`specdec.Session`).
+    `max_new_tokens`, `eos_token_id` default as in HF (``eos_token_id=[]``: no EOS); `stopping_criteria`
+    (checked after every token) and `logits_processor` are transformers' lists. `on_step(StepInfo)` runs after
+    every target forward; `stats` collects the same. `packed_from`: forwards (the drafter's too) over >= this
+    many tokens run packed (`specdec.packing.Packing`; "auto": each model's crossover; None: never).
+    """
+    o = _resolve(model, input_ids, drafter, max_new_tokens, eos_token_id, logits_processor, rule, guard,
+                 do_sample, temperature, top_k, top_p, min_p, seed)
+    stats = stats if stats is not None else GenerationStats()
+    stream = streamer if streamer is not None else _NoStream()
+    stream.put(o.prompt[None])
+    packing = profile.packing(packed_from, cache_dir())  # the runtime decides packing, drafters take routes
+    runtime = (verify_cost(model, packing), packing) if drafter is not None else None  # may measure: not timed
+    device, t0 = model.device, devices.clock(model.device)
+    verifier = _verifier(model, drafter, verifier, packing.packed_from(model))
+    hidden, ids, done = verifier.prefill(o.prompt), o.prompt, False
     stats.prefill_s = devices.clock(device) - t0
-    ids, done = prompt, False
-
     while not done:
-        remaining = max_new_tokens - (ids.numel() - prompt.numel())
-        t0 = devices.clock(device)
-        # 1. Propose: a tree under the root (the last committed token). Nodes deeper than
-        #    remaining - 1 could only yield tokens past max_new_tokens.
-        asked = drafter is not None and remaining > 1 and (guard is None or guard.speculate())
-        if not asked:
-            tree = TokenTree.empty()
-        else:  # the drafter gets a copy of the committed ids: writing into it cannot change the output
-            tree = drafter.propose(Context(ids.clone(), hidden, remaining - 1, cost))
-            tree = _checked_proposal(drafter, tree, vocab).truncate(remaining - 1)
+        remaining, t0 = o.max_new_tokens - (ids.numel() - o.prompt.numel()), devices.clock(device)
+        # 1. Propose a tree under the root (the last committed token), no deeper than the budget.
+        asked = drafter is not None and remaining > 1 and (o.guard is None or o.guard.speculate())
+        tree = _proposal(drafter, ids, hidden, remaining - 1, runtime, o.vocab) if asked else TokenTree.empty()
         t1 = devices.clock(device)
-        # 2. Verify: one target forward over [root] + tree.
+        # 2. Verify: one target forward over [root] + tree; logits [n + 1, vocab] in fp32 as in HF.
         scores = verifier.score(int(ids[-1]), tree)
-        logits = _processed(scores.logits.float(), ids, tree, logits_processor)  # [n + 1, vocab], fp32 as in HF
+        logits = _processed(scores.logits.float(), ids, tree, o.logits_processor)
         t2 = devices.clock(device)
-        # 3. Accept: the longest path the target agrees with, plus the target's own next token.
-        decision = rule(tree, logits, position=ids.numel())  # row 0 predicts token ids.numel()
-        path = decision.accepted_nodes
-        new = tree.tokens[path].tolist() + [decision.next_token]
-        emitted: list[int] = []
-        for j, tok in enumerate(new[:remaining]):  # stop exactly where model.generate would
-            emitted.append(tok)
-            if tok in eos:
-                done = True
-            elif stopping_criteria is not None:
-                row = 0 if j == 0 else path[j - 1] + 1  # the logits row that predicted this token
-                seq = torch.cat([ids, torch.tensor(emitted)]).to(logits.device)[None]
-                done = bool(stopping_criteria(seq, logits[row][None]).all())
-            if done:
-                break
-        emitted_t = torch.tensor(emitted, dtype=torch.long)
-        ids = torch.cat([ids, emitted_t])
-        done = done or ids.numel() - prompt.numel() >= max_new_tokens
-        if streamer is not None:
-            streamer.put(emitted_t)
-        # 4. Commit: the cache keeps prefix + root + the accepted path (as far as it was emitted;
-        #    after the last step too, so a later turn of a Session finds it cached).
+        # 3. Accept the longest path the target agrees with, plus its own next token; stop where HF would.
+        decision = o.rule(tree, logits, position=ids.numel())  # row 0 predicts token ids.numel()
+        path, new = decision.accepted_nodes, tree.tokens[decision.accepted_nodes].tolist() + [decision.next_token]
+        emitted, done = _emitted(new, path, ids, logits, remaining, o.eos, stopping_criteria)
+        ids = torch.cat([ids, torch.tensor(emitted, dtype=torch.long)])
+        stream.put(ids[-len(emitted):])
+        # 4. Commit prefix + root + the emitted path to the cache (after the last step too: a Session's next turn).
         verifier.commit(path[: len(emitted) - 1])
-        if len(emitted) == len(new):  # after a cut step the path is not what was committed
-            # 5. Feedback: drafters adapt (also after the last step: a Session's next turn
-            #    continues with them); hidden-state drafters get the committed tokens' features.
-            if scores.hidden_states is not None:
-                hidden = scores.hidden_states[[0] + [i + 1 for i in path]]
-            if drafter is not None:
-                k = getattr(drafter, "feedback_topk", 0)
-                top = logits.topk(k, dim=-1).indices.cpu() if k else None  # [n + 1, k]
-                drafter.update(Feedback(tree, path, torch.tensor(new), top))
+        if len(emitted) == len(new):  # 5. Feedback, unless a stop cut the path short
+            hidden = _feedback(drafter, scores, tree, path, new, logits)
         step = StepInfo(tree, path, emitted, t1 - t0, t2 - t1, devices.clock(device) - t2)
-        stats.steps.append(step)
-        if guard is not None and drafter is not None:
-            # A step the drafter was asked for counts as speculative even when it proposed
-            # nothing: its drafting time is part of what speculation costs.
-            guard.record(asked, len(emitted), step.draft_s + step.verify_s + step.overhead_s)
-        if on_step is not None:
-            on_step(step)
-
-    if streamer is not None:
-        streamer.end()
+        _record(step, asked, drafter, o.guard, stats, on_step)
+    stream.end()
     return ids[None].to(input_ids.device)
 
 

@@ -16,7 +16,10 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
+from specdec.packing import Packing
 from specdec.trees import DEFAULT_VERIFY_COST, TokenTree
+
+_DEFAULT_PACKING = Packing()  # a Context built outside generate: each model's default crossover
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,9 @@ class Context:
     # stored `specdec profile` curve on this machine, else the default linear curve. Drafters size
     # trees with it (`specdec.trees.sizing`).
     verify_cost: Callable[[int], float] = DEFAULT_VERIFY_COST
+    # The runtime's packing decision for this call: a drafter runs its own forwards inside
+    # ``packing.route(model)(k)`` (or asks ``packing.packed_from(model)``) and never decides itself.
+    packing: Packing = _DEFAULT_PACKING
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -142,3 +142,41 @@ class PackedRoute:
         if self._packs is not None and k >= self.packed_from:
             return self._packs
         return contextlib.nullcontext()
+
+
+# The crossover without a measured profile: measured on this project's CPU for the 0.5B/1.5B
+# targets (fp32, 2 threads); `specdec profile` (or generate's first-use curve) measures the real one.
+DEFAULT_PACKED_FROM = 4
+
+
+def default_crossover(model: nn.Module) -> int | None:
+    """Without a measured profile: `DEFAULT_PACKED_FROM` where packing applies, else never."""
+    return DEFAULT_PACKED_FROM if packable(model) else None
+
+
+class Packing:
+    """Which forwards of one generation run with packed linears. The runtime decides (`generate`
+    builds one per call and hands it over as `Context.packing`); the verifier and the drafters only
+    take routes from it. `packed_from`: "auto" gives each model its own crossover (`crossover(model)`:
+    its measured profile's, else `default_crossover`); a token count packs every model's forwards
+    over at least that many tokens; None packs nothing. A model with nothing packable (off the CPU,
+    not float32) runs its stock forward whatever this says."""
+
+    def __init__(self, packed_from: int | None | str = "auto",
+                 crossover: Callable[[nn.Module], int | None] = default_crossover):
+        if packed_from not in ("auto", None) and (not isinstance(packed_from, int) or packed_from < 1):
+            raise ValueError(f"packed_from must be 'auto', None or a token count >= 1, got {packed_from!r}")
+        self.setting, self._crossover = packed_from, crossover
+        self._known: weakref.WeakKeyDictionary[nn.Module, int | None] = weakref.WeakKeyDictionary()
+
+    def packed_from(self, model: nn.Module) -> int | None:
+        """From how many tokens `model`'s forwards run packed (None: never); looked up once per model."""
+        if self.setting != "auto":
+            return self.setting
+        if model not in self._known:
+            self._known[model] = self._crossover(model)
+        return self._known[model]
+
+    def route(self, model: nn.Module) -> PackedRoute:
+        """The route for `model`'s forwards (its shared `packed_linears`)."""
+        return PackedRoute(model, self.packed_from(model))

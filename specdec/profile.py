@@ -4,8 +4,8 @@ The curve decides tree budgets and draft lengths (`specdec.trees.sizing`). `meas
 forward the verifier really runs (k tokens after a realistic KV cache, median of repeats), with
 and without `specdec.packing` on the CPU. Curves are stored as JSON under the cache directory per
 model, device type and dtype (`model_key`), valid only on the machine that measured them
-(`machine_id`). `for_model` is what `generate` asks: the stored profile, or off the CPU a short
-curve measured on first use.
+(`machine_id`). `for_model` is what `generate` asks: the stored profile, or a short curve
+measured on first use (SPECDEC_TUNE=0: not measured).
 
 Boundary: core level; the model's public forward, `specdec.kv`, `specdec.packing`, `specdec.devices`.
 """
@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from specdec import devices, kv
-from specdec.packing import packable, packed_linears
+from specdec.packing import Packing, default_crossover, packable, packed_linears
 from specdec.trees import TokenTree, verify_inputs
 
 log = logging.getLogger(__name__)
@@ -239,39 +239,54 @@ def stored(model, cache_dir: Path) -> Profile | None:
 
 
 def measures_on_first_use(device: torch.device) -> bool:
-    """Whether `for_model` measures a missing curve by default. Off the CPU: there the fallback
-    without a curve (the CPU's ``1 + 0.2 n``, or none) undersizes trees. Not on the CPU, where the
-    CLI measures the full profile before it decodes (`specdec profile`) and a library call keeps
-    its old behaviour; `for_model(..., first_use=True)` measures there too."""
-    return device.type not in ("cpu", "meta")  # meta runs nothing, so it cannot be timed
+    """Whether `for_model` measures a missing curve by default: yes, on the CPU as off it (without
+    a curve trees are sized by the default ``1 + 0.2 n`` and packing starts at the default
+    crossover), unless the environment sets SPECDEC_TUNE=0; never on meta, where nothing runs."""
+    return device.type != "meta" and os.environ.get("SPECDEC_TUNE", "1").strip() != "0"
 
 
-# model -> (its placement and machine when measured, the curve): first-use curves, once per model
+# model -> (its placement and machine when measured, the profile): first-use profiles, once per model
 # in a process, also for models without a key (nothing stored) or an unwritable cache directory.
 _MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def for_model(model, cache_dir: Path, *, first_use: bool | None = None) -> Profile | None:
-    """The verify cost profile `generate` sizes trees with: the stored one (`stored`); else, when
-    `first_use` (None: `measures_on_first_use(model.device)`), a short stock curve (`FIRST_USE`,
-    about 30 forwards) measured now, once per model in this process, and stored for the next one
-    when the model has a key; else None."""
+    """The verify cost profile `generate` sizes trees with: the stored one (`stored`), or one this
+    process measured; else, when `first_use` (None: `measures_on_first_use(model.device)`), a short
+    profile (`FIRST_USE`: about 30 forwards per curve, the packed curve where packing applies)
+    measured now with a one-line notice and a progress bar, stored for the next process when the
+    model has a key; else None."""
     prof = stored(model, cache_dir)
-    if prof is not None or not (measures_on_first_use(model.device) if first_use is None else first_use):
+    if prof is not None:
         return prof
     here = (_placement(model), machine_id(model.device))
     known = _MEASURED.get(model)
     if known is not None and known[0] == here:
         return known[1]
+    if not (measures_on_first_use(model.device) if first_use is None else first_use):
+        return None
     key = model_key(model)
-    log.warning("specdec: measuring a short verify cost curve of %s on %s (once; `specdec profile` measures "
-                "the full one)", key or type(model).__name__, model.device)
-    prof = Profile(measure(model, key or type(model).__name__, **FIRST_USE), None)
+    log.warning("specdec: tuning to this machine once: measuring a short verify cost curve of %s on %s "
+                "(`specdec profile` measures the full one; SPECDEC_TUNE=0 skips this)",
+                key or type(model).__name__, model.device)
+    prof = profile(model, key or type(model).__name__, progress=True, **FIRST_USE)
     if key:
         with contextlib.suppress(OSError):  # a read-only cache still keeps this process's curve
             save(prof, profile_path(cache_dir, key))
     _MEASURED[model] = (here, prof)
     return prof
+
+
+def crossover(model, cache_dir: Path) -> int | None:
+    """From how many tokens `model`'s forwards run packed: its profile's crossover (stored or
+    measured in this process; never measured here), else `packing.default_crossover`."""
+    prof = for_model(model, cache_dir, first_use=False)
+    return prof.packed_from if prof is not None else default_crossover(model)
+
+
+def packing(packed_from: int | None | str, cache_dir: Path) -> Packing:
+    """The runtime's `Packing` for one generation, "auto" taking each model's `crossover`."""
+    return Packing(packed_from, functools.partial(crossover, cache_dir=cache_dir))
 
 
 def table(curves: list[CostCurve]) -> str:

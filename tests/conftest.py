@@ -22,6 +22,15 @@ DEVICES = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_first_use_tuning():
+    """`generate` would measure a cost curve the first time it meets each tiny model (SPECDEC_TUNE
+    opts out); a test of that behaviour sets it back (monkeypatch)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPECDEC_TUNE", "0")
+        yield
+
+
 @pytest.fixture(scope="session", params=DEVICES)
 def device(request) -> torch.device:
     """Each test that takes it runs once per device (session-scoped, so hypothesis accepts it)."""

@@ -22,11 +22,11 @@ import specdec
 import torch
 from specdec import devices, packing, profile
 from specdec.cli import main
-from specdec.decode import DEFAULT_PACKED_FROM, resolve_packed_from
 from specdec.drafters import DraftModel, Medusa, PromptLookup
 from specdec.drafters.layer_view import LayerSubset
 from specdec.drafters.medusa import MedusaHeads
 from specdec.drafters.vocab import DraftVocab, PackedDraft
+from specdec.packing import DEFAULT_PACKED_FROM
 from specdec.trees import TokenTree
 from specdec.verifier import Verifier
 from torch.overrides import TorchFunctionMode
@@ -119,10 +119,14 @@ def test_machine_id_names_the_accelerator(monkeypatch):
     assert cpu != gpu and gpu.startswith("Some GPU 80GB (cuda) on ") and gpu.endswith(cpu)
 
 
-def test_first_use_is_off_the_cpu_only():
+def test_first_use_measures_everywhere_unless_opted_out(monkeypatch):
+    monkeypatch.setenv("SPECDEC_TUNE", "1")
     assert profile.measures_on_first_use(torch.device("cuda"))
-    assert not profile.measures_on_first_use(torch.device("cpu"))
+    assert profile.measures_on_first_use(torch.device("cpu"))
     assert not profile.measures_on_first_use(torch.device("meta"))  # nothing runs there to time
+    monkeypatch.setenv("SPECDEC_TUNE", "0")  # the opt-out (tests take it: conftest)
+    assert not profile.measures_on_first_use(torch.device("cpu"))
+    assert not profile.measures_on_first_use(torch.device("cuda"))
 
 
 def count_measures(monkeypatch) -> list:
@@ -140,9 +144,9 @@ def count_measures(monkeypatch) -> list:
 def test_first_use_measures_a_short_curve_once_and_stores_it(tmp_path, monkeypatch):
     calls = count_measures(monkeypatch)
     model = named(tiny_model("llama"))
-    assert profile.for_model(model, tmp_path) is None and not calls  # on the CPU: the old behaviour
+    assert profile.for_model(model, tmp_path) is None and not calls  # SPECDEC_TUNE=0 (conftest): not measured
     prof = profile.for_model(model, tmp_path, first_use=True)
-    assert len(calls) == 1 and calls[0] == profile.FIRST_USE
+    assert len(calls) == 1 and {k: calls[0][k] for k in profile.FIRST_USE} == profile.FIRST_USE  # float64: stock only
     assert prof.packed is None and prof.stock.ks == profile.FIRST_USE["ks"] and min(prof.stock.seconds) > 0
     assert profile.stored(model, tmp_path) == prof  # written under the model's device/dtype key
     assert profile.for_model(model, tmp_path, first_use=True) == prof and len(calls) == 1
@@ -171,6 +175,32 @@ def test_generate_sizes_trees_with_a_first_use_curve(tmp_path, monkeypatch):
     assert profile.stored(model, tmp_path) is not None
 
 
+def test_first_api_call_tunes_itself_and_says_so_once(tmp_path, monkeypatch, caplog, capsys):
+    """What a new user gets (no `specdec profile` run, SPECDEC_TUNE unset): the first
+    `specdec.generate` measures a short profile, with one notice and a progress bar, and stores
+    it; the next call finds it and is silent. SPECDEC_TUNE=0 measures nothing."""
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    monkeypatch.delenv("SPECDEC_TUNE")
+    calls = count_measures(monkeypatch)
+    model, prompt = named(tiny_model("llama", seed=3), "fresh-model"), random_prompt(3, 16)
+    for turn in range(2):
+        caplog.clear()
+        out = specdec.generate(model, prompt, PromptLookup(min_ngram=1), max_new_tokens=6)
+        assert torch.equal(out, reference(model, prompt, 6))
+        notices = [r.getMessage() for r in caplog.records if r.name == "specdec.profile"]
+        err = capsys.readouterr().err
+        if turn == 0:
+            assert len(notices) == 1 and "SPECDEC_TUNE=0" in notices[0] and "fresh-model" in notices[0], notices
+            assert "forward, k" in err and len(calls) == 1  # the progress bar; float64: one (stock) curve
+            assert profile.stored(model, tmp_path) is not None
+        else:
+            assert notices == [] and "forward, k" not in err and len(calls) == 1
+    monkeypatch.setenv("SPECDEC_TUNE", "0")
+    other = named(tiny_model("llama", seed=4), "opted-out-model")
+    specdec.generate(other, prompt, PromptLookup(min_ngram=1), max_new_tokens=4)
+    assert len(calls) == 1 and profile.stored(other, tmp_path) is None
+
+
 # ---- packing ---------------------------------------------------------------------------------
 
 
@@ -181,9 +211,9 @@ def test_packing_switches_itself_off_off_the_cpu(tmp_path, monkeypatch):
     if not packing.available():
         pytest.skip("this torch build has no oneDNN linear packing")
     assert packing.packable(cpu) and packing.PackedLinears(cpu).enabled
-    assert resolve_packed_from(cpu, "auto") == DEFAULT_PACKED_FROM
+    assert profile.crossover(cpu, tmp_path) == DEFAULT_PACKED_FROM
     assert not packing.packable(meta) and not packing.PackedLinears(meta).enabled
-    assert resolve_packed_from(meta, "auto") is None
+    assert profile.crossover(meta, tmp_path) is None
     packed_calls = []
     monkeypatch.setattr(packing._Route, "__torch_function__", lambda *a, **k: packed_calls.append(a))
     # A route asked to pack every forward, and a head drafter's route over the same weights:

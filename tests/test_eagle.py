@@ -273,7 +273,6 @@ def test_argument_errors():
     for kwargs, message in [({"depth": 0}, "depth"), ({"topk": 0}, "topk"), ({"width": 0}, "width"),
                             ({"budget": 0}, "budget"), ({"min_confidence": 1.0}, "min_confidence"),
                             ({"min_gain": 1.0}, "min_gain"), ({"min_gain": -0.1}, "min_gain"),
-                            ({"packed_from": 0}, "packed_from"), ({"packed_from": "fast"}, "packed_from"),
                             ({"calibration_decay": 1.0}, "calibration_decay")]:
         with pytest.raises(ValueError, match=message):
             Eagle(model, head, **kwargs)

@@ -232,9 +232,6 @@ def test_argument_errors():
         Medusa(model, MedusaHeads(32, K, vocab_size=50))
     with pytest.raises(ValueError, match="num_heads"):
         MedusaHeads(32, 0)
-    for bad in (0, "fast"):
-        with pytest.raises(ValueError, match="packed_from"):
-            Medusa(model, heads, packed_from=bad)
     drafter = Medusa(model, heads)
     with pytest.raises(ValueError, match="vocabulary"):
         Medusa(model, MedusaHeads(32, K, vocab_size=96)).begin(tiny_model("llama", vocab=128))

@@ -10,7 +10,8 @@ import specdec
 import torch
 from specdec import profile
 from specdec.drafters import DraftModel, Eagle, Medusa, PromptLookup
-from specdec.packing import PackedLinears, PackedRoute, available, packed_linears
+from specdec.drafters.vocab import PackedDraft
+from specdec.packing import DEFAULT_PACKED_FROM, PackedLinears, PackedRoute, Packing, available, packed_linears
 
 from conftest import random_prompt, reference, tiny_model
 from helpers import random_head, random_heads
@@ -111,37 +112,54 @@ def test_packed_route_picks_by_token_count():
     assert not isinstance(route(3), PackedLinears) and not isinstance(PackedRoute(model, None)(64), PackedLinears)
 
 
-def test_draft_model_forwards_can_run_packed_and_stay_exact():
+def test_draft_model_forwards_follow_the_runtime_and_stay_exact():
+    """The draft model's forwards pack as generate's `packed_from` says (None: every forward stock,
+    the drafter's too; "auto": the draft model's own crossover), with no drafter argument."""
     target, draft = fp32_model(seed=6), fp32_model(seed=7)
     prompt = random_prompt(6, 20)
     ref = reference(target, prompt, 16)
-    for packed_from in (1, None):
-        drafter = DraftModel(draft, num_tokens=3, packed_from=packed_from)
-        out = specdec.generate(target, prompt, drafter, max_new_tokens=16, packed_from=None)
+    for packed_from, packs_from in ((1, 1), (None, None), ("auto", DEFAULT_PACKED_FROM)):  # no stored profile
+        drafter = DraftModel(draft, num_tokens=3)
+        out = specdec.generate(target, prompt, drafter, max_new_tokens=16, packed_from=packed_from)
         assert torch.equal(out, ref)
-        assert isinstance(drafter._route(1), PackedLinears) == (packed_from == 1)
+        assert drafter._route.packed_from == packs_from
+        assert isinstance(drafter._route(packs_from or 64), PackedLinears) == (packs_from is not None)
 
 
-def head_drafter(kind: str, model, packed_from, draft_vocab):
+def head_drafter(kind: str, model, draft_vocab):
     if kind == "eagle":
-        return Eagle(model, random_head(model, 1), packed_from=packed_from, draft_vocab=draft_vocab, min_gain=0)
-    return Medusa(model, random_heads(model, 1), tree="medusa-16", packed_from=packed_from, draft_vocab=draft_vocab)
+        return Eagle(model, random_head(model, 1), draft_vocab=draft_vocab, min_gain=0)
+    return Medusa(model, random_heads(model, 1), tree="medusa-16", draft_vocab=draft_vocab)
+
+
+def spied(drafter, spy: OneDnnSpy):
+    """`drafter` with its proposals (its own forwards only, not the verifier's) under `spy`."""
+    propose = drafter.propose
+
+    def spied_propose(ctx):
+        with spy:
+            return propose(ctx)
+
+    drafter.propose = spied_propose
+    return drafter
 
 
 @pytest.mark.parametrize("kind", ["eagle", "medusa"])
 @pytest.mark.parametrize("vocab", [None, torch.arange(0, 96, 3)])
 def test_head_drafters_run_packed_and_stay_exact(kind, vocab):
-    """Eagle's and Medusa's draft forwards go through oneDNN when asked (the verifier here never
-    does: packed_from=None), at least once per draft, and stay exact."""
+    """Eagle's and Medusa's draft forwards go through oneDNN when the runtime says so (generate's
+    packed_from: 1 packs every forward, None none), at least once per draft, and stay exact."""
     model = fp32_model(seed=8)
     prompt = random_prompt(8, 20)
     ref = reference(model, prompt, 16)
     calls, forwards = {}, {}
     for packed_from in (1, None):
-        drafter = head_drafter(kind, model, packed_from, vocab)
+        spy = OneDnnSpy()
+        drafter = spied(head_drafter(kind, model, vocab), spy)
         stats = specdec.GenerationStats()
-        with OneDnnSpy() as spy:
-            out = specdec.generate(model, prompt, drafter, max_new_tokens=16, packed_from=None, guard=None, stats=stats)
+        out = specdec.generate(
+            model, prompt, drafter, max_new_tokens=16, packed_from=packed_from, guard=None, stats=stats
+        )
         assert torch.equal(out, ref)
         calls[packed_from], forwards[packed_from] = spy.calls, stats.target_forwards
     assert calls[None] == 0 and calls[1] >= forwards[1] - 1  # at least one oneDNN call per draft
@@ -151,8 +169,9 @@ def test_head_drafters_run_packed_and_stay_exact(kind, vocab):
 def test_packed_draft_routes_the_fixed_rows_not_the_context_block_or_every_row():
     model = fp32_model(seed=9)
     x = torch.randn(2, model.config.hidden_size)
-    drafter = head_drafter("medusa", model, 1, torch.arange(0, 96, 2))
-    vocab, route = drafter._vocab, drafter._route
+    drafter = head_drafter("medusa", model, torch.arange(0, 96, 2))
+    vocab = drafter._vocab
+    route = PackedDraft(drafter.heads, vocab, 1)
     with OneDnnSpy() as spy, route(2):
         vocab.logits(x)
     assert spy.calls == 1
@@ -160,28 +179,28 @@ def test_packed_draft_routes_the_fixed_rows_not_the_context_block_or_every_row()
     with OneDnnSpy() as spy, route(2):
         assert vocab.logits(x).shape == (2, 48 + 2)
     assert spy.calls == 1
-    every = head_drafter("medusa", model, 1, None)  # every row: the target's lm_head, not copied
-    with OneDnnSpy() as spy, every._route(2):
+    every = head_drafter("medusa", model, None)  # every row: the target's lm_head, not copied
+    with OneDnnSpy() as spy, PackedDraft(every.heads, every._vocab, 1)(2):
         every._vocab.logits(x)
     assert spy.calls == 0
 
 
 def test_head_drafters_pack_lazily_and_once():
-    """No packing before the first draft; begin() on the same target keeps the packed copies,
-    another target gets its own."""
+    """No packing before the first draft; a second request on the same target keeps the packed
+    copies, another target gets its own."""
     model = fp32_model(seed=9)
-    drafter = head_drafter("eagle", model, 1, torch.arange(0, 96, 2))
-    route = drafter._route
-    assert route._route is None
-    packed = []
-    for seed in (9, 10):  # two requests: two begin() calls on the same target
-        specdec.generate(model, random_prompt(seed, 8), drafter, max_new_tokens=4, packed_from=None, guard=None)
-        assert drafter._route is route and route._route is not None
-        packed.append(route._route)
-    assert packed[0] is packed[1]
+    drafter = head_drafter("eagle", model, torch.arange(0, 96, 2))
+    assert drafter._route._route is None
+    packed, routes = [], []
+    for seed in (9, 10):  # two requests on the same target
+        specdec.generate(model, random_prompt(seed, 8), drafter, max_new_tokens=4, packed_from=1, guard=None)
+        routes.append(drafter._route)
+        packed.append(drafter._route._route)
+        assert packed[-1] is not None and packed[-1]._packs.enabled
+    assert routes[0] is routes[1] and packed[0] is packed[1]
     other = fp32_model(seed=10)
-    drafter.begin(other)  # another target: its own vocabulary rows, a new route
-    assert drafter._route is not route and drafter._route.parts[1] is drafter._vocab
+    specdec.generate(other, random_prompt(9, 8), drafter, max_new_tokens=4, packed_from=1, guard=None)
+    assert drafter._route is not routes[0] and drafter._route.parts[1] is drafter._vocab
 
 
 def test_packing_that_does_not_fit_in_memory_is_skipped_and_said(monkeypatch, caplog):
@@ -197,7 +216,7 @@ def test_packing_that_does_not_fit_in_memory_is_skipped_and_said(monkeypatch, ca
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and "pack" in said[0] and memory.size(needed) in said[0], said
     prompt = random_prompt(8, 20)
-    drafter = head_drafter("medusa", model, 1, None)  # its heads are not packed either
+    drafter = head_drafter("medusa", model, None)  # its heads are not packed either
     with OneDnnSpy() as spy:
         out = specdec.generate(model, prompt, drafter, max_new_tokens=16, packed_from=1, guard=None)
     assert torch.equal(out, reference(model, prompt, 16)) and spy.calls == 0
@@ -218,8 +237,8 @@ def test_weight_copies_that_do_not_fit_in_memory_are_refused(monkeypatch, tmp_pa
     rows = 96 * model.config.hidden_size * 4
     for kind in ("eagle", "medusa"):
         with pytest.raises(memory.NotEnoughMemoryError, match=f"draft_vocab.*{memory.size(rows)}.*1.0 MiB"):
-            head_drafter(kind, model, None, torch.arange(96))
-    head_drafter("medusa", model, None, None).save_pretrained(tmp_path / "m")
+            head_drafter(kind, model, torch.arange(96))
+    head_drafter("medusa", model, None).save_pretrained(tmp_path / "m")
     header = json.loads((tmp_path / "m" / "drafter_config.json").read_text())
     header["metadata"]["backbone"] = {"lora": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]},
                                       "fingerprint": [0.0, 0.0]}
@@ -303,12 +322,14 @@ def test_stored_profile_is_per_machine(tmp_path):
     model.name_or_path = str(tmp_path / "tiny-model")  # what from_pretrained records
     profile.save(prof, profile.profile_path(tmp_path, profile.model_key(model)))
     assert profile.stored(model, tmp_path) == prof
-    from specdec.decode import resolve_packed_from
+    assert profile.crossover(model, tmp_path) == prof.packed_from == 4  # "auto" takes the stored crossover
 
     other = dataclasses.replace(prof.stock, machine="another machine")
     profile.save(profile.Profile(other, prof.packed), profile.profile_path(tmp_path, profile.model_key(model)))
     assert profile.stored(model, tmp_path) is None
-    assert resolve_packed_from(model, 6) == 6 and resolve_packed_from(model, None) is None
+    assert profile.crossover(model, tmp_path) == DEFAULT_PACKED_FROM  # another machine's: the default
+    assert Packing(6).packed_from(model) == 6 and Packing(None).packed_from(model) is None
+    assert profile.packing("auto", tmp_path).packed_from(model) == DEFAULT_PACKED_FROM
 
 
 def test_measure_rejects_bad_arguments():
@@ -322,3 +343,26 @@ def test_bench_packed_from_option():
     assert parse_packed_from("auto") == "auto" and parse_packed_from("none") is None and parse_packed_from("4") == 4
     with pytest.raises(ValueError, match="--packed-from"):
         parse_packed_from("fast")
+
+
+def test_no_drafter_decides_packing():
+    """Packing is the runtime's: no drafter module imports the decode loop, no drafter takes a
+    crossover argument; they get routes from `Context.packing`."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    import specdec.drafters as drafters
+
+    for path in sorted(Path(drafters.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        imported = {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert "specdec.decode" not in imported, path.name
+    classes = [
+        c for c in vars(drafters).values() if inspect.isclass(c) and hasattr(c, "propose") and hasattr(c, "begin")
+    ]
+    assert {"Eagle", "Medusa", "DraftModel", "LayerSkip", "EarlyExit"} <= {c.__name__ for c in classes}
+    for cls in classes:
+        assert not {"packed_from", "crossover"} & set(inspect.signature(cls).parameters), cls.__name__

@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from specdec import kv
-from specdec.decode import resolve_packed_from
 from specdec.drafter import Context, Feedback
 from specdec.drafters import cached_drafting
 from specdec.packing import PackedRoute
@@ -27,13 +26,12 @@ class DraftModel:
 
     def __init__(
         self, model, *, num_tokens: int = 5, topk: int = 1, width: int | None = None, budget: int | None = None,
-        packed_from: int | None | str = "auto", window: int | None = None, min_confidence: float = 0.0,
+        window: int | None = None, min_confidence: float = 0.0,
     ):
         """`num_tokens`: draft depth. ``topk = 1`` drafts a greedy chain; ``topk > 1`` grows a tree
         whose every level keeps the `width` (default `topk`) best nodes by cumulative draft
-        probability, cut to the `budget` best nodes overall. `packed_from`: the draft model's own
-        forwards over k >= this many tokens use packed linears, as the verifier's do ("auto": the
-        draft model's stored cost curve, see `specdec profile`; None: never). `min_confidence`: stop
+        probability, cut to the `budget` best nodes overall (the draft model's own forwards run
+        packed as `Context.packing` routes them, by its own crossover). `min_confidence`: stop
         drafting deeper once the draft model's best next token is less likely than this (0: always
         draft `num_tokens`; HF assisted generation's default cut-off is 0.4).
         `window`: when the draft (re)starts on more than this many committed tokens (a long
@@ -47,7 +45,6 @@ class DraftModel:
         self.num_tokens, self.topk = num_tokens, topk
         self.width = 1 if topk == 1 else (width or topk)
         self.budget = budget
-        self.packed_from = packed_from
         self.window = window
         self.min_confidence = min_confidence
         self._route = PackedRoute(model, None)
@@ -61,7 +58,6 @@ class DraftModel:
                 f"DraftModel: the draft model's vocabulary ({_vocab_size(self.model)} tokens) differs from the "
                 f"target's ({_vocab_size(target)}); pick a draft model with the target's tokenizer"
             )
-        self._route = PackedRoute(self.model, resolve_packed_from(self.model, self.packed_from))
         # The draft cache stays: propose keeps its common prefix with the new prompt, so the
         # next turn of a conversation does not prefill the draft model from scratch.
 
@@ -80,6 +76,7 @@ class DraftModel:
 
     @torch.no_grad()
     def propose(self, ctx: Context) -> TokenTree:
+        self._route = ctx.packing.route(self.model)  # the runtime decides which forwards run packed
         ids = ctx.input_ids
         depth = self.num_tokens if ctx.max_depth is None else min(self.num_tokens, ctx.max_depth)
         if depth < 1:

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from specdec import kv
-from specdec.decode import resolve_packed_from
 from specdec.drafter import Context, Feedback
 from specdec.drafters import checkpoint
 from specdec.drafters.layer_view import causal_mask
@@ -166,7 +165,7 @@ class Eagle:
     def __init__(
         self, model, head: EagleHead, *, depth: int = 6, topk: int = 8, width: int | None = None,
         budget: int | None = 32, min_confidence: float = 0.0, min_gain: float = 0.1, calibration_decay: float = 0.95,
-        draft_vocab: Tensor | None = None, packed_from: int | None | str = "auto", metadata: dict | None = None,
+        draft_vocab: Tensor | None = None, metadata: dict | None = None,
     ):
         """`depth`: most levels of the draft tree (head steps per proposal; `min_gain` decides how
         many of them a proposal runs, so levels 5-6 cost only where a node is still likely; with
@@ -182,10 +181,6 @@ class Eagle:
         `calibration_decay`: weight of past steps in the running acceptance calibration.
         `draft_vocab`: [V] token ids the head scores (with each request's context tokens added);
         None: the whole vocabulary. `from_pretrained` passes the checkpoint's, if it has one.
-        `packed_from`: head steps over this many rows or more run with oneDNN-prepacked linears
-        (`specdec.packing`; "auto": the crossover of the target's stored cost curve, as the
-        verifier uses, a proxy for the head's own; None: never). A step is a few rows, where MKL's
-        fp32 matmul is slowest.
         `metadata`: the checkpoint's training record, saved again by `save_pretrained`."""
         if not isinstance(head, EagleHead):
             raise TypeError(f"Eagle: head must be an EagleHead, got {type(head).__name__}")
@@ -209,8 +204,7 @@ class Eagle:
         self._check(model)
         self._frozen = FrozenTarget.of(model)
         self._vocab = DraftVocab(self._frozen.lm_weight, self._frozen.lm_bias, draft_vocab, "Eagle")
-        self.packed_from = packed_from
-        self._route = PackedDraft(head, self._vocab, resolve_packed_from(model, packed_from))
+        self._route = PackedDraft(head, self._vocab, None)  # each proposal takes the runtime's (`Context.packing`)
         self._reset()
         # Accepted drafts per unit of the proposed trees' summed scores; the prior (1, 1) trusts
         # the draft probabilities until feedback says otherwise.
@@ -280,7 +274,6 @@ class Eagle:
             self._reset()
         else:  # the cache stays (propose keeps its common prefix with the next prompt); the last
             self._vocab.reset()  # request's context tokens leave the draft vocabulary
-        self._route = self._route.rebuilt(self.head, self._vocab, resolve_packed_from(target, self.packed_from))
 
     @property
     def acceptance_ratio(self) -> float:
@@ -337,6 +330,8 @@ class Eagle:
     def propose(self, ctx: Context) -> TokenTree:
         ids = ctx.input_ids
         t = ids.numel()
+        # Head steps over at least the target's crossover rows run packed (a proxy for the head's own).
+        self._route = self._route.rebuilt(self.head, self._vocab, ctx.packing.packed_from(self.model))
         depth = self.depth if ctx.max_depth is None else min(self.depth, ctx.max_depth)
         if depth < 1 or t < 2:  # a one-token prompt has no pair before the root
             return TokenTree.empty()

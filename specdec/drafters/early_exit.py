@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from specdec.decode import resolve_packed_from
 from specdec.drafter import Context, Feedback
 from specdec.drafters import cached_drafting, checkpoint, layer_view
 from specdec.packing import PackedRoute
@@ -89,7 +88,6 @@ class EarlyExit:
         min_confidence: float = 0.5,
         calibrate_tokens: int = 64,
         calibrate_trials: int = 8,
-        packed_from: int | None | str = "auto",
         window: int | None = 256,
         metadata: dict | None = None,
     ):
@@ -102,8 +100,7 @@ class EarlyExit:
         nodes, cut to `budget` nodes. `min_confidence`: stop drafting deeper once the best next
         token is less likely than this (0: always `draft_tokens`). `calibrate_tokens`: the
         calibration window (the most recent committed tokens). `calibrate_trials`: candidate exits
-        scored per calibration. `packed_from`: draft forwards over this many tokens or more use
-        the target's prepacked linears ("auto": the target's stored crossover; None: never).
+        scored per calibration.
         `metadata`: the adapter checkpoint's training record, saved again by `save_pretrained`.
         `window`: when the draft (re)starts on more than this many committed tokens (a long
         prompt, a new turn), it reads only the last `window` of them (None: all);
@@ -127,7 +124,6 @@ class EarlyExit:
         self.budget = budget
         self.min_confidence = min_confidence
         self.calibrate_tokens, self.calibrate_trials = calibrate_tokens, calibrate_trials
-        self.packed_from = packed_from
         self.window = window
         self.metadata = dict(metadata or {})
         self.adapter = adapter
@@ -269,7 +265,6 @@ class EarlyExit:
                 f"({type(target).__name__}); it drafts with the target's own layers, so build EarlyExit(target) "
                 "with the model you decode with"
             )
-        self._route = PackedRoute(self.model, resolve_packed_from(self.model, self.packed_from))
         self._refold()  # the adapter may have been trained further since the last generation
         self.cache = self.view.new_cache()
         self.cached = torch.zeros(0, dtype=torch.long)
@@ -288,6 +283,7 @@ class EarlyExit:
 
     @torch.no_grad()
     def propose(self, ctx: Context) -> TokenTree:
+        self._route = ctx.packing.route(self.model)  # the runtime decides which forwards run packed
         ids = ctx.input_ids
         depth = self.draft_tokens if ctx.max_depth is None else min(self.draft_tokens, ctx.max_depth)
         if depth < 1:

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from specdec.decode import resolve_packed_from
 from specdec.drafter import Context, Feedback
 from specdec.drafters import cached_drafting, layer_view
 from specdec.packing import PackedRoute
@@ -55,7 +54,6 @@ class LayerSkip:
         calibrate_tokens: int = 64,
         calibrate_trials: int = 8,
         max_skip_ratio: float = 0.6,
-        packed_from: int | None | str = "auto",
         window: int | None = 256,
         seed: int = 0,
     ):
@@ -66,9 +64,7 @@ class LayerSkip:
         `min_confidence`: stop drafting deeper once the best next token is less likely than this
         (0: always `draft_tokens`). `calibrate_tokens`: the calibration window (the most recent
         committed tokens). `calibrate_trials`: candidate skip sets scored per calibration.
-        `max_skip_ratio`: most of the middle layers the search may skip. `packed_from`: the
-        drafter's forwards over this many tokens or more use the target's prepacked linears
-        ("auto": the target's stored crossover; None: never). `seed`: the search's random swaps.
+        `max_skip_ratio`: most of the middle layers the search may skip. `seed`: the search's random swaps.
         `window`: when the draft (re)starts on more than this many committed tokens (a long
         prompt, a new turn), it reads only the last `window` of them (None: all);
         the view's prefill costs most of a target forward."""
@@ -94,7 +90,6 @@ class LayerSkip:
         self.min_confidence = min_confidence
         self.calibrate_tokens, self.calibrate_trials = calibrate_tokens, calibrate_trials
         self.max_skip_ratio = max_skip_ratio
-        self.packed_from = packed_from
         self.window = window
         self.seed = seed
         self.calibration: Calibration | None = None
@@ -205,7 +200,6 @@ class LayerSkip:
                 f"({type(target).__name__}); it drafts with the target's own layers, so build LayerSkip(target) "
                 "with the model you decode with"
             )
-        self._route = PackedRoute(self.model, resolve_packed_from(self.model, self.packed_from))
         self.cache = self.view.new_cache()
         self.cached = torch.zeros(0, dtype=torch.long)
         self.start = 0  # the position of self.cached[0]
@@ -217,6 +211,7 @@ class LayerSkip:
 
     @torch.no_grad()
     def propose(self, ctx: Context) -> TokenTree:
+        self._route = ctx.packing.route(self.model)  # the runtime decides which forwards run packed
         ids = ctx.input_ids
         depth = self.draft_tokens if ctx.max_depth is None else min(self.draft_tokens, ctx.max_depth)
         if depth < 1:

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from specdec import memory
-from specdec.decode import resolve_packed_from
 from specdec.drafter import Context, Feedback
 from specdec.drafters import checkpoint
 from specdec.drafters.vocab import DraftVocab, PackedDraft, stored, stripped
@@ -160,7 +159,7 @@ class Medusa:
         self, model, heads: MedusaHeads, *, tree: str | Sequence[Sequence[int]] | None = None,
         budget: int | None = None, accuracy: Tensor | Sequence[Sequence[float]] | None = None,
         metadata: dict | None = None, backbone_lora: dict[str, Tensor] | None = None,
-        draft_vocab: Tensor | None = None, packed_from: int | None | str = "auto",
+        draft_vocab: Tensor | None = None,
     ):
         """`tree`: a preset name (`specdec.trees.presets.PRESETS`), a list of rank paths, or None:
         calibrated from `accuracy` when given (re-sized each generation from the target's
@@ -174,10 +173,7 @@ class Medusa:
         metadata["backbone"] names the adapted target, and `model` must be that target.
         `draft_vocab`: [V] token ids whose lm_head rows the heads score, with each request's
         context tokens added (`specdec.drafters.vocab`; heads sharing the target's lm_head only);
-        None: every row. `from_pretrained` passes the checkpoint's, if it has one.
-        `packed_from`: head forwards over this many lm_head rows (one per head) or more run with
-        oneDNN-prepacked linears (`specdec.packing`; "auto": the crossover of the target's stored
-        cost curve, as the verifier uses, a proxy for the heads' own; None: never)."""
+        None: every row. `from_pretrained` passes the checkpoint's, if it has one."""
         if not isinstance(heads, MedusaHeads):
             raise TypeError(f"Medusa: heads must be a MedusaHeads, got {type(heads).__name__}")
         if budget is not None and (not isinstance(budget, int) or budget < 1):
@@ -212,8 +208,7 @@ class Medusa:
                              "lm_heads (trained with --own-lm-head); use them without one")
         self._vocab = DraftVocab(*lm_head_of(model), draft_vocab, "Medusa")
         self._vocab_of = model  # the target whose lm_head rows `_vocab` holds
-        self.packed_from = packed_from
-        self._route = PackedDraft(heads, self._vocab, resolve_packed_from(model, packed_from))
+        self._route = PackedDraft(heads, self._vocab, None)  # each proposal takes the runtime's (`Context.packing`)
 
     @property
     def draft_vocab(self) -> Tensor | None:
@@ -278,7 +273,6 @@ class Medusa:
         if target is not self._vocab_of:  # refused before anything changes
             self._vocab, self._vocab_of = DraftVocab(*lm_head_of(target), self.draft_vocab, "Medusa"), target
         self._vocab.reset()  # the last request's context tokens leave the draft vocabulary
-        self._route = self._route.rebuilt(self.heads, self._vocab, resolve_packed_from(target, self.packed_from))
 
     @torch.no_grad()
     def propose(self, ctx: Context) -> TokenTree:
@@ -292,6 +286,8 @@ class Medusa:
             return TokenTree.empty()
         self._vocab.admit(ctx.input_ids)
         depth = max(len(p) for p in paths)
+        # Head forwards over at least the target's crossover rows (one per head) run packed.
+        self._route = self._route.rebuilt(self.heads, self._vocab, ctx.packing.packed_from(self._vocab_of))
         with self._route(depth):
             # [depth, V' + c] (own heads: vocab)
             logits = self.heads(hidden[-1:], num_heads=depth, vocab=self._vocab)[0]

@@ -170,14 +170,11 @@ def _resume(accelerator, out: Path) -> tuple[int, float]:
     return state["step"], state["seconds"]
 
 
-def train(args: TrainArguments, recipe: Recipe, command: str | None = None) -> Path:
-    """Train `recipe`'s drafter on `args.data`; returns the saved drafter's directory."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
-    from transformers import SchedulerType, get_scheduler
+def _checked(args: TrainArguments) -> tuple[torch.dtype, Path]:
+    """Every argument check, before the model loads and before anything is written: the target
+    dtype and the output directory (refused if it holds a run and --resume is not given)."""
+    from transformers import SchedulerType
 
-    # Every argument is checked before the model loads and before anything is written.
     arguments.at_least_one(**{name: getattr(args, name) for name in (
         "max_steps", "batch_size", "save_steps", "log_steps", "max_length", "threads")})
     dtype = arguments.dtype(args.dtype)
@@ -191,14 +188,18 @@ def train(args: TrainArguments, recipe: Recipe, command: str | None = None) -> P
     if left and not args.resume:  # a killed (or finished) run: starting over would mix two runs' files
         raise ValueError(f"--output-dir {str(out)!r} already holds a training run ({', '.join(left)}): pass --resume "
                          "to continue it, or choose another --output-dir")
-    ds = load_examples(args.data)
-    train_idx, eval_idx = split(len(ds), args.eval_fraction, args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    # Without a GPU, processes started by `accelerate launch --multi_gpu` must be told to use
-    # CPU DDP (gloo); otherwise each would silently train alone and overwrite the others' files.
-    # accelerate keeps one process-wide state; a second train() in the same process (another
-    # --mixed-precision) must configure it afresh. The distributed setup (PartialState) stays.
+    return dtype, out
+
+
+def _accelerator(args: TrainArguments):
+    """accelerate, configured afresh for this run (a second train() in one process, e.g. another
+    --mixed-precision, must not inherit the first's state; the distributed setup, PartialState,
+    stays). Without a GPU, processes started by `accelerate launch --multi_gpu` must be told to
+    use CPU DDP (gloo); otherwise each would silently train alone and overwrite the others' files."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
+
     AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision=args.mixed_precision)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -206,14 +207,71 @@ def train(args: TrainArguments, recipe: Recipe, command: str | None = None) -> P
         raise RuntimeError(f"launched as {launched} processes but accelerate joined {accelerator.num_processes}; "
                            "start several processes with `accelerate launch --multi_gpu --num_processes N ...`")
     set_seed(args.seed)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    return accelerator
+
+
+def _step(accelerator, module, optimizer, scheduler, recipe: Recipe, target, batch: Batch, max_grad_norm: float):
+    """One optimizer step; returns the loss, its named parts and the learning rate the step used."""
+    with accelerator.autocast():  # also covers what a recipe computes outside the module (frozen lm_head)
+        loss, parts = recipe.loss(module, target, batch)
+    accelerator.backward(loss)
+    if max_grad_norm > 0:
+        accelerator.clip_grad_norm_(module.parameters(), max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+    return loss, parts, lr
+
+
+def _save_drafter(accelerator, module, recipe: Recipe, target, args: TrainArguments, ds, split_idx, step: int,
+                  seconds: float, command: str | None, directory: Path) -> None:
+    """The held-out evaluation, logged and written with how the drafter was made into its metadata."""
+    train_idx, eval_idx = split_idx
+    module = accelerator.unwrap_model(module).eval()
+    with torch.no_grad():
+        batches = (_batch(ds, eval_idx[s : s + args.batch_size], args, recipe, target, accelerator.device)
+                   for s in range(0, len(eval_idx), args.batch_size))
+        metrics = recipe.evaluate(module, target, batches)
+    _log(directory.parent, {"step": step, **metrics})
+    data = manifest_of(args.data)
+    keys = ("settings", "examples", "answer_tokens", "seconds")
+    metadata = {
+        **metrics,
+        "training": {
+            "command": command,
+            "steps": step,
+            "seconds": round(seconds, 3),
+            "processes": accelerator.num_processes,
+            "device": str(accelerator.device),
+            "train_examples": len(train_idx),
+            "train_answer_tokens": _answer_tokens(ds, train_idx),
+            "eval_examples": len(eval_idx),
+            "data": ({"parts": [{k: part.get(k) for k in keys} for part in data["parts"]]} if "parts" in data
+                     else {k: data.get(k) for k in keys}),
+            "arguments": {**asdict(args), **recipe.arguments()},
+        },
+    }
+    recipe.save(module, target, directory, metadata)
+
+
+def train(args: TrainArguments, recipe: Recipe, command: str | None = None) -> Path:
+    """Train `recipe`'s drafter on `args.data`; returns the saved drafter's directory."""
+    from transformers import get_scheduler
+
+    dtype, out = _checked(args)
+    ds = load_examples(args.data)
+    train_idx, eval_idx = split(len(ds), args.eval_fraction, args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    accelerator = _accelerator(args)
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     steps_per_epoch = len(train_idx) // (args.batch_size * world)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_idx)} training examples cannot fill one step of {world} x --batch-size "
                          f"{args.batch_size}; lower --batch-size or make more data")
     target, _ = load_model(args.model, dtype=dtype)
     target.to(accelerator.device)
-    main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -229,19 +287,11 @@ def train(args: TrainArguments, recipe: Recipe, command: str | None = None) -> P
     t0 = time.perf_counter() - seconds
     module.train()
     while step < args.max_steps:
-        epoch, i = divmod(step, steps_per_epoch)
+        epoch, i = divmod(step, steps_per_epoch)  # data order: a pure function of (seed, epoch) and the step
         order = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(args.seed + epoch))]
         first = (i * world + rank) * args.batch_size
         batch = _batch(ds, order[first : first + args.batch_size], args, recipe, target, accelerator.device)
-        with accelerator.autocast():  # also covers what a recipe computes outside the module (frozen lm_head)
-            loss, parts = recipe.loss(module, target, batch)
-        accelerator.backward(loss)
-        if args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(module.parameters(), args.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]  # the rate this step used
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
+        loss, parts, lr = _step(accelerator, module, optimizer, scheduler, recipe, target, batch, args.max_grad_norm)
         step += 1
         progress.update(1)
         if step % args.log_steps == 0 or step == args.max_steps:
@@ -254,36 +304,11 @@ def train(args: TrainArguments, recipe: Recipe, command: str | None = None) -> P
             _save_checkpoint(accelerator, out, step, time.perf_counter() - t0, args.save_total_limit)
     seconds = time.perf_counter() - t0
     progress.close()
-
-    directory = out / DRAFTER_DIR
     if main:
-        module = accelerator.unwrap_model(module).eval()
-        with torch.no_grad():
-            batches = (_batch(ds, eval_idx[s : s + args.batch_size], args, recipe, target, accelerator.device)
-                       for s in range(0, len(eval_idx), args.batch_size))
-            metrics = recipe.evaluate(module, target, batches)
-        _log(out, {"step": step, **metrics})
-        data = manifest_of(args.data)
-        keys = ("settings", "examples", "answer_tokens", "seconds")
-        metadata = {
-            **metrics,
-            "training": {
-                "command": command,
-                "steps": step,
-                "seconds": round(seconds, 3),
-                "processes": world,
-                "device": str(accelerator.device),
-                "train_examples": len(train_idx),
-                "train_answer_tokens": _answer_tokens(ds, train_idx),
-                "eval_examples": len(eval_idx),
-                "data": ({"parts": [{k: part.get(k) for k in keys} for part in data["parts"]]} if "parts" in data
-                         else {k: data.get(k) for k in keys}),
-                "arguments": {**asdict(args), **recipe.arguments()},
-            },
-        }
-        recipe.save(module, target, directory, metadata)
+        _save_drafter(accelerator, module, recipe, target, args, ds, (train_idx, eval_idx), step, seconds, command,
+                      out / DRAFTER_DIR)
     accelerator.wait_for_everyone()
-    return directory
+    return out / DRAFTER_DIR
 
 
 def _answer_tokens(ds, indices: Tensor) -> int:
