@@ -144,8 +144,8 @@ class PackedRoute:
         return contextlib.nullcontext()
 
 
-# The crossover without a measured profile: measured on this project's CPU for the 0.5B/1.5B
-# targets (fp32, 2 threads); `specdec profile` (or generate's first-use curve) measures the real one.
+# The crossover without a measured profile (docs/design.md, "Packing"); `specdec profile` or
+# generate's first-use curve measures the real one.
 DEFAULT_PACKED_FROM = 4
 
 

@@ -279,7 +279,7 @@ def for_model(model, cache_dir: Path, *, first_use: bool | None = None) -> Profi
 
 def crossover(model, cache_dir: Path) -> int | None:
     """From how many tokens `model`'s forwards run packed: its profile's crossover (stored or
-    measured in this process; never measured here), else `packing.default_crossover`."""
+    measured in this process; this call never measures), else `packing.default_crossover`."""
     prof = for_model(model, cache_dir, first_use=False)
     return prof.packed_from if prof is not None else default_crossover(model)
 
