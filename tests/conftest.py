@@ -9,8 +9,9 @@ import contextlib
 import functools
 
 import pytest
-import specdec
 import torch
+
+import specdec
 
 VOCAB = 96
 

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import random_prompt, reference, run
 from specdec.drafters.checkpoint import CheckpointError
 from specdec.drafters.eagle import EagleHead
 from specdec.drafters.medusa import MedusaHeads
 from specdec.training.data import MakeDataArguments
 from specdec.training.medusa import MedusaArguments
 from specdec.training.train import TrainArguments
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from conftest import random_prompt, reference, run
 
 # ---- training: a tiny target on disk, its prompts and arguments -------------------------------
 

@@ -2,12 +2,12 @@
 logits processors, stats, and clear errors for bad inputs."""
 
 import pytest
-import specdec
 import torch
-from specdec.drafters import DraftModel, PromptLookup
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StoppingCriteria, StoppingCriteriaList
 
+import specdec
 from conftest import random_prompt, reference, tiny_model
+from specdec.drafters import DraftModel, PromptLookup
 
 
 def self_drafter(model, n=4):

@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+
 from specdec import cli
 from specdec.bench import BenchConfig, check_methods, parse_packed_from
 from specdec.devices import parse_device, parse_dtype

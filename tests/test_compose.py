@@ -5,17 +5,17 @@ subtree, its own accepted path, the step's tokens and the target's top-k rows fo
 """
 
 import pytest
-import specdec
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import specdec
+from conftest import VOCAB, random_prompt, reference, tiny_model
 from specdec.acceptance import Speculative
 from specdec.drafter import Context, Feedback
 from specdec.drafters import DraftModel, PromptLookup
 from specdec.drafters.compose import Fallback, Merge
 from specdec.trees import LinearCost, TokenTree, merge
-
-from conftest import VOCAB, random_prompt, reference, tiny_model
 
 DEPTH = 4
 FREE = LinearCost(0.0)  # verification priced as free: a Merge keeps every node

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import random_prompt, tiny_model
 from specdec.demo.app import DEFAULT_PROMPT, DemoError, Session, respond
 from specdec.demo.compare import (
     DRAFT,
@@ -30,8 +32,6 @@ from specdec.demo.compare import (
     trace_spec,
 )
 from specdec.drafters import PromptLookup
-
-from conftest import random_prompt, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,8 +18,12 @@ from __future__ import annotations
 import copy
 
 import pytest
-import specdec
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+import specdec
+from conftest import VOCAB, random_prompt, reference, run, tiny_model
 from specdec import devices, packing, profile
 from specdec.cli import main
 from specdec.drafters import DraftModel, Medusa, PromptLookup
@@ -29,10 +33,6 @@ from specdec.drafters.vocab import DraftVocab, PackedDraft
 from specdec.packing import DEFAULT_PACKED_FROM
 from specdec.trees import TokenTree
 from specdec.verifier import Verifier
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
-
-from conftest import VOCAB, random_prompt, reference, run, tiny_model
 
 
 def named(model, name: str = "tiny-model"):

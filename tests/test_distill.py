@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import Tensor
+
+from conftest import random_prompt, reference, run
+from helpers import write_prompts, write_target
 from specdec.cli import main as specdec_main
 from specdec.drafters import DraftModel
 from specdec.drafters.early_exit import EarlyExit
@@ -20,10 +24,6 @@ from specdec.training.data import MakeDataArguments, load_examples, make_data, s
 from specdec.training.draft_model import REPORT, DraftModelArguments, DraftModelRecipe
 from specdec.training.early_exit import EarlyExitArguments, EarlyExitRecipe
 from specdec.training.train import TrainArguments, train
-from torch import Tensor
-
-from conftest import random_prompt, reference, run
-from helpers import write_prompts, write_target
 
 NUM_PROMPTS = 10
 

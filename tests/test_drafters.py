@@ -2,15 +2,15 @@
 
 import numpy as np
 import pytest
-import specdec
 import torch
+from transformers import DynamicCache
+
+import specdec
+from conftest import random_prompt, tiny_model
 from specdec import kv
 from specdec.drafter import Context, Feedback
 from specdec.drafters import DraftModel, PromptLookup
 from specdec.trees import TokenTree
-from transformers import DynamicCache
-
-from conftest import random_prompt, tiny_model
 
 
 def test_continuations_most_recent_and_longest_first():

@@ -7,20 +7,11 @@ import json
 import shutil
 
 import pytest
-import specdec
 import torch
 from safetensors.torch import load_file, save_file
-from specdec.drafter import Context, Feedback
-from specdec.drafters.checkpoint import CheckpointError
-from specdec.drafters.eagle import Eagle, EagleHead, FrozenTarget
-from specdec.models import load_model
-from specdec.training.cli import main
-from specdec.training.data import Batch, collate, frequent_answer_tokens, load_examples, make_data, split, target_states
-from specdec.training.eagle import EagleArguments, EagleRecipe, unroll_mask
-from specdec.training.train import TrainArguments, train
-from specdec.trees import LinearCost, TokenTree
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+import specdec
 from conftest import assert_drafts_within, random_prompt, reference, run, tiny_model
 from helpers import (
     assert_drafts_from_the_second_step,
@@ -34,6 +25,15 @@ from helpers import (
     write_prompts,
     write_target,
 )
+from specdec.drafter import Context, Feedback
+from specdec.drafters.checkpoint import CheckpointError
+from specdec.drafters.eagle import Eagle, EagleHead, FrozenTarget
+from specdec.models import load_model
+from specdec.training.cli import main
+from specdec.training.data import Batch, collate, frequent_answer_tokens, load_examples, make_data, split, target_states
+from specdec.training.eagle import EagleArguments, EagleRecipe, unroll_mask
+from specdec.training.train import TrainArguments, train
+from specdec.trees import LinearCost, TokenTree
 
 FREE = LinearCost(0.0)  # verification priced as free: Eagle keeps the whole grown tree
 

@@ -7,16 +7,16 @@ import importlib.metadata
 import json
 
 import pytest
-import specdec
 import torch
+
+import specdec
+from conftest import leaves_untouched, random_prompt, reference, run, tiny_model
+from helpers import assert_cache_stays_reconciled, assert_drafts_what_the_target_says, identity_layers
 from specdec import kv
 from specdec.drafter import Context
 from specdec.drafters.checkpoint import CheckpointError
 from specdec.drafters.early_exit import EarlyExit, ExitAdapter
 from specdec.drafters.layer_view import LayerSubset
-
-from conftest import leaves_untouched, random_prompt, reference, run, tiny_model
-from helpers import assert_cache_stays_reconciled, assert_drafts_what_the_target_says, identity_layers
 
 MAX_NEW = 24
 

@@ -4,13 +4,13 @@ cannot change the output, and nothing a caller passes in is written to."""
 import threading
 
 import pytest
-import specdec
 import torch
-from specdec.drafters import LayerSkip, PromptLookup
-from specdec.trees import TokenTree
 from transformers import LogitsProcessor, LogitsProcessorList
 
+import specdec
 from conftest import VOCAB, random_prompt, reference, tiny_model
+from specdec.drafters import LayerSkip, PromptLookup
+from specdec.trees import TokenTree
 
 
 class Scribbler(PromptLookup):

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import specdec.models
 import torch
+
+import specdec.models
+from conftest import tiny_model
 from specdec import cli
 from specdec.bench import read_questions
-
-from conftest import tiny_model
 
 GOOD = {"question_id": 1, "category": "qa", "turns": ["Name a color."]}
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import MEDUSA_RECIPE, data_args, read_log, train_args, write_prompts, write_target
 from specdec.training.cli import main
 from specdec.training.data import make_data
 from specdec.training.medusa import MedusaRecipe
 from specdec.training.train import train
-
-from helpers import MEDUSA_RECIPE, data_args, read_log, train_args, write_prompts, write_target
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,14 @@ the real drafters, on Llama and Qwen2 (GQA, float64), on every device of the `de
 """
 
 import pytest
-import specdec
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import specdec
+from conftest import VOCAB, random_prompt, reference, tiny_model
 from specdec.drafters import DraftModel, PromptLookup
 from specdec.trees import TokenTree
-
-from conftest import VOCAB, random_prompt, reference, tiny_model
 
 MAX_NEW = 24
 DEPTH = 4

@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 
 import pytest
-import specdec
 import torch
+
+import specdec
+from conftest import random_prompt, reference, tiny_model
 from specdec import Guard
 from specdec.trees import TokenTree
-
-from conftest import random_prompt, reference, tiny_model
 
 
 class Scripted:

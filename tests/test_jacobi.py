@@ -1,13 +1,13 @@
 """The `Jacobi` (lookahead decoding) drafter: pool, window and iterate bookkeeping, and exactness."""
 
 import pytest
-import specdec
 import torch
+
+import specdec
+from conftest import random_prompt, reference, tiny_model
 from specdec.drafter import Context, Feedback
 from specdec.drafters.jacobi import Jacobi
 from specdec.trees import LinearCost, TokenTree
-
-from conftest import random_prompt, reference, tiny_model
 
 
 def paths(tree: TokenTree) -> set[tuple[int, ...]]:

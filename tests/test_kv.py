@@ -3,12 +3,12 @@
 
 import pytest
 import torch
-from specdec import kv
-from specdec.trees import TokenTree
-from specdec.verifier import Verifier
 from transformers import DynamicCache
 
 from conftest import random_prompt, tiny_model
+from specdec import kv
+from specdec.trees import TokenTree
+from specdec.verifier import Verifier
 
 
 def fresh_cache(model, tokens):

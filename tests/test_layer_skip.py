@@ -3,6 +3,10 @@
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import leaves_untouched, random_prompt, reference, run, tiny_model
+from helpers import assert_cache_stays_reconciled, assert_drafts_what_the_target_says, identity_layers
 from specdec import kv
 from specdec.drafter import Context
 from specdec.drafters.draft_model import DraftModel
@@ -10,10 +14,6 @@ from specdec.drafters.early_exit import EarlyExit
 from specdec.drafters.layer_skip import LayerSkip
 from specdec.drafters.layer_view import LayerSubset, causal_mask, check_faithful
 from specdec.trees import TokenTree, tree_mask
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from conftest import leaves_untouched, random_prompt, reference, run, tiny_model
-from helpers import assert_cache_stays_reconciled, assert_drafts_what_the_target_says, identity_layers
 
 MAX_NEW = 24
 

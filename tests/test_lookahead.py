@@ -3,10 +3,10 @@ selection under the budget and the cost curve, persistence across calls and a vo
 
 import pytest
 import torch
-from specdec.drafter import Context, Feedback
-from specdec.drafters.lookahead import Lookahead, TokenTrie
 
 from conftest import VOCAB, random_prompt, reference, repetitive, run, tiny_model
+from specdec.drafter import Context, Feedback
+from specdec.drafters.lookahead import Lookahead, TokenTrie
 
 MAX_NEW = 40
 

@@ -5,19 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import specdec
 import torch
 from safetensors.torch import load_file, save_file
-from specdec.drafter import Context
-from specdec.drafters import checkpoint
-from specdec.drafters.checkpoint import CheckpointError
-from specdec.drafters.medusa import Medusa, MedusaHeads
-from specdec.training.data import Batch, target_states
-from specdec.training.medusa import MedusaArguments, MedusaRecipe
-from specdec.training.train import TrainArguments
-from specdec.trees import optimal_shape, parents_of
-from specdec.trees.presets import MEDUSA_63, PRESETS, calibrated, cut
 
+import specdec
 from conftest import assert_drafts_within, random_prompt, reference, run, tiny_model
 from helpers import (
     K,
@@ -27,6 +18,15 @@ from helpers import (
     named_model,
     random_heads,
 )
+from specdec.drafter import Context
+from specdec.drafters import checkpoint
+from specdec.drafters.checkpoint import CheckpointError
+from specdec.drafters.medusa import Medusa, MedusaHeads
+from specdec.training.data import Batch, target_states
+from specdec.training.medusa import MedusaArguments, MedusaRecipe
+from specdec.training.train import TrainArguments
+from specdec.trees import optimal_shape, parents_of
+from specdec.trees.presets import MEDUSA_63, PRESETS, calibrated, cut
 
 ACCURACY = [[0.5, 0.2, 0.1], [0.4, 0.2, 0.1], [0.3, 0.2, 0.1]]
 

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from specdec import models
-from specdec.models import EMBEDDED, EmbeddedModel, ModelNotInstalledError
 
 from helpers import write_target
+from specdec import models
+from specdec.models import EMBEDDED, EmbeddedModel, ModelNotInstalledError
 
 
 def test_unknown_name_lists_embedded_names():

@@ -6,15 +6,15 @@ import copy
 import dataclasses
 
 import pytest
-import specdec
 import torch
+
+import specdec
+from conftest import random_prompt, reference, tiny_model
+from helpers import random_head, random_heads
 from specdec import profile
 from specdec.drafters import DraftModel, Eagle, Medusa, PromptLookup
 from specdec.drafters.vocab import PackedDraft
 from specdec.packing import DEFAULT_PACKED_FROM, PackedLinears, PackedRoute, Packing, available, packed_linears
-
-from conftest import random_prompt, reference, tiny_model
-from helpers import random_head, random_heads
 
 pytestmark = pytest.mark.skipif(not available(), reason="this torch build has no oneDNN linear packing")
 

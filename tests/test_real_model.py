@@ -6,8 +6,9 @@ import importlib.metadata
 import json
 
 import pytest
-import specdec
 import torch
+
+import specdec
 from specdec.bench import BenchConfig, encode_chat, run_bench, write_results
 from specdec.cli import main
 from specdec.drafters import DraftModel, PromptLookup

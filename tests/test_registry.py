@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+
+from conftest import tiny_model
 from specdec import registry
 from specdec.bench import BenchConfig, check_methods, make_drafters
 from specdec.drafters import EarlyExit, Fallback, Jacobi, Merge, PromptLookup, TokenRecycling
 from specdec.registry import Resources, check_name, make_drafter, parse_name
-
-from conftest import tiny_model
 
 
 @pytest.fixture

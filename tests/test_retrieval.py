@@ -7,15 +7,15 @@ import os
 
 import numpy as np
 import pytest
-import specdec
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import specdec
+from conftest import VOCAB, random_prompt, reference, tiny_model
 from specdec.cli import main
 from specdec.drafter import Context, Feedback
 from specdec.drafters.retrieval import Datastore, Retrieval, encode_corpus, read_corpus, suffix_array
-
-from conftest import VOCAB, random_prompt, reference, tiny_model
 
 docs_strategy = st.lists(st.lists(st.integers(0, 3), min_size=0, max_size=12), min_size=1, max_size=6).filter(
     lambda docs: any(docs)

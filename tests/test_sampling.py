@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-import specdec
 import torch
-from specdec.acceptance import Greedy, Speculative, Typical
-from specdec.trees import TokenTree
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
 
+import specdec
 from conftest import random_prompt, tiny_model
+from specdec.acceptance import Greedy, Speculative, Typical
+from specdec.trees import TokenTree
 
 V = 6
 TRIALS = 20_000

@@ -3,12 +3,12 @@
 import copy
 
 import pytest
-import specdec
 import torch
+
+import specdec
+from conftest import random_prompt, reference, tiny_model
 from specdec.drafters import DraftModel, Eagle, PromptLookup
 from specdec.drafters.eagle import EagleHead
-
-from conftest import random_prompt, reference, tiny_model
 
 
 class CountingTarget:

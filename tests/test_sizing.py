@@ -6,16 +6,16 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-import specdec
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import specdec
+from conftest import random_prompt, tiny_model
 from specdec.drafter import Context
 from specdec.drafters import PromptLookup
 from specdec.trees import DEFAULT_VERIFY_COST, LinearCost, RunningRate, best_size
 from specdec.trees.sizing import DEFAULT_TOKEN_COST
-
-from conftest import random_prompt, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1] / "specdec"
 SIZING = ROOT / "trees" / "sizing.py"

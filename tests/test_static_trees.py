@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from specdec.trees import fill, optimal_shape, parents_of
 from specdec.trees.static import best_paths
 

@@ -3,12 +3,12 @@ data-driven size, persistence across calls and a vocabulary change."""
 
 import numpy as np
 import pytest
-import specdec
 import torch
+
+import specdec
+from conftest import VOCAB, random_prompt, reference, repetitive, run, tiny_model
 from specdec.drafter import Context, Feedback
 from specdec.drafters.token_recycling import DEFAULT_TEMPLATE, TokenRecycling
-
-from conftest import VOCAB, random_prompt, reference, repetitive, run, tiny_model
 
 MAX_NEW = 40
 

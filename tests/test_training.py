@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from conftest import reference, run
+from helpers import MEDUSA_RECIPE, NUM_PROMPTS, data_args, read_log, train_args, write_prompts, write_target
 from specdec.drafters.medusa import Medusa
 from specdec.models import load_model
 from specdec.training import data as data_module
@@ -21,9 +24,6 @@ from specdec.training.data import load_examples, make_data
 from specdec.training.medusa import MedusaArguments, MedusaRecipe
 from specdec.training.prompts import MakePromptsArguments, make_prompts, user_prefix
 from specdec.training.train import train
-
-from conftest import reference, run
-from helpers import MEDUSA_RECIPE, NUM_PROMPTS, data_args, read_log, train_args, write_prompts, write_target
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,6 +3,7 @@
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from specdec.trees import TokenTree, expand, tree_mask, verify_inputs
 
 SETTINGS = settings(max_examples=60, deadline=None)
