@@ -1,4 +1,4 @@
-"""Helpers shared by several test files (test files never import each other): the tiny training
+"""Helpers shared by several test files (test files never import each other): the CLI's tokenizer, the tiny training
 target and its data, random Medusa/Eagle heads, and checks shared by drafters of one family."""
 
 from __future__ import annotations
@@ -18,6 +18,30 @@ from specdec.drafters.medusa import MedusaHeads
 from specdec.training.data import MakeDataArguments
 from specdec.training.medusa import MedusaArguments
 from specdec.training.train import TrainArguments
+
+# ---- the CLI: a tokenizer for the tiny random models -------------------------------------------
+
+
+class WordTokenizer:
+    """Enough of a tokenizer for the CLI: a token id per character, decoded as one word each."""
+
+    chats = 0  # apply_chat_template calls
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
+        WordTokenizer.chats += 1
+        return " ".join(m["content"] for m in messages) + " >"
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        class Out:
+            input_ids = [ord(c) % 90 for c in text]
+
+        if return_tensors == "pt":
+            Out.input_ids = torch.tensor([Out.input_ids])
+        return Out()
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f"w{int(i)} " for i in ids)
+
 
 # ---- training: a tiny target on disk, its prompts and arguments -------------------------------
 

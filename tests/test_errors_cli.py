@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import specdec.models
 from conftest import tiny_model
+from helpers import WordTokenizer
 from specdec import cli
 from specdec.bench import read_questions
 
@@ -34,27 +34,6 @@ def no_loading(monkeypatch):
         raise AssertionError(f"loaded {name} before refusing the arguments")
 
     monkeypatch.setattr(specdec.models, "load_model", load_model)
-
-
-class WordTokenizer:
-    """Enough of a tokenizer for the CLI: a token id per character, decoded as one word each."""
-
-    chats = 0  # apply_chat_template calls
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
-        WordTokenizer.chats += 1
-        return " ".join(m["content"] for m in messages) + " >"
-
-    def __call__(self, text, add_special_tokens=False, return_tensors=None):
-        class Out:
-            input_ids = [ord(c) % 90 for c in text]
-
-        if return_tensors == "pt":
-            Out.input_ids = torch.tensor([Out.input_ids])
-        return Out()
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(f"w{int(i)} " for i in ids)
 
 
 @pytest.fixture
