@@ -82,6 +82,17 @@ class BenchConfig:
                   "keeps the stock path)"},
     )
     out: str = field(default="bench-out", metadata={"help": "folder for report.md and results.json"})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "continue the run whose results.json is in --out: keep its records, skip its finished "
+                  "questions, run the rest (refused if a setting that changes results differs). Without --resume "
+                  "an existing results.json in --out is refused, never overwritten"},
+    )
+
+
+RESUME_FREE = ("out", "resume", "limit", "per_category", "categories")
+"""BenchConfig fields a resumed run may change: where it writes and which questions it selects.
+Every other field changes records (threads and device change their timings)."""
 
 
 def parse_packed_from(value: str) -> int | None | str:
@@ -125,6 +136,49 @@ def read_questions(
     if keep is not None and not questions:
         raise ValueError(f"--categories {categories}: no question of {path} has these categories")
     return questions[:limit] if limit else questions
+
+
+def earlier_results(cfg: BenchConfig) -> dict | None:
+    """The results.json payload in ``cfg.out`` that this run continues, or None where there is none.
+    Refuses one without ``cfg.resume`` (hours of results are never overwritten silently), one that
+    is not a bench results file, and one whose config differs in a field outside `RESUME_FREE`,
+    naming the field. Reads only: nothing is written until a question finishes."""
+    path = Path(cfg.out) / "results.json"
+    if not path.is_file():
+        return None
+    if not cfg.resume:
+        raise ValueError(f"--out {cfg.out} already holds results.json; add --resume to continue that run, or pick "
+                         "another --out (or delete the file) to start afresh")
+    try:
+        payload = json.loads(path.read_text())
+        old, records = payload["config"], [Record(**r) for r in payload["records"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--resume: {path} is not a specdec bench results file ({err}); move it away") from None
+    for name, value in asdict(cfg).items():
+        if name not in RESUME_FREE and old.get(name, "(not recorded)") != value:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"--resume: {flag} is {value!r} here but {old.get(name, '(not recorded)')!r} in {path}; "
+                             f"rerun with the earlier {flag}, or pick another --out")
+    payload["records"] = records
+    return payload
+
+
+def check_same_device(earlier: dict, device: str, cfg: BenchConfig) -> None:
+    """Refuse to resume on another machine (or packing): its timings would mix with the earlier ones."""
+    if earlier["device"] != device:
+        raise ValueError(f"--resume: {cfg.out}/results.json was measured on {earlier['device']!r}, this run is on "
+                         f"{device!r}; resume on that machine, or pick another --out")
+
+
+def finished_records(earlier: list[Record], questions: list[dict], methods: list[str]) -> list[Record]:
+    """`earlier`'s records less those of a selected question not recorded for every turn and method
+    (it runs again); records of questions outside this run's selection are kept."""
+    turns = {q["question_id"]: len(q["turns"]) for q in questions}
+    have = defaultdict(set)
+    for r in earlier:
+        have[r.question_id].add((r.turn, r.method))
+    full = {qid for qid, n in turns.items() if have[qid] >= {(t, m) for t in range(n) for m in methods}}
+    return [r for r in earlier if r.question_id in full or r.question_id not in turns]
 
 
 def check_question(q, where: str) -> None:
@@ -272,19 +326,25 @@ def run_bench(
     progress: bool = True,
     on_question=None,
     drafters: dict | None = None,
+    earlier: list[Record] | None = None,
 ) -> list[Record]:
     """All records; `on_question(records so far)` after each question (for incremental reports);
-    `drafters` as `make_methods` takes them."""
+    `drafters` as `make_methods` takes them. `earlier`: records of an interrupted run (`--resume`),
+    kept; its finished questions are skipped, a partly recorded one runs again."""
     from tqdm.auto import tqdm
 
     questions = read_questions(cfg.questions, cfg.limit, cfg.categories, cfg.per_category)
     methods = make_methods(cfg, target, draft, drafters)
     names = list(methods)
-    warm = encode_chat(tokenizer, [{"role": "user", "content": "Say hello."}]).to(target.device)
-    for run in methods.values():  # first calls pay one-time costs (allocations, kernel selection)
-        run(warm, 0)
-    records: list[Record] = []
+    records = finished_records(earlier or [], questions, names)
+    done = {r.question_id for r in records}
+    if any(q["question_id"] not in done for q in questions):  # nothing to run: no warm-up either
+        warm = encode_chat(tokenizer, [{"role": "user", "content": "Say hello."}]).to(target.device)
+        for run in methods.values():  # first calls pay one-time costs (allocations, kernel selection)
+            run(warm, 0)
     for qi, q in enumerate(tqdm(questions, desc="questions", disable=not progress)):
+        if q["question_id"] in done:
+            continue  # the rotation below stays the uninterrupted run's: qi counts skipped questions too
         order = names[qi % len(names) :] + names[: qi % len(names)]
         history = {name: [] for name in names}
         for turn, text in enumerate(q["turns"]):
@@ -344,7 +404,7 @@ def summarize(records: list[Record]) -> dict:
     return dict(summary)
 
 
-def report(summary: dict, cfg: BenchConfig, device: str) -> str:
+def report(summary: dict, cfg: BenchConfig, device: str, resumed: int = 0) -> str:
     methods = list(summary)
     cats = sorted({c for m in summary.values() for c in m if c != "overall"})
     turns = summary["baseline"]["overall"]["turns"]
@@ -361,6 +421,8 @@ def report(summary: dict, cfg: BenchConfig, device: str) -> str:
         f"{turns} turns, {decoding}, max {cfg.max_new_tokens} new tokens, {device}, "
         f"{torch.get_num_threads()} threads. {checked}",
         "",
+        *([f"{resumed} question(s) resumed from an earlier run's results.json (--resume): their timings come from "
+           "that process.", ""] if resumed else []),
         "| method | tokens/s | speedup | tokens per target forward | mismatches |",
         "|---|---:|---:|---:|---:|",
     ]
@@ -448,11 +510,14 @@ def describe_device(model) -> str:
     return f"CPU {cpu_name()}, {dtype}"
 
 
-def write_results(records: list[Record], cfg: BenchConfig, out_dir: str, device: str, plots: bool = True) -> str:
+def write_results(
+    records: list[Record], cfg: BenchConfig, out_dir: str, device: str, plots: bool = True, resumed: int = 0
+) -> str:
     """report.md and results.json, and with `plots` the two PNGs (matplotlib takes a second or
-    two, so a run's per-question partial reports skip them)."""
+    two, so a run's per-question partial reports skip them); `resumed`: questions whose records
+    came from an earlier process (`--resume`)."""
     summary = summarize(records)
-    text = report(summary, cfg, device)
+    text = report(summary, cfg, device, resumed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"config": asdict(cfg), "device": device, "summary": summary, "records": [asdict(r) for r in records]}

@@ -268,7 +268,10 @@ def cmd_bench(cfg: BenchConfig) -> int:
     from specdec import profile
     from specdec.bench import (
         check_methods,
+        check_same_device,
         describe_device,
+        earlier_results,
+        finished_records,
         make_drafters,
         parse_packed_from,
         read_questions,
@@ -279,9 +282,12 @@ def cmd_bench(cfg: BenchConfig) -> int:
     from specdec.models import cache_dir, load_model
 
     placement = _placement(cfg)
-    check_methods(cfg)  # fail on bad arguments before loading models
+    methods = check_methods(cfg)  # fail on bad arguments before loading models
     require("matplotlib", "bench")  # the plots, written after every question
-    read_questions(cfg.questions, cfg.limit, cfg.categories, cfg.per_category)
+    questions = read_questions(cfg.questions, cfg.limit, cfg.categories, cfg.per_category)
+    earlier = earlier_results(cfg)  # an existing results.json: refused, or (--resume) continued
+    kept = finished_records(earlier["records"], questions, methods) if earlier else []
+    resumed = len({r.question_id for r in kept})
     _setup(cfg.threads)
     target, tokenizer = load_model(cfg.model, **placement)
     draft = load_model(cfg.draft_model, **placement)[0] if cfg.draft_model else None
@@ -292,19 +298,23 @@ def cmd_bench(cfg: BenchConfig) -> int:
         f"; specdec runs forwards over k >= {packed_from} tokens with packed linears"
         if packed_from is not None else "; specdec verifies with the stock forward"
     )
-    written: list = []  # the records on disk: rewritten after every question, so Ctrl-C keeps a valid partial report
+    if earlier:
+        check_same_device(earlier, device, cfg)
+    written: list = list(kept)  # the records on disk: rewritten after every question, so Ctrl-C keeps a valid report
 
     def on_question(records):
-        write_results(records, cfg, cfg.out, device, plots=False)
+        write_results(records, cfg, cfg.out, device, plots=False, resumed=resumed)
         written[:] = records
 
+    if resumed:
+        print(f"resuming {cfg.out}/results.json: {resumed} finished question(s) kept", file=sys.stderr)
     try:
-        records = run_bench(cfg, target, tokenizer, draft, drafters=drafters, on_question=on_question)
+        records = run_bench(cfg, target, tokenizer, draft, drafters=drafters, on_question=on_question, earlier=kept)
     except KeyboardInterrupt:
         n = len({r.question_id for r in written})
         raise KeyboardInterrupt(f"{cfg.out}/results.json and report.md keep the {n} finished question(s)" if n
                                 else f"no question finished, nothing written to {cfg.out}") from None
-    print(write_results(records, cfg, cfg.out, device))
+    print(write_results(records, cfg, cfg.out, device, resumed=resumed))
     print(f"written: {cfg.out}/report.md, {cfg.out}/results.json", file=sys.stderr)
     return 1 if any(not r.exact for r in records) else 0
 
