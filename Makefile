@@ -24,4 +24,4 @@ test-fast:
 
 bench: setup
 	python3 -m specdec bench --model smollm2-135m --threads 2 --per-category 2 \
-	  --methods baseline,hf-prompt-lookup,prompt-lookup,prompt-lookup-tree
+	  --methods baseline,hf-prompt-lookup,prompt-lookup,prompt-lookup-tree --out bench-out/$$(date +%Y%m%d-%H%M%S)
