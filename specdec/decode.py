@@ -293,7 +293,7 @@ def _resolve(model, input_ids, drafter, max_new_tokens, eos_token_id, logits_pro
     prompt = _as_prompt(input_ids)
     _check_drafter(drafter)
     max_new_tokens = _max_new_tokens(model, prompt, max_new_tokens)
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = model.get_output_embeddings().out_features
     _check_in_vocab(prompt, vocab, "input_ids holds")
     if logits_processor is None:
         _check_generation_config(model)

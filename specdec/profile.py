@@ -103,7 +103,7 @@ def measure(
     `context` cached tokens; the cache is cropped back after each forward so every k sees the same."""
     if context < 1 or repeats < 1 or not ks or min(ks) < 1:
         raise ValueError("context, repeats and every k must be >= 1")
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = model.get_output_embeddings().out_features
     device = model.device
     gen = torch.Generator().manual_seed(seed)  # tokens drawn on the host: the same on every device
     prompt = torch.randint(vocab, (context,), generator=gen)

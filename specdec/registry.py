@@ -22,6 +22,7 @@ from specdec.drafters import (
     Lookahead,
     Merge,
     PromptLookup,
+    QuantizedDraft,
     Retrieval,
     TokenRecycling,
     load,
@@ -95,6 +96,11 @@ def _early_exit(r: Resources, untrained: bool = False, **kwargs):
     return EarlyExit(r.target, **kwargs) if untrained else load("early-exit", r.target, **kwargs)
 
 
+def _quantized_self(r: Resources, fp32_head: bool = False, **kwargs):
+    # fp32-head: the lm_head stays fp32 (shared with the target), the decoder linears int8
+    return QuantizedDraft(lm_head=not fp32_head, **kwargs)
+
+
 DRAFTERS = {
     "prompt-lookup": Entry(lambda r, **o: PromptLookup(**o), BUDGET),
     "prompt-lookup-tree": Entry(lambda r, **o: PromptLookup(**{"num_matches": 3, "budget": 16, **o}), BUDGET),
@@ -110,6 +116,7 @@ DRAFTERS = {
     "draft-model-tree": Entry(
         lambda r, **o: DraftModel(_draft(r), **{"topk": 2, "width": 2, "budget": 8, **o}), BUDGET
     ),
+    "quantized-self": Entry(_quantized_self, {"fp32-head": FLAG, **BUDGET}),
 }
 
 _PART = re.compile(r"([a-z0-9-]+)(?:\[([^\[\]]*)\])?")

@@ -1,12 +1,14 @@
 """Drafter behaviour beyond exactness: verification hides a poor drafter, so check drafts directly."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from transformers import DynamicCache
 
 import specdec
-from conftest import random_prompt, tiny_model
+from conftest import random_prompt, reference, tiny_model
 from specdec import kv
 from specdec.drafter import Context, Feedback
 from specdec.drafters import DraftModel, PromptLookup
@@ -88,3 +90,13 @@ def test_draft_model_respects_max_depth():
     tree = drafter.propose(Context(random_prompt(0, 5)[0], max_depth=2))
     assert isinstance(tree, TokenTree) and len(tree) == 2
     assert_cache_holds(drafter, model)
+
+
+def test_draft_model_takes_a_quantized_model():
+    """A dynamically quantized lm_head has `weight()` as a method: drafters read `out_features`."""
+    target = copy.deepcopy(tiny_model()).float()  # dynamic int8 linears take float32
+    small = torch.ao.quantization.quantize_dynamic(copy.deepcopy(tiny_model(seed=2, layers=1)).float())
+    assert callable(small.get_output_embeddings().weight)
+    prompt = random_prompt(3, 7)
+    out = specdec.generate(target, prompt, DraftModel(small, num_tokens=3), max_new_tokens=20, eos_token_id=[])
+    assert torch.equal(out, reference(target, prompt, 20))

@@ -15,12 +15,13 @@ from specdec.drafters.layer_skip import LayerSkip
 from specdec.drafters.lookahead import Lookahead
 from specdec.drafters.medusa import Medusa
 from specdec.drafters.prompt_lookup import PromptLookup
+from specdec.drafters.quantized import QuantizedDraft
 from specdec.drafters.retrieval import Datastore, Retrieval
 from specdec.drafters.token_recycling import TokenRecycling
 
 __all__ = [
     "Datastore", "DraftModel", "Eagle", "EarlyExit", "Fallback", "Jacobi", "LayerSkip", "Lookahead", "Medusa", "Merge",
-    "PromptLookup", "Retrieval", "TokenRecycling", "load",
+    "PromptLookup", "QuantizedDraft", "Retrieval", "TokenRecycling", "load",
 ]
 
 

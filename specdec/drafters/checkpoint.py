@@ -59,7 +59,7 @@ def describe(model) -> dict:
     return {
         "base_model": base_model_name(model),
         "hidden_size": int(cfg.hidden_size),
-        "vocab_size": int(model.get_output_embeddings().weight.shape[0]),
+        "vocab_size": int(model.get_output_embeddings().out_features),
         "num_hidden_layers": int(cfg.num_hidden_layers),
     }
 

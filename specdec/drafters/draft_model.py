@@ -18,7 +18,16 @@ from specdec.trees import TokenTree
 
 
 def _vocab_size(model) -> int:
-    return model.get_output_embeddings().weight.shape[0]
+    return model.get_output_embeddings().out_features  # also on quantized linears (their `weight` is a method)
+
+
+def check_options(who: str, num_tokens: int, topk: int, window: int | None, min_confidence: float) -> None:
+    """The draft options `DraftModel` takes, checked with `who` named in the error."""
+    cached_drafting.check_window(who, window)
+    if not 0 <= min_confidence < 1:
+        raise ValueError(f"{who}: min_confidence must be in [0, 1), got {min_confidence}")
+    if num_tokens < 1 or topk < 1:
+        raise ValueError(f"{who}: num_tokens and topk must be >= 1, got {num_tokens}, {topk}")
 
 
 class DraftModel:
@@ -36,11 +45,7 @@ class DraftModel:
         draft `num_tokens`; HF assisted generation's default cut-off is 0.4).
         `window`: when the draft (re)starts on more than this many committed tokens (a long
         prompt, a new turn), it reads only the last `window` of them (None: all)."""
-        cached_drafting.check_window("DraftModel", window)
-        if not 0 <= min_confidence < 1:
-            raise ValueError(f"DraftModel: min_confidence must be in [0, 1), got {min_confidence}")
-        if num_tokens < 1 or topk < 1:
-            raise ValueError(f"DraftModel: num_tokens and topk must be >= 1, got {num_tokens}, {topk}")
+        check_options("DraftModel", num_tokens, topk, window, min_confidence)
         self.model = model.eval()
         self.num_tokens, self.topk = num_tokens, topk
         self.width = 1 if topk == 1 else (width or topk)

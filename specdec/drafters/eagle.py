@@ -244,7 +244,7 @@ class Eagle:
                 f"{where} holds a head built from {ckpt.config.get('decoder_layer')!r} layers but this model's layers "
                 f"are {layer!r}; load it with the model it was trained for, or train one (specdec train eagle)")
         head = EagleHead.for_target(model)
-        ckpt, vocab = stripped(ckpt, directory, model.get_output_embeddings().weight.shape[0])
+        ckpt, vocab = stripped(ckpt, directory, model.get_output_embeddings().out_features)
         try:
             head.load_state_dict(ckpt.tensors)
         except RuntimeError as e:

@@ -25,7 +25,7 @@ from specdec.trees import LinearCost, RunningRate, TokenTree, best_size
 
 
 def _vocab_size(model) -> int:
-    return model.get_output_embeddings().weight.shape[0]
+    return model.get_output_embeddings().out_features
 
 
 class _Node:

@@ -216,7 +216,7 @@ class Medusa:
         return self._vocab.ids
 
     def _check(self, target) -> None:
-        vocab = target.get_output_embeddings().weight.shape[0]
+        vocab = target.get_output_embeddings().out_features
         if target.config.hidden_size != self.heads.hidden_size:
             raise ValueError(f"Medusa: the heads take hidden size {self.heads.hidden_size} but the target's is "
                              f"{target.config.hidden_size}; use heads trained for this target")
@@ -239,7 +239,7 @@ class Medusa:
         """Heads saved by `save_pretrained` (or `specdec train medusa`), validated against
         `model`; the saved accuracy table calibrates the tree unless `tree=` is given."""
         ckpt = checkpoint.load(directory, KIND, model, check_base_model=check_base_model)
-        ckpt, vocab = stripped(ckpt, directory, model.get_output_embeddings().weight.shape[0])
+        ckpt, vocab = stripped(ckpt, directory, model.get_output_embeddings().out_features)
         lora, rest = _split_lora(ckpt.tensors)
         heads = checkpoint.instantiate(dataclasses.replace(ckpt, tensors=rest), MedusaHeads, directory)
         heads.to(device=model.device, dtype=model.dtype)

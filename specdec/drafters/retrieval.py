@@ -425,7 +425,7 @@ class Retrieval:
         return f"Retrieval({self.datastore!r}, budget={self.budget}, depth={self.depth})"
 
     def begin(self, target) -> None:
-        vocab = target.get_output_embeddings().weight.shape[0]
+        vocab = target.get_output_embeddings().out_features
         if vocab != self.datastore.vocab_size:
             raise ValueError(
                 f"Retrieval: the datastore {str(self.datastore.path)!r} was built with the tokenizer of "

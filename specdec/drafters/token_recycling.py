@@ -31,7 +31,7 @@ DEFAULT_TEMPLATE: list[Path] = [
 
 
 def _vocab_size(model) -> int:
-    return model.get_output_embeddings().weight.shape[0]
+    return model.get_output_embeddings().out_features
 
 
 class TokenRecycling:

@@ -1,0 +1,152 @@
+"""QuantizedDraft: a dynamic int8 copy of the target drafts for it; outputs stay exact."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+from conftest import leaves_untouched, random_prompt, reference, run, tiny_model
+from specdec.drafters import DraftModel, QuantizedDraft
+from specdec.drafters.quantized import SCHEMES, quantized_copy
+from specdec.registry import Resources, make_drafter
+
+
+def fp32(arch: str):
+    return copy.deepcopy(tiny_model(arch)).float()  # tiny_model's are cached and float64
+
+
+def perturb(draft_copy, scale: float) -> None:
+    """Adds noise to every int8 weight of `draft_copy`, so the copy disagrees with the target
+    sometimes (the tiny models' int8 copies agree on every token)."""
+    gen = torch.Generator().manual_seed(0)
+    for m in draft_copy.modules():
+        if isinstance(m, DynamicLinear):
+            w = m.weight().dequantize()
+            noisy = nn.Linear(m.in_features, m.out_features)
+            noisy.weight.data = w + scale * w.std() * torch.randn(w.shape, generator=gen)
+            noisy.qconfig = SCHEMES["int8"]
+            m.set_weight_bias(DynamicLinear.from_float(noisy).weight(), m.bias())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("options", [dict(num_tokens=4), dict(num_tokens=3, topk=2, width=2, budget=6)],
+                         ids=["chain", "tree"])
+def test_exact_with_rejections_at_every_depth(arch, options):
+    model = fp32(arch)
+    drafter = QuantizedDraft(**options)
+    drafter.begin(model)
+    perturb(drafter.copy, 0.3)
+    rejected_at = set()
+    with leaves_untouched(model):
+        for seed in range(6):
+            prompt = random_prompt(seed, 8)
+            out, stats = run(model, prompt, drafter, 40)
+            assert torch.equal(out, reference(model, prompt, 40))
+            for step in stats.steps:
+                depth = len(step.accepted_nodes)
+                if len(step.tree) and depth < int(step.tree.depths().max()):
+                    rejected_at.add(depth)  # a drafted token at depth + 1 was rejected
+    assert rejected_at == set(range(options["num_tokens"]))
+
+
+def test_copy_is_int8_and_shares_the_rest():
+    model = fp32("qwen2")
+    with leaves_untouched(model):
+        q = quantized_copy(model)
+        kept = quantized_copy(model, lm_head=False)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert linears and all(isinstance(q.get_submodule(n), DynamicLinear) for n in linears)
+    assert q.model.embed_tokens.weight is model.model.embed_tokens.weight
+    assert q.model.norm.weight is model.model.norm.weight
+    assert type(kept.lm_head) is nn.Linear and kept.lm_head.weight is model.lm_head.weight
+    assert not any(isinstance(m, DynamicLinear) for m in model.modules())
+
+
+def test_copy_bytes():
+    model = fp32("llama")
+    drafter = QuantizedDraft()
+    drafter.begin(model)
+    expected = 0  # int8 weights, a float64 scale and an int64 zero point per row, fp32 biases
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            expected += m.out_features * m.in_features + 16 * m.out_features
+            expected += 0 if m.bias is None else 4 * m.out_features
+    assert drafter.copy_bytes == expected
+    fp32_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, nn.Linear))
+    assert drafter.copy_bytes < fp32_bytes / 2
+
+
+def test_draft_cache_matches_a_fresh_forward_within_rounding():
+    """The activation scale is per tensor (per forward), so the incremental cache gives slightly
+    different logits from a fresh forward over the same tokens; the target verifies every draft,
+    so this moves acceptance only, never the output. Log-probabilities agree within 0.02."""
+    model = fp32("llama")
+    drafter = QuantizedDraft(num_tokens=4)
+    drafter.begin(model)
+    perturb(drafter.copy, 0.3)
+    _, stats = run(model, random_prompt(4, 9), drafter, 30)
+    assert any(len(s.accepted_nodes) < len(s.tree) for s in stats.steps)  # there were rejections
+    draft = drafter._draft
+    held, start = draft.cached, draft.start
+    assert held.numel() > 9
+    nxt = torch.tensor([3])
+    with torch.no_grad():
+        incremental = draft._forward(nxt, torch.tensor([start + held.numel()]), None, last_only=True)[-1]
+        fresh_draft = DraftModel(draft.model)
+        fresh = fresh_draft._forward(torch.cat([held, nxt]), torch.arange(start, start + held.numel() + 1), None,
+                                     last_only=True)[-1]
+    torch.testing.assert_close(incremental, fresh, rtol=0, atol=0.02)  # seen: 0.008
+
+
+def test_built_once_per_target():
+    a, b = fp32("llama"), fp32("qwen2")
+    drafter = QuantizedDraft()
+    drafter.begin(a)
+    first = drafter.copy
+    drafter.begin(b)
+    assert drafter.copy is not first
+    drafter.begin(a)
+    assert drafter.copy is first
+
+
+def test_refuses_float64_other_devices_and_models_without_linears():
+    with pytest.raises(ValueError, match="float64.*needs a float32 target"):
+        QuantizedDraft().begin(tiny_model("llama"))
+    with pytest.raises(ValueError, match="on meta.*CPU-only"):
+        quantized_copy(fp32("llama").to("meta"))
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        quantized_copy(nn.Sequential(nn.Embedding(4, 4)))
+    with pytest.raises(ValueError, match="unknown scheme 'int4'"):
+        QuantizedDraft("int4")
+    with pytest.raises(ValueError, match="num_tokens"):
+        QuantizedDraft(num_tokens=0)
+
+
+def test_refuses_a_torch_without_the_engine(monkeypatch):
+    monkeypatch.setattr(type(torch.backends.quantized), "supported_engines", property(lambda self: ["qnnpack"]))
+    with pytest.raises(RuntimeError, match="no x86 or fbgemm quantized engine.*has qnnpack"):
+        quantized_copy(fp32("llama"))
+
+
+def test_refuses_another_engine_and_a_copy_that_does_not_fit(monkeypatch):
+    from specdec import memory
+
+    model = fp32("llama")
+    with monkeypatch.context() as m:
+        m.setattr(type(torch.backends.quantized), "engine", property(lambda self: "qnnpack"))
+        with pytest.raises(RuntimeError, match="engine is 'qnnpack'; set torch.backends.quantized.engine = 'x86'"):
+            quantized_copy(model)
+    monkeypatch.setattr(memory, "available", lambda: memory.HEADROOM + 1000)
+    with pytest.raises(memory.NotEnoughMemoryError, match="QuantizedDraft's int8 copy needs"):
+        quantized_copy(model)
+
+
+def test_registry_name():
+    model = fp32("llama")
+    drafter = make_drafter("quantized-self[fp32-head,budget=4]", Resources(model))
+    assert isinstance(drafter, QuantizedDraft) and not drafter.lm_head
+    prompt = random_prompt(1, 6)
+    out, _ = run(model, prompt, drafter, 12)
+    assert torch.equal(out, reference(model, prompt, 12))
