@@ -99,9 +99,12 @@ def parse_packed_from(value: str) -> int | None | str:
     if value in ("auto", "none"):
         return None if value == "none" else value
     try:
-        return int(value)
+        count = int(value)
     except ValueError:
-        raise ValueError(f"--packed-from: expected 'auto', 'none' or a token count, got {value!r}") from None
+        count = 0
+    if count < 1:
+        raise ValueError(f"--packed-from: expected 'auto', 'none' or a token count >= 1, got {value!r}")
+    return count
 
 
 @dataclass
@@ -217,6 +220,7 @@ def check_methods(cfg: BenchConfig) -> list[str]:
 
     names = cfg.methods.split(",")
     temperature_kwargs(cfg.temperature)  # refuses a negative temperature before anything loads
+    parse_packed_from(cfg.packed_from)  # and a --packed-from that is not a crossover
     for name in names:
         base, _, variant = name.partition(":")
         if base not in (*HF_METHODS, "plain"):

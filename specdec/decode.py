@@ -393,15 +393,15 @@ def generate(
     every target forward; `stats` collects the same. `packed_from`: forwards (the drafter's too) over >= this
     many tokens run packed (`specdec.packing.Packing`; "auto": each model's crossover; None: never).
     """
+    packing = profile.packing(packed_from, cache_dir())  # the runtime decides packing, drafters take routes
     o = _resolve(model, input_ids, drafter, max_new_tokens, eos_token_id, logits_processor, rule, guard,
                  do_sample, temperature, top_k, top_p, min_p, seed)
     stats = stats if stats is not None else GenerationStats()
     stream = streamer if streamer is not None else _NoStream()
-    stream.put(o.prompt[None])
-    packing = profile.packing(packed_from, cache_dir())  # the runtime decides packing, drafters take routes
+    verifier = _verifier(model, drafter, verifier, packing.packed_from(model))  # the drafter refuses first
     runtime = (verify_cost(model, packing), packing) if drafter is not None else None  # may measure: not timed
+    stream.put(o.prompt[None])
     device, t0 = model.device, devices.clock(model.device)
-    verifier = _verifier(model, drafter, verifier, packing.packed_from(model))
     hidden, ids, done = verifier.prefill(o.prompt), o.prompt, False
     stats.prefill_s = devices.clock(device) - t0
     while not done:

@@ -164,7 +164,9 @@ class Packing:
 
     def __init__(self, packed_from: int | None | str = "auto",
                  crossover: Callable[[nn.Module], int | None] = default_crossover):
-        if packed_from not in ("auto", None) and (not isinstance(packed_from, int) or packed_from < 1):
+        if packed_from not in ("auto", None) and (
+            not isinstance(packed_from, int) or isinstance(packed_from, bool) or packed_from < 1
+        ):
             raise ValueError(f"packed_from must be 'auto', None or a token count >= 1, got {packed_from!r}")
         self.setting, self._crossover = packed_from, crossover
         self._known: weakref.WeakKeyDictionary[nn.Module, int | None] = weakref.WeakKeyDictionary()

@@ -365,3 +365,17 @@ def test_public_generate_returns_on_the_callers_device(device):
     host_prompt = random_prompt(0, 5)
     assert specdec.generate(model, host_prompt, max_new_tokens=3).device == host_prompt.device
     assert specdec.generate(model, host_prompt.to(device), max_new_tokens=3).device == model.device
+
+
+def test_a_drafter_refuses_before_the_first_use_measurement(tmp_path, monkeypatch):
+    """`begin` runs before the first-use curve: a drafter that cannot serve this target refuses at
+    once instead of after a measurement (QuantizedDraft refuses a float64 target)."""
+    from specdec.drafters import QuantizedDraft
+
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    monkeypatch.delenv("SPECDEC_TUNE")
+    calls = count_measures(monkeypatch)
+    model = named(tiny_model("llama", seed=5), "refusing-model")
+    with pytest.raises(ValueError, match="float32"):
+        specdec.generate(model, random_prompt(5, 8), QuantizedDraft(), max_new_tokens=4)
+    assert calls == [] and profile.stored(model, tmp_path) is None

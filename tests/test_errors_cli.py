@@ -232,3 +232,9 @@ def test_ctrl_c_during_bench_keeps_the_finished_questions(tmp_path, capsys, monk
     saved = json.loads((out / "results.json").read_text())  # valid, with question 1's records only
     assert [(r["question_id"], r["method"]) for r in saved["records"]] == [(1, "baseline"), (1, "prompt-lookup")]
     assert sorted(p.name for p in out.iterdir()) == ["report.md", "results.json"]  # nothing half-written
+
+
+def test_bench_refuses_packed_from_before_loading(tmp_path, capsys, no_loading):
+    path = write_lines(tmp_path / "q.jsonl", GOOD)
+    assert cli.main(["bench", "--questions", path, "--packed-from", "0"]) == 2
+    assert "--packed-from" in one_error_line(capsys.readouterr().err)

@@ -254,6 +254,8 @@ def test_packed_from_is_validated():
         specdec.generate(model, random_prompt(0, 4), max_new_tokens=2, packed_from=0)
     with pytest.raises(ValueError, match="packed_from"):
         specdec.generate(model, random_prompt(0, 4), max_new_tokens=2, packed_from="fast")
+    with pytest.raises(ValueError, match="packed_from"):  # bool is an int subclass, not a token count
+        specdec.generate(model, random_prompt(0, 4), max_new_tokens=2, packed_from=True)
 
 
 def test_measure_restores_the_cache_and_profile_round_trips(tmp_path):
@@ -341,8 +343,9 @@ def test_bench_packed_from_option():
     from specdec.bench import parse_packed_from
 
     assert parse_packed_from("auto") == "auto" and parse_packed_from("none") is None and parse_packed_from("4") == 4
-    with pytest.raises(ValueError, match="--packed-from"):
-        parse_packed_from("fast")
+    for bad in ("fast", "0", "-1"):
+        with pytest.raises(ValueError, match="--packed-from"):
+            parse_packed_from(bad)
 
 
 def test_no_drafter_decides_packing():

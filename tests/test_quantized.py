@@ -150,3 +150,14 @@ def test_registry_name():
     prompt = random_prompt(1, 6)
     out, _ = run(model, prompt, drafter, 12)
     assert torch.equal(out, reference(model, prompt, 12))
+
+
+def test_copy_has_its_own_profile_key():
+    """The int8 copy's forwards cost what int8 costs: it must not read (or pack by) the target's curve."""
+    from specdec.profile import model_key
+
+    model = copy.deepcopy(tiny_model()).float()
+    model.name_or_path = "/models/tiny-target"
+    assert model_key(quantized_copy(model)) == "tiny-target-int8.cpu.float32" != model_key(model)
+    model.name_or_path, model.config.name_or_path = "", ""
+    assert model_key(quantized_copy(model)) == ""  # unnamed: no stored profile, as for the target

@@ -88,7 +88,11 @@ def quantized_copy(model, scheme: str = "int8", lm_head: bool = True):
         new._modules = {name: None if child is None else clone(child) for name, child in module._modules.items()}
         return new
 
-    return clone(model).eval()
+    copied = clone(model).eval()
+    # Its own profile key: the copy's forwards cost what int8 costs, not what the target's do.
+    source = str(getattr(model, "name_or_path", "") or model.config.name_or_path or "")
+    copied.name_or_path = f"{source}-{scheme}" if source else ""
+    return copied
 
 
 def quantized_bytes(draft_copy) -> int:
@@ -160,4 +164,6 @@ class QuantizedDraft:
         return self._draft.propose(ctx)
 
     def update(self, feedback: Feedback) -> None:
+        if self._draft is None:
+            raise RuntimeError("QuantizedDraft: update before begin(target); generate calls begin first")
         self._draft.update(feedback)
