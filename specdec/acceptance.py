@@ -41,16 +41,17 @@ def _generator(seed: int | None) -> torch.Generator | None:
     return None if seed is None else torch.Generator().manual_seed(seed)
 
 
-def _sampled_row(logits: Tensor) -> Tensor:
-    """`logits` [vocab] of a row a token is sampled from, refused when no token is left to sample.
-    Only rows the walk reaches are checked: rows of branches never reached may ban everything."""
-    if not bool((logits > float("-inf")).any()):
+def _sampled_row(row: Tensor, floor: float) -> Tensor:
+    """`row` [vocab] (host logits, floor -inf, or host probabilities, floor 0) of a row a token is
+    sampled from, refused when no token is left to sample. Only rows the walk reaches are checked:
+    rows of branches never reached may ban everything."""
+    if not bool((row > floor).any()):
         raise ValueError(
             "sampling: every token's logit is -inf at this position, so there is nothing to sample: a "
             "logits_processor (or a generation_config setting that becomes one) banned every token here; "
             "loosen it (model.generate(do_sample=True) fails on this row too)"
         )
-    return logits
+    return row
 
 
 class Greedy:
@@ -106,8 +107,7 @@ class Speculative:
         tokens = tree.tokens.tolist()
         path, node = [], -1
         while True:
-            _sampled_row(logits[node + 1])
-            p = probs[node + 1].cpu()  # this node's row on the host: every draw below reads it there
+            p = _sampled_row(probs[node + 1].cpu(), 0.0)  # this node's row on the host: every draw reads it there
             for child in tree.children(node):
                 x = tokens[child]
                 q = None if tree.draft_probs is None else tree.draft_probs[child].double().cpu()
@@ -137,11 +137,11 @@ class Speculative:
 
 def _gumbel_max(logits: Tensor, seed: int, position: int) -> int:
     """A sample from softmax(logits) [vocab] whose randomness is fixed by (seed, position)."""
-    _sampled_row(logits)
+    row = _sampled_row(logits.double().cpu(), float("-inf"))
     key = (seed * 0x9E3779B97F4A7C15 + position) % 2**63  # distinct positions, distinct streams
     u = torch.rand(logits.shape[-1], generator=torch.Generator().manual_seed(key), dtype=torch.float64)
     gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1 - 1e-16)))
-    return int((logits.double().cpu() + gumbel).argmax())
+    return int((row + gumbel).argmax())
 
 
 class Typical:
@@ -170,8 +170,7 @@ class Typical:
         tokens = tree.tokens.tolist()
         path, node = [], -1
         while True:
-            _sampled_row(logits[node + 1])
-            p, bar = probs[node + 1].cpu(), threshold[node + 1]  # this node's row on the host
+            p, bar = _sampled_row(probs[node + 1].cpu(), 0.0), threshold[node + 1]  # this node's row on the host
             plausible = [c for c in tree.children(node) if float(p[tokens[c]]) > bar]
             if not plausible:
                 return Decision(path, int(torch.multinomial(p, 1, generator=gen)))

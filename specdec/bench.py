@@ -331,13 +331,16 @@ def run_bench(
     on_question=None,
     drafters: dict | None = None,
     earlier: list[Record] | None = None,
+    questions: list[dict] | None = None,
 ) -> list[Record]:
     """All records; `on_question(records so far)` after each question (for incremental reports);
     `drafters` as `make_methods` takes them. `earlier`: records of an interrupted run (`--resume`),
-    kept; its finished questions are skipped, a partly recorded one runs again."""
+    kept; its finished questions are skipped, a partly recorded one runs again. `questions`: as
+    `read_questions` gives them for `cfg` (None: read here)."""
     from tqdm.auto import tqdm
 
-    questions = read_questions(cfg.questions, cfg.limit, cfg.categories, cfg.per_category)
+    if questions is None:
+        questions = read_questions(cfg.questions, cfg.limit, cfg.categories, cfg.per_category)
     methods = make_methods(cfg, target, draft, drafters)
     names = list(methods)
     records = finished_records(earlier or [], questions, names)

@@ -309,7 +309,8 @@ def cmd_bench(cfg: BenchConfig) -> int:
     if resumed:
         print(f"resuming {cfg.out}/results.json: {resumed} finished question(s) kept", file=sys.stderr)
     try:
-        records = run_bench(cfg, target, tokenizer, draft, drafters=drafters, on_question=on_question, earlier=kept)
+        records = run_bench(cfg, target, tokenizer, draft, drafters=drafters, on_question=on_question, earlier=kept,
+                            questions=questions)
     except KeyboardInterrupt:
         n = len({r.question_id for r in written})
         raise KeyboardInterrupt(f"{cfg.out}/results.json and report.md keep the {n} finished question(s)" if n

@@ -25,7 +25,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList, StopStringCr
 
 from specdec import devices, profile
 from specdec.acceptance import AcceptanceRule, Greedy, Speculative
-from specdec.drafter import Context, Drafter, Feedback
+from specdec.drafter import Context, Drafter, Feedback, check_drafter
 from specdec.guard import Guard
 from specdec.models import cache_dir
 from specdec.packing import Packing
@@ -99,23 +99,6 @@ def _as_prompt(input_ids: Tensor) -> Tensor:
     if input_ids.numel() == 0:
         raise ValueError("input_ids is empty: give at least one prompt token (e.g. the BOS token)")
     return input_ids.to("cpu", torch.long, copy=True)
-
-
-def _check_drafter(given) -> None:
-    """Refuse what is not a drafter object (a drafter class, a CLI name) before any work."""
-    if isinstance(given, str):
-        raise TypeError(
-            f"drafter: got the name {given!r}; pass a drafter object: specdec.registry.make_drafter({given!r}, "
-            "specdec.registry.Resources(model)) builds one from a CLI name"
-        )
-    if isinstance(given, type):
-        raise TypeError(f"drafter: got the class {given.__name__}; pass an instance, e.g. drafter={given.__name__}()")
-    missing = [name for name in ("needs_hidden_states", "begin", "propose", "update") if not hasattr(given, name)]
-    if given is not None and missing:
-        raise TypeError(
-            f"drafter: {type(given).__name__} has no {', '.join(missing)}; pass an object that implements "
-            "specdec.Drafter (needs_hidden_states, begin, propose, update)"
-        )
 
 
 def _max_new_tokens(model, prompt: Tensor, max_new_tokens: int | None) -> int:
@@ -291,7 +274,8 @@ def _resolve(model, input_ids, drafter, max_new_tokens, eos_token_id, logits_pro
              do_sample, temperature, top_k, top_p, min_p, seed) -> _Options:
     """Every argument check `generate` makes before any work, and the options they resolve to."""
     prompt = _as_prompt(input_ids)
-    _check_drafter(drafter)
+    if drafter is not None:
+        check_drafter(drafter)
     max_new_tokens = _max_new_tokens(model, prompt, max_new_tokens)
     vocab = model.get_output_embeddings().out_features
     _check_in_vocab(prompt, vocab, "input_ids holds")

@@ -64,3 +64,21 @@ class Drafter(Protocol):
 
     def update(self, feedback: Feedback) -> None:
         """Learn from the verifier's decision (adapt lengths, fill tables); may do nothing."""
+
+
+def check_drafter(given, who: str = "drafter") -> None:
+    """Refuse what is not a drafter object (a CLI name, a drafter class, anything lacking the
+    protocol), naming `who` and the fix; the one check `generate`, `Merge` and `Fallback` make."""
+    if isinstance(given, str):
+        raise TypeError(
+            f"{who}: got the name {given!r}; pass a drafter object: specdec.registry.make_drafter({given!r}, "
+            "specdec.registry.Resources(model)) builds one from a CLI name"
+        )
+    if isinstance(given, type):
+        raise TypeError(f"{who}: got the class {given.__name__}; pass an instance, e.g. {given.__name__}()")
+    missing = [name for name in ("needs_hidden_states", "begin", "propose", "update") if not hasattr(given, name)]
+    if missing:
+        raise TypeError(
+            f"{who}: {type(given).__name__} has no {', '.join(missing)}, so it is not a drafter; pass an object "
+            "that implements specdec.Drafter (needs_hidden_states, begin, propose, update)"
+        )

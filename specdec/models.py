@@ -247,8 +247,9 @@ def _converted(name: str) -> Path:
     # Staging inside the same parent keeps os.rename atomic; nothing half-written is ever at `target`.
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
     try:
-        gguf = work / "model.gguf" if len(parts) > 1 else parts[0]
-        _check_sha256(model_info, _concat(parts, gguf if len(parts) > 1 else None))
+        joined = work / "model.gguf" if len(parts) > 1 else None
+        gguf = joined or parts[0]
+        _check_sha256(model_info, _concat(parts, joined))
         model, tok = _load_gguf(gguf, dtype=torch.float32)
         model.save_pretrained(work / "out")
         tok.save_pretrained(work / "out")

@@ -169,10 +169,15 @@ def make_drafter(name: str, resources: Resources):
     trees of a and b into one (`Merge`), ``a|b`` drafts with a and falls back to b when a has
     nothing (`Fallback`); ``|`` binds looser than ``+``, so ``a+b|c`` is ``Fallback(Merge([a, b]), c)``."""
     check_name(name)
+    return _build(name, resources)
+
+
+def _build(name: str, resources: Resources):
+    """`make_drafter` on a name `check_name` accepted (each part parsed once, here)."""
     if "|" in name:
         primary, _, rest = name.partition("|")
-        return Fallback(make_drafter(primary, resources), make_drafter(rest, resources))
+        return Fallback(_build(primary, resources), _build(rest, resources))
     if "+" in name:
-        return Merge([make_drafter(part, resources) for part in name.split("+")])
+        return Merge([_build(part, resources) for part in name.split("+")])
     base, kwargs = parse_name(name)
     return DRAFTERS[base].build(resources, **kwargs)

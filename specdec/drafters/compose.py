@@ -16,16 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from specdec.drafter import Context, Drafter, Feedback
+from specdec.drafter import Context, Drafter, Feedback, check_drafter
 from specdec.trees import RunningRate, TokenTree, best_size, merge
-
-
-def _check_drafter(obj, who: str) -> None:
-    if not isinstance(obj, Drafter):
-        raise TypeError(
-            f"{who} is a {type(obj).__name__}, not a drafter: give an object with needs_hidden_states, "
-            "begin(target), propose(ctx) and update(feedback) (see specdec.Drafter)"
-        )
 
 
 def _topk_of(drafter) -> int:
@@ -70,7 +62,7 @@ class Merge:
         if not drafters:
             raise ValueError("Merge: drafters is empty; give at least one drafter")
         for i, d in enumerate(drafters):
-            _check_drafter(d, f"Merge: drafters[{i}]")
+            check_drafter(d, f"Merge: drafters[{i}]")
         if len({id(d) for d in drafters}) < len(drafters):
             # One object proposing twice per step would lose its private state to the second call.
             raise ValueError("Merge: the same drafter object appears twice in drafters; build one per slot")
@@ -171,8 +163,8 @@ class Fallback:
     committed text. Drafts pass through untouched (draft_probs and scores included)."""
 
     def __init__(self, primary: Drafter, secondary: Drafter):
-        _check_drafter(primary, "Fallback: primary")
-        _check_drafter(secondary, "Fallback: secondary")
+        check_drafter(primary, "Fallback: primary")
+        check_drafter(secondary, "Fallback: secondary")
         if primary is secondary:
             raise ValueError("Fallback: primary and secondary are the same object; give two drafters")
         self.primary, self.secondary = primary, secondary

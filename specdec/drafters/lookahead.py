@@ -207,7 +207,10 @@ class Lookahead:
         self._seen = ids.clone()
 
     def _rate(self, m: int) -> RunningRate:
-        return self.stats.setdefault(m, RunningRate(*self._PRIOR, self._DECAY))
+        rate = self.stats.get(m)
+        if rate is None:  # built once per key, not on every call
+            rate = self.stats[m] = RunningRate(*self._PRIOR, self._DECAY)
+        return rate
 
     def calibration(self, m: int) -> float:
         return self._rate(m).rate

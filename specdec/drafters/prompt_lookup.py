@@ -70,7 +70,10 @@ class PromptLookup:
         return found
 
     def _rate(self, n: int) -> RunningRate:
-        return self.stats.setdefault(n, RunningRate(*self._PRIOR, self._DECAY))
+        rate = self.stats.get(n)
+        if rate is None:  # built once per key, not on every call
+            rate = self.stats[n] = RunningRate(*self._PRIOR, self._DECAY)
+        return rate
 
     def acceptance(self, n: int) -> float:
         return self._rate(n).rate

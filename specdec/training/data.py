@@ -63,22 +63,16 @@ def read_prompts(path: str | Path, key: str, limit: int | None = None) -> list[s
     if not Path(path).is_file():
         raise ValueError(f"--prompts {str(path)!r}: no such file; give a jsonl file with a {key!r} field on each line "
                          "(`specdec train make-prompts` writes one)")
+    from specdec.drafters.retrieval import read_jsonl
+
     prompts = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                row = json.loads(raw.decode("utf-8")) if raw.strip() else None
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{n} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n} is not valid JSON ({e.msg} at column {e.colno})") from None
-            if row is not None:
-                if not isinstance(row, dict) or key not in row:
-                    fields = f"fields: {sorted(row)}" if isinstance(row, dict) else f"a JSON {type(row).__name__}"
-                    raise ValueError(f"{path}:{n} has no field {key!r} ({fields}); pass --field NAME")
-                prompts.append(str(row[key]))
-            if limit is not None and len(prompts) >= limit:
-                break
+    for n, row in read_jsonl(path):  # undecodable or non-JSON lines refused as path:line
+        if not isinstance(row, dict) or key not in row:
+            fields = f"fields: {sorted(row)}" if isinstance(row, dict) else f"a JSON {type(row).__name__}"
+            raise ValueError(f"{path}:{n} has no field {key!r} ({fields}); pass --field NAME")
+        prompts.append(str(row[key]))
+        if limit is not None and len(prompts) >= limit:
+            break
     if not prompts:
         raise ValueError(f"no prompts in {path}")
     return prompts

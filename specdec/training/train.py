@@ -270,8 +270,7 @@ def train(args: TrainArguments, recipe: Recipe, command: str | None = None) -> P
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_idx)} training examples cannot fill one step of {world} x --batch-size "
                          f"{args.batch_size}; lower --batch-size or make more data")
-    target, _ = load_model(args.model, dtype=dtype)
-    target.to(accelerator.device)
+    target, _ = load_model(args.model, dtype=dtype, device=accelerator.device)
     if main:
         out.mkdir(parents=True, exist_ok=True)
 
