@@ -23,14 +23,14 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessorList, StoppingCriteriaList, StopStringCriteria
 
-from specdec import devices, profile
+from specdec import devices, memory, profile
 from specdec.acceptance import AcceptanceRule, Greedy, Speculative
 from specdec.drafter import Context, Drafter, Feedback, check_drafter
 from specdec.guard import Guard
 from specdec.models import cache_dir
 from specdec.packing import Packing
 from specdec.sampling import sampling_processors
-from specdec.trees import DEFAULT_VERIFY_COST, TokenTree
+from specdec.trees import DEFAULT_VERIFY_COST, RunningRate, TokenTree
 from specdec.verifier import Verifier
 
 
@@ -52,6 +52,8 @@ class GenerationStats:
 
     steps: list[StepInfo] = field(default_factory=list)
     prefill_s: float = 0.0
+    draft_bytes: int = 0  # what the drafter holds beyond the target (its `memory_bytes`)
+    peak_rss_bytes: int = 0  # the process's peak resident memory so far (`specdec.memory.peak_rss`)
 
     @property
     def new_tokens(self) -> int:
@@ -170,7 +172,7 @@ def _proposal(drafter: Drafter, ids: Tensor, hidden: Tensor | None, depth: int, 
     """Step 1: the drafter's tree for a copy of the committed ids (writing into it cannot change the
     output), refused with a clear error unless it is a usable tree, cut to `depth`. `runtime`: the
     call's verify cost and `Packing`."""
-    tree = drafter.propose(Context(ids.clone(), hidden, depth, *runtime))
+    tree = drafter.propose(Context(ids.clone(), hidden, depth, runtime.verify_cost, runtime.packing, runtime.forward_s))
     who = f"{type(drafter).__name__}.propose"
     if not isinstance(tree, TokenTree):
         raise TypeError(
@@ -255,6 +257,19 @@ def verify_cost(model, packing: Packing) -> Callable[[int], float]:
     seconds = prof.forward_cost(packing.packed_from(model))
     one = seconds(1)
     return lambda n: seconds(n + 1) / one
+
+
+@dataclass(frozen=True)
+class _Runtime:
+    """What the runtime hands every proposal of one call beside the committed tokens."""
+
+    verify_cost: Callable[[int], float]
+    packing: Packing
+    clock: RunningRate = field(default_factory=lambda: RunningRate(0.0, 1e-9, decay=0.9))  # seconds per root forward
+
+    @property
+    def forward_s(self) -> float | None:
+        return self.clock.rate if self.clock.hits > 0 else None
 
 
 @dataclass(frozen=True)
@@ -343,10 +358,16 @@ def _feedback(drafter: Drafter | None, scores, tree: TokenTree, path: list[int],
     return None if scores.hidden_states is None else scores.hidden_states[[0] + [i + 1 for i in path]]
 
 
-def _record(step: StepInfo, asked: bool, drafter: Drafter | None, guard: Guard | None, stats, on_step) -> None:
-    """After every step: `stats`, the guard, `on_step`. A step the drafter was asked for counts as
-    speculative even when it proposed nothing: its drafting time is part of what speculation costs."""
+def _record(step: StepInfo, asked: bool, drafter: Drafter | None, guard: Guard | None, stats, on_step,
+            runtime: _Runtime | None) -> None:
+    """After every step: `stats`, the guard, `on_step`, the runtime's forward clock. A step the
+    drafter was asked for counts as speculative even when it proposed nothing: its drafting time is
+    part of what speculation costs."""
     stats.steps.append(step)
+    stats.draft_bytes = int(getattr(drafter, "memory_bytes", 0) or 0)
+    stats.peak_rss_bytes = memory.peak_rss()
+    if runtime is not None:
+        runtime.clock.add(step.verify_s, runtime.verify_cost(len(step.tree)))
     if guard is not None and drafter is not None:
         guard.record(asked, len(step.new_tokens), step.draft_s + step.verify_s + step.overhead_s)
     if on_step is not None:
@@ -383,7 +404,7 @@ def generate(
     stats = stats if stats is not None else GenerationStats()
     stream = streamer if streamer is not None else _NoStream()
     verifier = _verifier(model, drafter, verifier, packing.packed_from(model))  # the drafter refuses first
-    runtime = (verify_cost(model, packing), packing) if drafter is not None else None  # may measure: not timed
+    runtime = _Runtime(verify_cost(model, packing), packing) if drafter is not None else None  # may measure: untimed
     stream.put(o.prompt[None])
     device, t0 = model.device, devices.clock(model.device)
     hidden, ids, done = verifier.prefill(o.prompt), o.prompt, False
@@ -409,7 +430,7 @@ def generate(
         if len(emitted) == len(new):  # 5. Feedback, unless a stop cut the path short
             hidden = _feedback(drafter, scores, tree, path, new, logits)
         step = StepInfo(tree, path, emitted, t1 - t0, t2 - t1, devices.clock(device) - t2)
-        _record(step, asked, drafter, o.guard, stats, on_step)
+        _record(step, asked, drafter, o.guard, stats, on_step, runtime)
     stream.end()
     return ids[None].to(input_ids.device)
 

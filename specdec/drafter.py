@@ -37,6 +37,10 @@ class Context:
     # The runtime's packing decision for this call: a drafter runs its own forwards inside
     # ``packing.route(model)(k)`` (or asks ``packing.packed_from(model)``) and never decides itself.
     packing: Packing = _DEFAULT_PACKING
+    # Seconds of one root-only target forward on this call, a running mean over the verify forwards
+    # so far (each divided by its verify_cost); None before the first. Drafters that run a model of
+    # their own size their drafts by their forward's cost relative to this (`best_size(draft_cost=)`).
+    forward_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,9 @@ class Feedback:
 
 @runtime_checkable
 class Drafter(Protocol):
-    """Optional attribute: ``feedback_topk: int`` (default 0) asks for `Feedback.target_topk`."""
+    """Optional attributes: ``feedback_topk: int`` (default 0) asks for `Feedback.target_topk`;
+    ``memory_bytes: int`` (default 0) is what the drafter holds beyond the target (weights it
+    built or loaded), reported in `GenerationStats.draft_bytes`."""
 
     needs_hidden_states: bool  # ask the verifier for target hidden states (like HF's requires_model_outputs)
 

@@ -5,11 +5,14 @@ duplicate weights; where they do not fit, the kernel would kill the process with
 copy first asks `fits` with the bytes it is about to allocate, then either skips itself with a
 warning (packing: the stock forward is exact, only slower) or raises `NotEnoughMemoryError`
 (`require`). Only host memory is checked; GPU copies are the GPU allocator's to refuse.
+`peak_rss` reports what the process used at most (`GenerationStats.peak_rss_bytes`).
 
 Boundary: the standard library; Linux's ``MemAvailable`` (elsewhere nothing is refused).
 """
 
 from __future__ import annotations
+
+import sys
 
 HEADROOM = 256 << 20  # bytes left free besides the copy: activations, caches, the allocator's slack
 
@@ -28,6 +31,16 @@ def available() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def peak_rss() -> int:
+    """The process's peak resident set size in bytes so far (0 where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # not Unix
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux KiB
 
 
 def size(n: int) -> str:

@@ -11,7 +11,7 @@ from specdec.drafters import DraftModel, PromptLookup
 
 
 def self_drafter(model, n=4):
-    return DraftModel(model, num_tokens=n)  # proposes exactly what the target will say
+    return DraftModel(model, num_tokens=n, sized=False)  # proposes exactly what the target will say
 
 
 def test_eos_stops_on_the_same_token():

@@ -77,14 +77,14 @@ def test_draft_cache_stays_reconciled_after_rejections(kwargs):
 def test_self_drafted_tree_contains_the_greedy_path():
     model = tiny_model()
     stats = specdec.GenerationStats()
-    drafter = DraftModel(model, topk=2, width=8, num_tokens=3)  # every top-2 branch to depth 3
+    drafter = DraftModel(model, topk=2, width=8, num_tokens=3, sized=False)  # every top-2 branch to depth 3
     specdec.generate(model, random_prompt(8, 6), drafter, max_new_tokens=24, eos_token_id=[], stats=stats, guard=None)
     assert stats.mean_accepted == 4.0
 
 
 def test_draft_model_respects_max_depth():
     model = tiny_model()
-    drafter = DraftModel(model, num_tokens=5)
+    drafter = DraftModel(model, num_tokens=5, sized=False)
     drafter.begin(model)
     assert len(drafter.propose(Context(random_prompt(0, 5)[0], max_depth=0))) == 0
     tree = drafter.propose(Context(random_prompt(0, 5)[0], max_depth=2))

@@ -134,8 +134,8 @@ def test_hypothesis_prompts_and_tree_shapes(prompt, parents, seed, device):
         lambda d: PromptLookup(num_tokens=4, max_ngram=2, num_matches=3),
         lambda d: DraftModel(tiny_model("llama", seed=1, layers=1, device=d)),
         lambda d: DraftModel(tiny_model("llama", seed=1, layers=1, device=d), topk=3, num_tokens=3, budget=7),
-        lambda d: DraftModel(tiny_model("llama", device=d), num_tokens=3),  # self-drafting: everything accepted
-        lambda d: DraftModel(tiny_model("llama", device=d), topk=2, width=8, num_tokens=3),
+        lambda d: DraftModel(tiny_model("llama", device=d), num_tokens=3, sized=False),  # self-drafting: everything accepted
+        lambda d: DraftModel(tiny_model("llama", device=d), topk=2, width=8, num_tokens=3, sized=False),
     ],
     ids=["lookup-chain", "lookup-tree", "draft-chain", "draft-tree", "self-chain", "self-tree"],
 )
@@ -153,7 +153,7 @@ def test_real_drafters(make, attn, device):
 def test_self_drafting_accepts_everything(device):
     model = tiny_model("llama", device=device)
     prompt = random_prompt(0, 6).to(device)
-    _, stats = run(model, prompt, DraftModel(model, num_tokens=4), max_new=25)
+    _, stats = run(model, prompt, DraftModel(model, num_tokens=4, sized=False), max_new=25)
     assert stats.mean_accepted == 5.0 and stats.target_forwards == 5
 
 

@@ -35,7 +35,7 @@ def perturb(draft_copy, scale: float) -> None:
                          ids=["chain", "tree"])
 def test_exact_with_rejections_at_every_depth(arch, options):
     model = fp32(arch)
-    drafter = QuantizedDraft(**options)
+    drafter = QuantizedDraft("int8", sized=False, **options)  # every depth drafted, so every depth is tried
     drafter.begin(model)
     perturb(drafter.copy, 0.3)
     rejected_at = set()
@@ -64,18 +64,19 @@ def test_copy_is_int8_and_shares_the_rest():
     assert not any(isinstance(m, DynamicLinear) for m in model.modules())
 
 
-def test_copy_bytes():
+def test_memory_bytes():
     model = fp32("llama")
-    drafter = QuantizedDraft()
+    drafter = QuantizedDraft("int8")
+    assert drafter.memory_bytes == 0
     drafter.begin(model)
     expected = 0  # int8 weights, a float64 scale and an int64 zero point per row, fp32 biases
     for m in model.modules():
         if isinstance(m, nn.Linear):
             expected += m.out_features * m.in_features + 16 * m.out_features
             expected += 0 if m.bias is None else 4 * m.out_features
-    assert drafter.copy_bytes == expected
+    assert drafter.memory_bytes == expected
     fp32_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, nn.Linear))
-    assert drafter.copy_bytes < fp32_bytes / 2
+    assert drafter.memory_bytes < fp32_bytes / 2
 
 
 def test_draft_cache_matches_a_fresh_forward_within_rounding():
@@ -83,7 +84,7 @@ def test_draft_cache_matches_a_fresh_forward_within_rounding():
     different logits from a fresh forward over the same tokens; the target verifies every draft,
     so this moves acceptance only, never the output. Log-probabilities agree within 0.02."""
     model = fp32("llama")
-    drafter = QuantizedDraft(num_tokens=4)
+    drafter = QuantizedDraft("int8", num_tokens=4)
     drafter.begin(model)
     perturb(drafter.copy, 0.3)
     _, stats = run(model, random_prompt(4, 9), drafter, 30)
@@ -102,7 +103,7 @@ def test_draft_cache_matches_a_fresh_forward_within_rounding():
 
 def test_built_once_per_target():
     a, b = fp32("llama"), fp32("qwen2")
-    drafter = QuantizedDraft()
+    drafter = QuantizedDraft("int8")
     drafter.begin(a)
     first = drafter.copy
     drafter.begin(b)

@@ -7,7 +7,7 @@ Drafter names (the CLI's) become objects at the edge, in `specdec.registry`.
 from __future__ import annotations
 
 from specdec.drafters.compose import Fallback, Merge
-from specdec.drafters.draft_model import DraftModel
+from specdec.drafters.draft_model import DraftModel, QuantizedDraft
 from specdec.drafters.eagle import Eagle
 from specdec.drafters.early_exit import EarlyExit
 from specdec.drafters.jacobi import Jacobi
@@ -15,7 +15,6 @@ from specdec.drafters.layer_skip import LayerSkip
 from specdec.drafters.lookahead import Lookahead
 from specdec.drafters.medusa import Medusa
 from specdec.drafters.prompt_lookup import PromptLookup
-from specdec.drafters.quantized import QuantizedDraft
 from specdec.drafters.retrieval import Datastore, Retrieval
 from specdec.drafters.token_recycling import TokenRecycling
 

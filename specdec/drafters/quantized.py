@@ -1,10 +1,11 @@
-"""A dynamic-int8 copy of the target itself drafts for it: cheaper than the target, close to it.
+"""Dynamic-int8 copies of a causal LM: cheap drafts that stay close to the model they copy.
 
 `quantized_copy(model)` builds the copy module by module: every module object is new, the
-non-linear parameters and buffers (embeddings, norms, rotary) are the target's own tensors, and
+non-linear parameters and buffers (embeddings, norms, rotary) are the model's own tensors, and
 each ``nn.Linear`` becomes torch's dynamic int8 linear (int8 weights, fp32 activations quantized
-per forward; fbgemm/x86) made straight from the target's weight, so no second fp32 copy ever
-exists. `QuantizedDraft` is a `DraftModel` over that copy, built in `begin` and kept per target.
+per forward; fbgemm/x86) made straight from the model's weight, so no second fp32 copy ever
+exists. ``int8-smooth`` first moves activation outliers into the weights (SmoothQuant), from
+input maxima seen on calibration tokens. `QuantizedDraft` and ``DraftModel(quantize=)`` use it.
 
 Uses ``torch.ao.nn.quantized.dynamic.Linear``: torch deprecates its quantized tensors in favour of
 torchao, which is not a dependency (nor installed here); this module is the one place to change.
@@ -18,30 +19,29 @@ from __future__ import annotations
 
 import copy
 import warnings
-import weakref
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig
 
 from specdec import memory
-from specdec.drafter import Context, Feedback
-from specdec.drafters.draft_model import DraftModel, check_options
-from specdec.trees import TokenTree
 
 # scheme -> the weight/activation qconfig of every quantized linear
-SCHEMES = {"int8": per_channel_dynamic_qconfig, "int8-per-tensor": default_dynamic_qconfig}
+SCHEMES = {"int8": per_channel_dynamic_qconfig, "int8-per-tensor": default_dynamic_qconfig,
+           "int8-smooth": per_channel_dynamic_qconfig}
+SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength: scale s_j = max|x_j|^a / max|w_j|^(1 - a)
+CALIBRATION_TOKENS = 512  # the most calibration tokens read (the last ones)
 ENGINES = ("x86", "fbgemm")  # the quantized engines with fast dynamic int8 linears on x86 CPUs
 
 
-def _check_scheme(scheme: str) -> None:
+def check_scheme(scheme: str, who: str = "QuantizedDraft") -> None:
     if scheme not in SCHEMES:
-        raise ValueError(f"QuantizedDraft: unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
+        raise ValueError(f"{who}: unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
 
 
-def _check_target(model, scheme: str) -> None:
-    _check_scheme(scheme)
+def check_target(model, scheme: str) -> None:
+    check_scheme(scheme)
     supported = torch.backends.quantized.supported_engines
     if not any(e in supported for e in ENGINES):
         raise RuntimeError(f"QuantizedDraft: this torch build has no {' or '.join(ENGINES)} quantized engine "
@@ -63,26 +63,82 @@ def _check_target(model, scheme: str) -> None:
                          "needs a transformers causal LM with linear projections")
 
 
-def quantized_copy(model, scheme: str = "int8", lm_head: bool = True):
+def _input_maxima(model, linears: dict[nn.Linear, str], calibration: Tensor) -> dict[str, Tensor]:
+    """name -> max |input| per input channel of each of `linears` over one forward of `model` on
+    the last `CALIBRATION_TOKENS` of `calibration` ([t] or [1, t] token ids)."""
+    ids = calibration.reshape(-1)[-CALIBRATION_TOKENS:]
+    if not ids.numel():
+        raise ValueError("quantized_copy: calibration is empty; give the token ids of some representative text")
+    seen: dict[str, Tensor] = {}
+
+    def hook(module, args):
+        x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
+        name = linears[module]
+        seen[name] = torch.maximum(seen[name], x) if name in seen else x
+
+    hooks = [m.register_forward_pre_hook(hook) for m in linears]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids[None].to(next(model.parameters()).device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+class _Smoothed(nn.Module):
+    """A quantized linear over SmoothQuant-scaled weights W * s: its input is divided by s first."""
+
+    def __init__(self, linear: DynamicLinear, inv_scale: Tensor):
+        super().__init__()
+        self.linear = linear
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("inv_scale", inv_scale)  # [in_features] 1 / s
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x * self.inv_scale)
+
+
+def _quantize(module: nn.Linear, qconfig, maxima: Tensor | None) -> nn.Module:
+    """`module` as a dynamic int8 linear (SmoothQuant-scaled where `maxima` are given); `module` unchanged."""
+    shell = copy.copy(module)  # the same tensors: from_float gets its qconfig, the target none
+    shell._parameters = dict(module._parameters)  # so replacing the weight below leaves the target's
+    shell.qconfig = qconfig
+    scale = None
+    if maxima is not None:
+        w = module.weight.detach().abs().amax(0).clamp(min=1e-5)  # [in_features]
+        scale = (maxima.clamp(min=1e-5) ** SMOOTH_ALPHA / w ** (1 - SMOOTH_ALPHA)).clamp(min=1e-5)
+        shell.weight = nn.Parameter(module.weight.detach() * scale[None, :], requires_grad=False)
+    with warnings.catch_warnings():  # torch's deprecation of quantized tensors (module docstring)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation.*deprecated")
+        with torch.no_grad():
+            q = DynamicLinear.from_float(shell)
+    return q if scale is None else _Smoothed(q, 1 / scale)
+
+
+def quantized_copy(model, scheme: str = "int8", lm_head: bool = True, keep: tuple[str, ...] = (),
+                   calibration: Tensor | None = None):
     """A new module tree over `model`'s own non-linear tensors with each ``nn.Linear`` replaced by
-    a dynamic int8 linear under `scheme` (`SCHEMES`); ``lm_head=False`` keeps the output
-    projection fp32 (shared, not copied). `model` is left as it was. Clear errors for an engine,
-    device, dtype or model this cannot quantize (see the module docstring)."""
-    _check_target(model, scheme)
-    qconfig = SCHEMES[scheme]
-    keep = None if lm_head else getattr(model, "get_output_embeddings", lambda: None)()
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not keep]
+    a dynamic int8 linear under `scheme` (`SCHEMES`). ``lm_head=False`` keeps the output projection
+    fp32, and `keep` the linears whose qualified names start with one of its prefixes (e.g.
+    the first decoder layer's prefix); kept ones are shared, not copied. `calibration`: token ids that
+    ``int8-smooth`` reads the activation maxima from (required there). `model` is left as it was.
+    Clear errors for an engine, device, dtype or model this cannot quantize (see the module docstring)."""
+    check_target(model, scheme)
+    if scheme == "int8-smooth" and calibration is None:
+        raise ValueError("quantized_copy: scheme 'int8-smooth' needs calibration token ids (a few hundred tokens of "
+                         "representative text, e.g. the prompt); or use scheme 'int8'")
+    head = None if lm_head else getattr(model, "get_output_embeddings", lambda: None)()
+    linears = {m: name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head
+               and not any(name.startswith(k) for k in keep)}
     memory.require(sum(m.weight.numel() + 20 * m.out_features for m in linears), "QuantizedDraft's int8 copy",
                    "free memory, keep the lm_head fp32 (lm_head=False) or pick another drafter")
+    maxima = _input_maxima(model, linears, calibration) if scheme == "int8-smooth" else {}
+    qconfig = SCHEMES[scheme]
 
     def clone(module: nn.Module) -> nn.Module:
-        if isinstance(module, nn.Linear) and module is not keep:
-            shell = copy.copy(module)  # the same tensors: from_float gets its qconfig, the target none
-            shell.qconfig = qconfig
-            with warnings.catch_warnings():  # torch's deprecation of quantized tensors (module docstring)
-                warnings.filterwarnings("ignore", message=".*quantized tensor creation.*deprecated")
-                with torch.no_grad():
-                    return DynamicLinear.from_float(shell)
+        if isinstance(module, nn.Linear):
+            return _quantize(module, qconfig, maxima.get(linears[module])) if module in linears else module
         new = module.__class__.__new__(module.__class__)
         new.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in module.__dict__.items()})
         new._modules = {name: None if child is None else clone(child) for name, child in module._modules.items()}
@@ -95,11 +151,18 @@ def quantized_copy(model, scheme: str = "int8", lm_head: bool = True):
     return copied
 
 
-def quantized_bytes(draft_copy) -> int:
-    """Bytes the dynamic int8 linears of `draft_copy` hold (int8 weights, per-channel or per-tensor
-    scales and zero points, fp32 biases): what the copy adds to the target's memory."""
-    total = 0
-    for m in draft_copy.modules():
+def model_bytes(model, shared_with=None) -> int:
+    """Bytes `model` holds that `shared_with` (a model, or None) does not: its parameters and
+    buffers not among `shared_with`'s, and its dynamic int8 linears' packed weights (int8 weights,
+    per-channel or per-tensor scales and zero points, fp32 biases)."""
+    shared = set() if shared_with is None else {
+        t.data_ptr() for t in [*shared_with.parameters(), *shared_with.buffers()]}
+    total, seen = 0, set()
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in shared and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    for m in model.modules():
         if isinstance(m, DynamicLinear):
             w, b = m.weight(), m.bias()
             total += w.numel() * w.element_size()
@@ -109,61 +172,3 @@ def quantized_bytes(draft_copy) -> int:
                 total += 16
             total += 0 if b is None else b.numel() * b.element_size()
     return total
-
-
-class QuantizedDraft:
-    """Drafts with a dynamic int8 copy of the target (`quantized_copy`), as `DraftModel` does with a
-    separate draft model (same options, same chain/tree drafting, same cache reconciliation). The
-    copy is built in `begin` for each target it meets, kept while that target lives; `copy` and
-    `copy_bytes` describe the current target's. Drafts stay `num_tokens` deep (`DraftModel`'s
-    sizing), not yet sized by the copy's measured cost."""
-
-    needs_hidden_states = False
-
-    def __init__(
-        self, scheme: str = "int8", *, lm_head: bool = True, num_tokens: int = 5, topk: int = 1,
-        width: int | None = None, budget: int | None = None, window: int | None = None, min_confidence: float = 0.0,
-    ):
-        """`scheme`: a key of `SCHEMES`; `lm_head`: quantize the output projection too (False keeps
-        it fp32, shared with the target: more agreement, slower on large vocabularies). The rest
-        are `DraftModel`'s."""
-        _check_scheme(scheme)
-        check_options("QuantizedDraft", num_tokens, topk, window, min_confidence)
-        self.scheme, self.lm_head = scheme, lm_head
-        self._options = dict(num_tokens=num_tokens, topk=topk, width=width, budget=budget, window=window,
-                             min_confidence=min_confidence)
-        self._drafts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # target -> DraftModel
-        self._draft: DraftModel | None = None
-
-    def __repr__(self) -> str:
-        return f"QuantizedDraft({self.scheme!r}, lm_head={self.lm_head}, num_tokens={self._options['num_tokens']})"
-
-    @property
-    def copy(self):
-        """The current target's int8 copy (after `begin`)."""
-        if self._draft is None:
-            raise RuntimeError("QuantizedDraft: no target yet; the copy is built by begin(target) (generate calls it)")
-        return self._draft.model
-
-    @property
-    def copy_bytes(self) -> int:
-        """Bytes of the current target's copy beyond the target's own (`quantized_bytes`)."""
-        return quantized_bytes(self.copy)
-
-    def begin(self, target) -> None:
-        draft = self._drafts.get(target)
-        if draft is None:
-            draft = DraftModel(quantized_copy(target, self.scheme, self.lm_head), **self._options)
-            self._drafts[target] = draft
-        self._draft = draft
-        draft.begin(target)
-
-    def propose(self, ctx: Context) -> TokenTree:
-        if self._draft is None:
-            raise RuntimeError("QuantizedDraft: propose before begin(target); generate calls begin first")
-        return self._draft.propose(ctx)
-
-    def update(self, feedback: Feedback) -> None:
-        if self._draft is None:
-            raise RuntimeError("QuantizedDraft: update before begin(target); generate calls begin first")
-        self._draft.update(feedback)
