@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from specdec import memory
 from specdec.decode import GenerationStats
 from specdec.devices import clock, device_field, dtype_field
+from specdec.drafters.quantized import model_bytes
 from specdec.extras import require
 from specdec.guard import Guard
 from specdec.profile import cpu_name
@@ -52,12 +54,19 @@ class BenchConfig:
         },
     )
     draft_model: str | None = field(default=None, metadata={"help": "draft model for hf-assisted and draft-model*"})
+    quantize_draft: str | None = field(
+        default=None,
+        metadata={"help": "build one dynamic int8 copy of --draft-model under this scheme (int8, int8-per-tensor, "
+                  "int8-smooth: calibrated on the warm-up prompt); draft-model[quantized] drafts with it and "
+                  "hf-assisted uses that same object as its assistant"},
+    )
     datastore: str | None = field(default=None, metadata={"help": "datastore for the retrieval drafters (default: the "
                                                                   "model's)"})
     max_new_tokens: int = field(default=128, metadata={"help": "new tokens per turn"})
     limit: int | None = field(default=None, metadata={"help": "first N questions only"})
     per_category: int | None = field(default=None, metadata={"help": "first N questions of each category only"})
     categories: str | None = field(default=None, metadata={"help": "comma list of categories to keep"})
+    first_turns: bool = field(default=False, metadata={"help": "run only each question's first turn"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
     num_tokens: int = field(default=10, metadata={"help": "prompt-lookup draft length (HF's and specdec's)"})
     assistant_tokens: int = field(default=5, metadata={"help": "draft length of HF assisted generation"})
@@ -90,7 +99,7 @@ class BenchConfig:
     )
 
 
-RESUME_FREE = ("out", "resume", "limit", "per_category", "categories")
+RESUME_FREE = ("out", "resume", "limit", "per_category", "categories", "first_turns")
 """BenchConfig fields a resumed run may change: where it writes and which questions it selects.
 Every other field changes records (threads and device change their timings)."""
 
@@ -120,13 +129,15 @@ class Record:
     first_mismatch: int | None = None  # index of the first differing new token
     step_tokens: list[int] | None = None  # specdec: tokens committed by each target forward
     split_s: dict | None = None  # specdec: seconds spent in prefill / draft / verify / overhead
+    draft_bytes: int | None = None  # weights the method's drafter or assistant holds beyond the target
 
 
 def read_questions(
-    path: str, limit: int | None = None, categories: str | None = None, per_category: int | None = None
+    path: str, limit: int | None = None, categories: str | None = None, per_category: int | None = None,
+    first_turns: bool = False,
 ) -> list[dict]:
     """Spec-Bench questions of a .jsonl file, each checked (`check_question`); every refusal names
-    the file and line."""
+    the file and line. `first_turns`: each question cut to its first turn."""
     from specdec.drafters.retrieval import read_jsonl
 
     keep = set(categories.split(",")) if categories else None
@@ -135,7 +146,7 @@ def read_questions(
         check_question(q, f"{path}:{n}")
         taken = sum(p["category"] == q["category"] for p in questions)
         if (keep is None or q["category"] in keep) and (per_category is None or taken < per_category):
-            questions.append(q)
+            questions.append({**q, "turns": q["turns"][:1]} if first_turns else q)
     if keep is not None and not questions:
         raise ValueError(f"--categories {categories}: no question of {path} has these categories")
     return questions[:limit] if limit else questions
@@ -232,6 +243,14 @@ def check_methods(cfg: BenchConfig) -> list[str]:
             raise ValueError(f"--methods: {name!r}: the variants are ':stock' and ':noguard', for specdec methods")
         if (name == "hf-assisted" or "draft-model" in base) and not cfg.draft_model:
             raise ValueError(f"--methods {name} needs --draft-model NAME (e.g. qwen2.5-coder-0.5b)")
+        if "draft-model" in base and "quantized" in base and not cfg.quantize_draft:
+            raise ValueError(f"--methods {name} needs --quantize-draft SCHEME (e.g. int8)")
+    if cfg.quantize_draft is not None:
+        from specdec.drafters.quantized import check_scheme
+
+        check_scheme(cfg.quantize_draft, "--quantize-draft")
+        if not cfg.draft_model:
+            raise ValueError("--quantize-draft needs --draft-model NAME: it quantizes that model")
     if "baseline" not in names:
         raise ValueError("--methods must include baseline: every output is checked against it")
     if len(set(names)) != len(names):
@@ -239,10 +258,23 @@ def check_methods(cfg: BenchConfig) -> list[str]:
     return names
 
 
-def make_drafters(cfg: BenchConfig, target, draft) -> dict:
+WARMUP = "Say hello."  # the prompt every method runs once before timing (and int8-smooth calibrates on)
+
+
+def quantize_draft(cfg: BenchConfig, draft, tokenizer):
+    """The one int8 copy of `draft` that --quantize-draft asks for (None without it)."""
+    if cfg.quantize_draft is None:
+        return None
+    from specdec.drafters.quantized import quantized_copy
+
+    calibration = encode_chat(tokenizer, [{"role": "user", "content": WARMUP}])
+    return quantized_copy(draft, cfg.quantize_draft, calibration=calibration)
+
+
+def make_drafters(cfg: BenchConfig, target, draft, quantized=None) -> dict:
     """method name -> its drafter, for the methods that have one; built before any long work
     (`specdec bench` builds them before the one-time cost profiling), so a missing datastore,
-    draft model or trained head is refused first."""
+    draft model or trained head is refused first. `quantized`: `quantize_draft`'s copy."""
     from specdec.drafters import PromptLookup
     from specdec.registry import Resources, make_drafter
 
@@ -251,7 +283,7 @@ def make_drafters(cfg: BenchConfig, target, draft) -> dict:
         base, _, variant = name.partition(":")
         if base in (*HF_METHODS, "plain"):
             continue
-        drafter = make_drafter(base, Resources(target, cfg.model, draft, cfg.datastore))
+        drafter = make_drafter(base, Resources(target, cfg.model, draft, cfg.datastore, quantized))
         if isinstance(drafter, PromptLookup):  # the same draft length as HF's prompt lookup
             drafter = dataclasses.replace(drafter, num_tokens=cfg.num_tokens)
         drafters[name] = drafter
@@ -259,14 +291,15 @@ def make_drafters(cfg: BenchConfig, target, draft) -> dict:
 
 
 def make_methods(
-    cfg: BenchConfig, target, draft, drafters: dict | None = None
+    cfg: BenchConfig, target, draft, drafters: dict | None = None, quantized=None
 ) -> dict[str, Callable[[Tensor, int], tuple[Tensor, int, GenerationStats | None]]]:
     """name -> run(prompt [1, t], turn) -> (output [1, t + new], target forwards that produced
     tokens, specdec's per-step stats or None for transformers' methods). specdec methods run each
     question as one `specdec.Session` (turn 0 starts it), so a later turn reuses the cache of the
     earlier ones, as a chat server does; model.generate prefills every turn afresh. `drafters`:
-    from `make_drafters` (None: built here)."""
-    drafters = make_drafters(cfg, target, draft) if drafters is None else drafters
+    from `make_drafters` (None: built here). `quantized`: `quantize_draft`'s copy of `draft`, which
+    hf-assisted then takes as its assistant."""
+    drafters = make_drafters(cfg, target, draft, quantized) if drafters is None else drafters
 
     def hf(**kwargs):
         def run(ids, turn):
@@ -306,12 +339,13 @@ def make_methods(
         elif name == "hf-prompt-lookup":
             methods[name] = hf(prompt_lookup_num_tokens=cfg.num_tokens)
         elif name == "hf-assisted":
+            assistant = draft if quantized is None else quantized
             # transformers reads these from the assistant's own generation config (generate() kwargs
             # are ignored, checked on 5.23); its defaults are 20 tokens with a 0.4 confidence cut-off.
-            draft.generation_config.num_assistant_tokens = cfg.assistant_tokens
-            draft.generation_config.num_assistant_tokens_schedule = "constant"
-            draft.generation_config.assistant_confidence_threshold = cfg.assistant_confidence
-            methods[name] = hf(assistant_model=draft)
+            assistant.generation_config.num_assistant_tokens = cfg.assistant_tokens
+            assistant.generation_config.num_assistant_tokens_schedule = "constant"
+            assistant.generation_config.assistant_confidence_threshold = cfg.assistant_confidence
+            methods[name] = hf(assistant_model=assistant)
         else:
             methods[name] = spec(drafters.get(name), variant)  # plain: no drafter
     return methods
@@ -332,21 +366,23 @@ def run_bench(
     drafters: dict | None = None,
     earlier: list[Record] | None = None,
     questions: list[dict] | None = None,
+    quantized=None,
 ) -> list[Record]:
     """All records; `on_question(records so far)` after each question (for incremental reports);
     `drafters` as `make_methods` takes them. `earlier`: records of an interrupted run (`--resume`),
     kept; its finished questions are skipped, a partly recorded one runs again. `questions`: as
-    `read_questions` gives them for `cfg` (None: read here)."""
+    `read_questions` gives them for `cfg` (None: read here). `quantized`: as `make_methods`."""
     from tqdm.auto import tqdm
 
     if questions is None:
-        questions = read_questions(cfg.questions, cfg.limit, cfg.categories, cfg.per_category)
-    methods = make_methods(cfg, target, draft, drafters)
+        questions = read_questions(cfg.questions, cfg.limit, cfg.categories, cfg.per_category, cfg.first_turns)
+    methods = make_methods(cfg, target, draft, drafters, quantized)
+    assistant_bytes = model_bytes(draft if quantized is None else quantized) if draft is not None else None
     names = list(methods)
     records = finished_records(earlier or [], questions, names)
     done = {r.question_id for r in records}
     if any(q["question_id"] not in done for q in questions):  # nothing to run: no warm-up either
-        warm = encode_chat(tokenizer, [{"role": "user", "content": "Say hello."}]).to(target.device)
+        warm = encode_chat(tokenizer, [{"role": "user", "content": WARMUP}]).to(target.device)
         for run in methods.values():  # first calls pay one-time costs (allocations, kernel selection)
             run(warm, 0)
     for qi, q in enumerate(tqdm(questions, desc="questions", disable=not progress)):
@@ -365,7 +401,10 @@ def run_bench(
                 outputs[name] = new = out[0, ids.shape[1] :]
                 history[name].append({"role": "assistant", "content": tokenizer.decode(new, skip_special_tokens=True)})
                 rec = Record(q["question_id"], q["category"], turn, name, new.numel(), seconds, forwards, True)
+                if name == "hf-assisted":
+                    rec.draft_bytes = assistant_bytes
                 if stats is not None:
+                    rec.draft_bytes = stats.draft_bytes
                     rec.step_tokens = [len(step.new_tokens) for step in stats.steps]
                     rec.split_s = {
                         "prefill": stats.prefill_s,
@@ -386,12 +425,17 @@ def run_bench(
     return records
 
 
+FIRST, LATER = "first turns", "later turns"  # summary rows over every category, besides "overall"
+
+
 def summarize(records: list[Record]) -> dict:
-    """Per method, overall and per category: tokens/s, speedup over baseline, tokens per forward, mismatches."""
+    """Per method, overall, over first and over later turns, and per category: tokens/s, speedup
+    over baseline, tokens per forward, mismatches, the most draft memory."""
     groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
     for r in records:
         groups[(r.method, "overall")].append(r)
         groups[(r.method, r.category)].append(r)
+        groups[(r.method, FIRST if r.turn == 0 else LATER)].append(r)
     summary: dict = defaultdict(dict)
     for (method, cat), rs in groups.items():
         tokens, seconds = sum(r.new_tokens for r in rs), sum(r.seconds for r in rs)
@@ -402,6 +446,7 @@ def summarize(records: list[Record]) -> dict:
             "tokens_per_forward": tokens / max(1, sum(r.forwards for r in rs)),
             "mismatches": sum(not r.exact for r in rs),
             "turns": len(rs),
+            "draft_bytes": max((r.draft_bytes or 0 for r in rs), default=0),
         }
         if all(r.split_s is not None for r in rs):  # specdec methods: where the time went
             summary[method][cat]["split_s"] = {k: sum(r.split_s[k] for r in rs) for k in rs[0].split_s}
@@ -413,7 +458,7 @@ def summarize(records: list[Record]) -> dict:
 
 def report(summary: dict, cfg: BenchConfig, device: str, resumed: int = 0) -> str:
     methods = list(summary)
-    cats = sorted({c for m in summary.values() for c in m if c != "overall"})
+    cats = _categories(summary)
     turns = summary["baseline"]["overall"]["turns"]
     decoding = "greedy" if cfg.temperature == 0 else f"sampled at temperature {cfg.temperature}"
     decoding += ", specdec with the no-slowdown guard" if cfg.guard else ""
@@ -430,13 +475,19 @@ def report(summary: dict, cfg: BenchConfig, device: str, resumed: int = 0) -> st
         "",
         *([f"{resumed} question(s) resumed from an earlier run's results.json (--resume): their timings come from "
            "that process.", ""] if resumed else []),
-        "| method | tokens/s | speedup | tokens per target forward | mismatches |",
-        "|---|---:|---:|---:|---:|",
+        f"Peak resident memory of the process: {memory.size(memory.peak_rss())}; draft memory: what a method's "
+        "drafter (or HF's assistant) holds beyond the target.",
+        "",
+        "| method | tokens/s | speedup | first turns | later turns | tokens per target forward | draft memory | "
+        "mismatches |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in methods:
-        o = summary[m]["overall"]
+        o, turn_rows = summary[m]["overall"], [summary[m].get(k) for k in (FIRST, LATER)]
         lines.append(
-            f"| {m} | {o['tokens_per_s']:.2f} | {o['speedup']:.2f}x | {o['tokens_per_forward']:.2f} | "
+            f"| {m} | {o['tokens_per_s']:.2f} | {o['speedup']:.2f}x | "
+            + " | ".join(f"{t['speedup']:.2f}x" if t else "-" for t in turn_rows)
+            + f" | {o['tokens_per_forward']:.2f} | {memory.size(o['draft_bytes']) if o['draft_bytes'] else '-'} | "
             + (f"{o['mismatches']}/{o['turns']} |" if cfg.temperature == 0 else "not checked |")
         )
     lines += ["", "Speedup (tokens per target forward) per category:", ""]
@@ -460,6 +511,12 @@ def report(summary: dict, cfg: BenchConfig, device: str, resumed: int = 0) -> st
     return "\n".join(lines) + "\n"
 
 
+def _categories(summary: dict) -> list[str]:
+    """The summary's rows below "overall": first and later turns, then each category by name."""
+    rows = {c for m in summary.values() for c in m if c != "overall"}
+    return [k for k in (FIRST, LATER) if k in rows] + sorted(rows - {FIRST, LATER})
+
+
 def write_plots(records: list[Record], summary: dict, out: Path) -> None:
     """speedup.png (per category and method) and accepted.png (histogram of tokens per target
     forward for specdec methods); written to temp files and renamed like the rest."""
@@ -467,7 +524,7 @@ def write_plots(records: list[Record], summary: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     methods = [m for m in summary if m != "baseline"]
-    cats = sorted({c for m in summary.values() for c in m if c != "overall"}) + ["overall"]
+    cats = _categories(summary) + ["overall"]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cats) * max(1, len(methods)) / 2), 3.6))
     width = 0.8 / max(1, len(methods))
     for i, m in enumerate(methods):

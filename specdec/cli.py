@@ -274,6 +274,7 @@ def cmd_bench(cfg: BenchConfig) -> int:
         finished_records,
         make_drafters,
         parse_packed_from,
+        quantize_draft,
         read_questions,
         run_bench,
         write_results,
@@ -284,14 +285,15 @@ def cmd_bench(cfg: BenchConfig) -> int:
     placement = _placement(cfg)
     methods = check_methods(cfg)  # fail on bad arguments before loading models
     require("matplotlib", "bench")  # the plots, written after every question
-    questions = read_questions(cfg.questions, cfg.limit, cfg.categories, cfg.per_category)
+    questions = read_questions(cfg.questions, cfg.limit, cfg.categories, cfg.per_category, cfg.first_turns)
     earlier = earlier_results(cfg)  # an existing results.json: refused, or (--resume) continued
     kept = finished_records(earlier["records"], questions, methods) if earlier else []
     resumed = len({r.question_id for r in kept})
     _setup(cfg.threads)
     target, tokenizer = load_model(cfg.model, **placement)
     draft = load_model(cfg.draft_model, **placement)[0] if cfg.draft_model else None
-    drafters = make_drafters(cfg, target, draft)  # a missing resource fails before the one-time profiling
+    quantized = quantize_draft(cfg, draft, tokenizer)  # one int8 copy for draft-model[quantized] and hf-assisted
+    drafters = make_drafters(cfg, target, draft, quantized)  # a missing resource fails before the one-time profiling
     ensure_profiles(target, draft)
     packed_from = profile.packing(parse_packed_from(cfg.packed_from), cache_dir()).packed_from(target)
     device = describe_device(target) + (
@@ -310,7 +312,7 @@ def cmd_bench(cfg: BenchConfig) -> int:
         print(f"resuming {cfg.out}/results.json: {resumed} finished question(s) kept", file=sys.stderr)
     try:
         records = run_bench(cfg, target, tokenizer, draft, drafters=drafters, on_question=on_question, earlier=kept,
-                            questions=questions)
+                            questions=questions, quantized=quantized)
     except KeyboardInterrupt:
         n = len({r.question_id for r in written})
         raise KeyboardInterrupt(f"{cfg.out}/results.json and report.md keep the {n} finished question(s)" if n

@@ -27,6 +27,7 @@ from specdec.drafters import (
     TokenRecycling,
     load,
 )
+from specdec.drafters.quantized import check_scheme
 
 __all__ = ["DRAFTERS", "Entry", "Resources", "check_name", "datastore_dir", "make_drafter", "parse_name"]
 
@@ -40,6 +41,7 @@ class Resources:
     target_name: str | None = None  # the name the target was loaded by (for default datastores)
     draft: Any = None
     datastore: str | None = None
+    quantized_draft: Any = None  # the draft model's int8 copy (`specdec bench --quantize-draft`)
 
 
 def datastore_dir(target_name: str | None) -> Path:
@@ -96,9 +98,24 @@ def _early_exit(r: Resources, untrained: bool = False, **kwargs):
     return EarlyExit(r.target, **kwargs) if untrained else load("early-exit", r.target, **kwargs)
 
 
-def _quantized_self(r: Resources, fp32_head: bool = False, **kwargs):
+def _quantized_self(r: Resources, fp32_head: bool = False, fixed: bool = False, **kwargs):
     # fp32-head: the lm_head stays fp32 (shared with the target), the decoder linears int8
-    return QuantizedDraft(lm_head=not fp32_head, **kwargs)
+    return QuantizedDraft(lm_head=not fp32_head, sized=not fixed, **kwargs)
+
+
+def _draft_model(r: Resources, quantized: bool = False, fixed: bool = False, **kwargs):
+    # quantized: the draft model's int8 copy that the bench built once (hf-assisted drafts with it too)
+    if quantized and r.quantized_draft is None:
+        raise ValueError("draft-model[quantized] needs the draft model's int8 copy: add --quantize-draft SCHEME")
+    return DraftModel(r.quantized_draft if quantized else _draft(r), sized=not fixed, **kwargs)
+
+
+def _scheme(value: str) -> str:
+    check_scheme(value, "quantized-self[scheme=...]")
+    return value
+
+
+SIZING = {"fixed": FLAG, **BUDGET}  # fixed: always draft num_tokens deep, not sized by the measured cost
 
 
 DRAFTERS = {
@@ -112,11 +129,11 @@ DRAFTERS = {
     "medusa": _trained("medusa"),
     "eagle": _trained("eagle"),
     "early-exit": Entry(_early_exit, {"untrained": FLAG, **BUDGET}),
-    "draft-model": Entry(lambda r, **o: DraftModel(_draft(r), **o), BUDGET),
+    "draft-model": Entry(_draft_model, {"quantized": FLAG, **SIZING}),
     "draft-model-tree": Entry(
-        lambda r, **o: DraftModel(_draft(r), **{"topk": 2, "width": 2, "budget": 8, **o}), BUDGET
+        lambda r, **o: _draft_model(r, **{"topk": 2, "width": 2, "budget": 8, **o}), {"quantized": FLAG, **SIZING}
     ),
-    "quantized-self": Entry(_quantized_self, {"fp32-head": FLAG, **BUDGET}),
+    "quantized-self": Entry(_quantized_self, {"fp32-head": FLAG, "scheme": _scheme, **SIZING}),
 }
 
 _PART = re.compile(r"([a-z0-9-]+)(?:\[([^\[\]]*)\])?")

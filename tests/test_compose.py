@@ -407,7 +407,7 @@ def test_merge_and_fallback_of_real_drafters_are_exact(arch):
         return spied[-1]
 
     makes = [
-        lambda: Merge([spy(PromptLookup(), 2), spy(DraftModel(model, num_tokens=3))]),  # self-drafting
+        lambda: Merge([spy(PromptLookup(), 2), spy(DraftModel(model, num_tokens=3, sized=False))]),  # self
         lambda: Merge([spy(PromptLookup(num_matches=2)), spy(DraftModel(small(1), topk=2, num_tokens=3), 1)], budget=5),
         lambda: Fallback(PromptLookup(), DraftModel(small(1))),
         lambda: Fallback(Merge([PromptLookup(num_matches=2), DraftModel(small(1))], budget=4), DraftModel(small(2))),

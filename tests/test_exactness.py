@@ -134,7 +134,7 @@ def test_hypothesis_prompts_and_tree_shapes(prompt, parents, seed, device):
         lambda d: PromptLookup(num_tokens=4, max_ngram=2, num_matches=3),
         lambda d: DraftModel(tiny_model("llama", seed=1, layers=1, device=d)),
         lambda d: DraftModel(tiny_model("llama", seed=1, layers=1, device=d), topk=3, num_tokens=3, budget=7),
-        lambda d: DraftModel(tiny_model("llama", device=d), num_tokens=3, sized=False),  # self-drafting: everything accepted
+        lambda d: DraftModel(tiny_model("llama", device=d), num_tokens=3, sized=False),  # self-drafting
         lambda d: DraftModel(tiny_model("llama", device=d), topk=2, width=8, num_tokens=3, sized=False),
     ],
     ids=["lookup-chain", "lookup-tree", "draft-chain", "draft-tree", "self-chain", "self-tree"],

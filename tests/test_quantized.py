@@ -162,3 +162,47 @@ def test_copy_has_its_own_profile_key():
     assert model_key(quantized_copy(model)) == "tiny-target-int8.cpu.float32" != model_key(model)
     model.name_or_path, model.config.name_or_path = "", ""
     assert model_key(quantized_copy(model)) == ""  # unnamed: no stored profile, as for the target
+
+
+def test_smooth_scheme_needs_calibration_and_leaves_the_target_untouched():
+    model = fp32("qwen2")
+    with pytest.raises(ValueError, match="'int8-smooth' needs calibration token ids"):
+        quantized_copy(model, "int8-smooth")
+    with leaves_untouched(model):
+        q = quantized_copy(model, "int8-smooth", calibration=random_prompt(0, 12)[0])
+    scaled = q.model.layers[0].mlp.down_proj
+    assert scaled.out_features == model.model.layers[0].mlp.down_proj.out_features  # drafters read out_features
+    assert torch.all(scaled.inv_scale > 0) and not torch.allclose(scaled.inv_scale, torch.ones(1))
+
+
+def test_smooth_draft_is_built_at_the_first_proposal_and_stays_exact():
+    model = fp32("llama")
+    drafter = QuantizedDraft()  # int8-smooth, calibrated on the first call's committed tokens
+    assert drafter.scheme == "int8-smooth"
+    prompt = random_prompt(2, 10)
+    out, stats = run(model, prompt, drafter, 20)
+    assert torch.equal(out, reference(model, prompt, 20))
+    assert isinstance(drafter.copy.lm_head.linear, DynamicLinear)
+    assert stats.draft_bytes == drafter.memory_bytes > 0 and stats.peak_rss_bytes > 0
+    first = drafter.copy
+    run(model, random_prompt(3, 10), drafter, 5)
+    assert drafter.copy is first  # kept for this target, not recalibrated
+
+
+def test_draft_depth_follows_the_measured_draft_cost():
+    """A draft forward a tenth of the target's drafts deeper than one 0.4 of it; one as costly as
+    the target, with few drafts accepted, does not draft at all (and drifts back toward its prior)."""
+    from specdec.drafter import Context
+
+    drafter = DraftModel(fp32("llama"), num_tokens=8)
+    ctx = Context(random_prompt(0, 4)[0], forward_s=1.0)
+    assert drafter._depth(ctx, 8) == 8  # nothing measured yet: the first proposal measures
+    drafter._forward_s.add(0.1, 1)
+    drafter._accept.add(18, 20)
+    cheap = drafter._depth(ctx, 8)
+    drafter._forward_s.add(39.6, 99)  # about 0.4 s per draft forward now
+    assert 1 <= drafter._depth(ctx, 8) < cheap
+    drafter._forward_s.add(1000.0, 1000)  # as costly as the target
+    drafter._accept.add(0, 60)
+    before = drafter._accept.rate
+    assert drafter._depth(ctx, 8) == 0 and drafter._accept.rate > before

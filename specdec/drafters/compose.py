@@ -32,6 +32,10 @@ def _rows(target_topk: Tensor | None, rows: list[int], k: int) -> Tensor | None:
     return target_topk[torch.tensor(rows, dtype=torch.long)][:, :k]  # [len(rows), k]
 
 
+def _memory_of(drafters) -> int:
+    return sum(int(getattr(d, "memory_bytes", 0) or 0) for d in drafters)
+
+
 def _same_tree(a: TokenTree | None, b: TokenTree) -> bool:
     return a is not None and (a is b or (torch.equal(a.tokens, b.tokens) and torch.equal(a.parents, b.parents)))
 
@@ -84,6 +88,10 @@ class Merge:
     @property
     def feedback_topk(self) -> int:
         return max(_topk_of(d) for d in self.drafters)
+
+    @property
+    def memory_bytes(self) -> int:
+        return _memory_of(self.drafters)
 
     def acceptance(self, j: int) -> float:
         """Drafter j's running per-token acceptance rate (ranks its nodes when it gives no scores)."""
@@ -177,6 +185,10 @@ class Fallback:
     @property
     def feedback_topk(self) -> int:
         return max(_topk_of(self.primary), _topk_of(self.secondary))
+
+    @property
+    def memory_bytes(self) -> int:
+        return _memory_of((self.primary, self.secondary))
 
     def begin(self, target) -> None:
         self.primary.begin(target)

@@ -10,6 +10,7 @@ cost relative to the target's (`Context.forward_s`).
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor
 from specdec import devices, kv
 from specdec.drafter import Context, Feedback
 from specdec.drafters import cached_drafting
-from specdec.drafters.quantized import check_target, check_scheme, model_bytes, quantized_copy
+from specdec.drafters.quantized import check_scheme, check_target, model_bytes, quantized_copy
 from specdec.packing import PackedRoute
 from specdec.trees import RunningRate, TokenTree, best_size
 
@@ -86,7 +87,7 @@ class DraftModel:
         # The draft cache stays: propose keeps its common prefix with the new prompt, so the
         # next turn of a conversation does not prefill the draft model from scratch.
 
-    @property
+    @functools.cached_property
     def memory_bytes(self) -> int:
         """Bytes of the draft model's weights and buffers (packed int8 ones included)."""
         return model_bytes(self.model)
@@ -185,11 +186,12 @@ class QuantizedDraft:
     @property
     def memory_bytes(self) -> int:
         """Bytes of the current target's copy beyond the target's own tensors (0 before it is built)."""
-        return 0 if self._draft is None else model_bytes(self._draft.model, shared_with=self._target)
+        return 0 if self._draft is None else self._draft.memory_bytes
 
     def _build(self, target, calibration: Tensor | None) -> DraftModel:
         copied = quantized_copy(target, self.scheme, self.lm_head, calibration=calibration)
         self._drafts[target] = draft = DraftModel(copied, **self._options)
+        draft.memory_bytes = model_bytes(copied, shared_with=target)  # the copy shares the target's other tensors
         return draft
 
     def begin(self, target) -> None:
