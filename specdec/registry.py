@@ -98,6 +98,20 @@ def _early_exit(r: Resources, untrained: bool = False, **kwargs):
     return EarlyExit(r.target, **kwargs) if untrained else load("early-exit", r.target, **kwargs)
 
 
+def _count(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"takes an int >= 1, got {value!r}")
+    return int(value)
+
+
+def _prompt_lookup(r: Resources, fixed: bool = False, **kwargs):
+    # fixed: always copy num_tokens (HF's prompt_lookup_num_tokens), not sized by the verify cost
+    return PromptLookup(**({"token_cost": 0.0} if fixed else {}), **kwargs)
+
+
+LOOKUP = {"fixed": FLAG, "max-ngram": _count, **BUDGET}  # bench sets num_tokens (--num-tokens)
+
+
 def _quantized_self(r: Resources, fp32_head: bool = False, fixed: bool = False, **kwargs):
     # fp32-head: the lm_head stays fp32 (shared with the target), the decoder linears int8
     return QuantizedDraft(lm_head=not fp32_head, sized=not fixed, **kwargs)
@@ -119,7 +133,7 @@ SIZING = {"fixed": FLAG, **BUDGET}  # fixed: always draft num_tokens deep, not s
 
 
 DRAFTERS = {
-    "prompt-lookup": Entry(lambda r, **o: PromptLookup(**o), BUDGET),
+    "prompt-lookup": Entry(_prompt_lookup, LOOKUP),
     "prompt-lookup-tree": Entry(lambda r, **o: PromptLookup(**{"num_matches": 3, "budget": 16, **o}), BUDGET),
     "token-recycling": Entry(lambda r: TokenRecycling()),
     "lookahead-pia": Entry(lambda r, **o: Lookahead(**o), BUDGET),

@@ -8,6 +8,7 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from conftest import leaves_untouched, random_prompt, reference, run, tiny_model
+from specdec.drafter import Context
 from specdec.drafters import DraftModel, QuantizedDraft
 from specdec.drafters.quantized import SCHEMES, quantized_copy
 from specdec.registry import Resources, make_drafter
@@ -192,8 +193,6 @@ def test_smooth_draft_is_built_at_the_first_proposal_and_stays_exact():
 def test_draft_depth_follows_the_measured_draft_cost():
     """A draft forward a tenth of the target's drafts deeper than one 0.4 of it; one as costly as
     the target, with few drafts accepted, does not draft at all (and drifts back toward its prior)."""
-    from specdec.drafter import Context
-
     drafter = DraftModel(fp32("llama"), num_tokens=8)
     ctx = Context(random_prompt(0, 4)[0], forward_s=1.0)
     assert drafter._depth(ctx, 8) == 8  # nothing measured yet: the first proposal measures
@@ -206,3 +205,16 @@ def test_draft_depth_follows_the_measured_draft_cost():
     drafter._accept.add(0, 60)
     before = drafter._accept.rate
     assert drafter._depth(ctx, 8) == 0 and drafter._accept.rate > before
+
+
+def test_a_chain_scores_its_nodes_by_the_running_acceptance():
+    """Merge sizes a union by node scores: a draft chain's raw cumulative q (small on flat
+    distributions even where the target agrees) would get it cut, so chains carry a ** depth."""
+    model = fp32("llama")
+    drafter = DraftModel(model, num_tokens=4, sized=False)
+    prompt = random_prompt(1, 8)
+    run(model, prompt, drafter, 12)
+    tree = drafter.propose(Context(prompt[0]))
+    a = drafter._accept.rate
+    assert a > 0.9  # the model drafting for itself is always right
+    torch.testing.assert_close(tree.scores, a ** torch.arange(1, 5, dtype=torch.float64))

@@ -41,6 +41,19 @@ def test_options_reach_the_drafter(loads):
     assert make_drafter("prompt-lookup-tree", Resources(None)).budget == 16
 
 
+def test_sizing_and_scheme_options():
+    fixed = make_drafter("prompt-lookup[fixed,max-ngram=2]", Resources(None))
+    assert (fixed.token_cost, fixed.max_ngram) == (0.0, 2)  # HF's fixed length and n-gram size
+    assert make_drafter("prompt-lookup", Resources(None)).token_cost is None
+    q = make_drafter("quantized-self[scheme=int8,fixed]", Resources(None))
+    assert q.scheme == "int8" and q._options["sized"] is False
+    assert make_drafter("quantized-self", Resources(None)).scheme == "int8-smooth"
+    draft = tiny_model(seed=3)
+    assert make_drafter("draft-model[fixed]", Resources(None, draft=draft)).sized is False
+    with pytest.raises(ValueError, match=r"draft-model\[quantized\] needs the draft model's int8 copy"):
+        make_drafter("draft-model[quantized]", Resources(None, draft=draft))
+
+
 def test_early_exit_untrained_needs_no_checkpoint():
     model = tiny_model()
     drafter = make_drafter("early-exit[untrained]", Resources(model))
@@ -85,6 +98,8 @@ def test_bench_variant_follows_the_options(loads):
         ("early-exit-untrained", r"unknown drafter 'early-exit-untrained'"),
         ("prompt-lookup+nope", r"unknown drafter 'nope'.* \(in 'prompt-lookup\+nope'\)"),
         ("jacobi|eagle[x]", r"unknown option 'x'.* \(in 'jacobi\|eagle\[x\]'\)"),
+        ("prompt-lookup[max-ngram=0]", r"takes an int >= 1, got '0'"),
+        ("quantized-self[scheme=int4]", r"unknown scheme 'int4'; choose from int8"),
     ],
 )
 def test_bad_names_are_refused_naming_the_fix(name, complaint):

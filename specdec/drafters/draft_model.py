@@ -10,6 +10,7 @@ cost relative to the target's (`Context.forward_s`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import weakref
 
@@ -35,6 +36,9 @@ def check_options(who: str, num_tokens: int, topk: int, window: int | None, min_
         raise ValueError(f"{who}: min_confidence must be in [0, 1), got {min_confidence}")
     if num_tokens < 1 or topk < 1:
         raise ValueError(f"{who}: num_tokens and topk must be >= 1, got {num_tokens}, {topk}")
+
+
+_COSTED = 32  # draft forwards over at most this many tokens are timed for the per-token draft cost
 
 
 class DraftModel:
@@ -65,7 +69,7 @@ class DraftModel:
         self.model = model.eval()
         self.sized = sized
         self._accept = RunningRate(1.0, 2.0)  # accepted draft tokens per trial (prior 0.5, decay 0.95)
-        self._forward_s = RunningRate(0.0, 1e-9, decay=0.9)  # seconds per draft forward
+        self._forward_s = RunningRate(0.0, 1e-9, decay=0.9)  # seconds per draft forward (not a prefill)
         self._drafted = 0  # depth of the last proposal (0: none to learn from)
         self.num_tokens, self.topk = num_tokens, topk
         self.width = 1 if topk == 1 else (width or topk)
@@ -73,7 +77,6 @@ class DraftModel:
         self.window = window
         self.min_confidence = min_confidence
         self._route = PackedRoute(model, None)
-        self._forwards = 0
         self.cache = kv.new_cache(model)
         self.cached = torch.zeros(0, dtype=torch.long)  # [c] the tokens whose keys/values are in self.cache
         self.start = 0  # the position of self.cached[0]
@@ -105,7 +108,7 @@ class DraftModel:
 
     def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor | None, last_only: bool = False) -> Tensor:
         device = self.model.device
-        self._forwards += 1
+        t0 = devices.clock(device)
         with self._route(ids.numel()):
             out = self.model(
                 input_ids=ids[None].to(device),
@@ -115,7 +118,10 @@ class DraftModel:
                 use_cache=True,
                 logits_to_keep=1 if last_only else 0,  # the lm_head is a large share of a small model's weights
             )
-        return torch.log_softmax(out.logits[0].float(), dim=-1)  # [m, vocab] on the model's device
+        logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)  # [m, vocab] on the model's device
+        if ids.numel() <= _COSTED:  # a (re)start's prefill is paid once, not per drafted token
+            self._forward_s.add(devices.clock(device) - t0, 1)
+        return logprobs
 
     @torch.no_grad()
     def propose(self, ctx: Context) -> TokenTree:
@@ -126,14 +132,14 @@ class DraftModel:
         depth = self._depth(ctx, depth) if depth >= 1 else 0
         if depth < 1:
             return TokenTree.empty()
-        self._forwards, t0 = 0, devices.clock(self.model.device)
         tree, self.cached, self.start = cached_drafting.draft(
             self._forward, self.cache, self.cached, ids, depth=depth, topk=self.topk, width=self.width,
             budget=self.budget, min_confidence=self.min_confidence, dtype=self.model.dtype,
             start=self.start, window=self.window,
         )
-        self._forward_s.add(devices.clock(self.model.device) - t0, self._forwards)
         self._drafted = int(tree.depths().max()) if len(tree) else 0
+        if self.width == 1 and len(tree):  # a chain's cumulative q is no acceptance chance; a ** depth is
+            tree = dataclasses.replace(tree, scores=self._accept.rate ** tree.depths().double())
         return tree
 
     def update(self, feedback: Feedback) -> None:
