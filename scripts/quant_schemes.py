@@ -105,7 +105,7 @@ def main() -> None:
         ms, a = decode_ms(copy), agreement(copy)
         cost = ms / target_ms
         value, depth = max(
-            (sum(a**k for k in range(length + 1)) / (verify_cost(length) + length * cost), length) for length in range(9)
+            (sum(a**k for k in range(n + 1)) / (verify_cost(n) + n * cost), n) for n in range(9)
         )
         print(f"| {name} | {build:.1f} s | {ms:.1f} | {cost:.2f} | {a:.3f} | {depth} | {value:.2f} | "
               f"{size(model_bytes(copy, shared_with=model))} |", flush=True)
