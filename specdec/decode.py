@@ -358,14 +358,19 @@ def _feedback(drafter: Drafter | None, scores, tree: TokenTree, path: list[int],
     return None if scores.hidden_states is None else scores.hidden_states[[0] + [i + 1 for i in path]]
 
 
+def _finish(stream, stats, drafter: Drafter | None) -> None:
+    """After the last step: end the stream; the drafter's memory and the process's peak, once per call."""
+    stream.end()
+    stats.draft_bytes = int(getattr(drafter, "memory_bytes", 0) or 0)
+    stats.peak_rss_bytes = memory.peak_rss()
+
+
 def _record(step: StepInfo, asked: bool, drafter: Drafter | None, guard: Guard | None, stats, on_step,
             runtime: _Runtime | None) -> None:
     """After every step: `stats`, the guard, `on_step`, the runtime's forward clock. A step the
     drafter was asked for counts as speculative even when it proposed nothing: its drafting time is
     part of what speculation costs."""
     stats.steps.append(step)
-    stats.draft_bytes = int(getattr(drafter, "memory_bytes", 0) or 0)
-    stats.peak_rss_bytes = memory.peak_rss()
     if runtime is not None:
         runtime.clock.add(step.verify_s, runtime.verify_cost(len(step.tree)))
     if guard is not None and drafter is not None:
@@ -431,7 +436,7 @@ def generate(
             hidden = _feedback(drafter, scores, tree, path, new, logits)
         step = StepInfo(tree, path, emitted, t1 - t0, t2 - t1, devices.clock(device) - t2)
         _record(step, asked, drafter, o.guard, stats, on_step, runtime)
-    stream.end()
+    _finish(stream, stats, drafter)
     return ids[None].to(input_ids.device)
 
 
