@@ -324,11 +324,12 @@ def _verifier(model, drafter: Drafter | None, verifier: Verifier | None, packed_
     if drafter is not None:
         drafter.begin(model)
     keep_hidden = drafter is not None and drafter.needs_hidden_states
+    layers = tuple(getattr(drafter, "hidden_layers", (-1,)))  # HF hidden-state indices it reads
     if verifier is None:
-        return Verifier(model, keep_hidden_states=keep_hidden, packed_from=packed_from)
+        return Verifier(model, keep_hidden_states=keep_hidden, packed_from=packed_from, hidden_layers=layers)
     if verifier.model is not model:
         raise ValueError("verifier: it was built for another model; pass a Verifier(model) of this target")
-    verifier.configure(keep_hidden_states=keep_hidden, packed_from=packed_from)
+    verifier.configure(keep_hidden_states=keep_hidden, packed_from=packed_from, hidden_layers=layers)
     return verifier
 
 

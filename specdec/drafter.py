@@ -27,7 +27,7 @@ class Context:
     input_ids: Tensor  # [t] every committed token (prompt + generated); batch size 1; a copy per step
     # Target last-layer states for the tokens committed by the previous step (the root and the
     # accepted path), only for drafters with needs_hidden_states.
-    hidden_states: Tensor | None = None  # [m, hidden]
+    hidden_states: Tensor | None = None  # [m, F]: F = hidden, or more for `hidden_layers`
     max_depth: int | None = None  # deeper nodes cannot be used (remaining token budget)
     # Time of the target forward that verifies n draft nodes (n + 1 tokens with the root),
     # relative to a forward over the root alone (so verify_cost(0) = 1), non-decreasing in n: the
@@ -61,6 +61,8 @@ class Drafter(Protocol):
     built or loaded), reported in `GenerationStats.draft_bytes`."""
 
     needs_hidden_states: bool  # ask the verifier for target hidden states (like HF's requires_model_outputs)
+    # Optional ``hidden_layers: tuple[int, ...]``: which of HF's output_hidden_states the states
+    # concatenate (default ``(-1,)``, the last post-norm layer; an EAGLE-3 head reads three).
 
     def begin(self, target) -> None:
         """Called once per generation before the first propose: validate against the target

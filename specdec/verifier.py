@@ -23,20 +23,25 @@ from specdec.trees import TokenTree, verify_inputs
 @dataclass(frozen=True)
 class Scores:
     logits: Tensor  # [n + 1, vocab]: row 0 is the root (predicts its children), row i + 1 is node i
-    hidden_states: Tensor | None = None  # [n + 1, hidden] target last-layer states, if requested
+    hidden_states: Tensor | None = None  # [n + 1, F] the requested target states, if any
 
 
 class Verifier:
-    def __init__(self, model, *, keep_hidden_states: bool = False, packed_from: int | None = None):
+    def __init__(self, model, *, keep_hidden_states: bool = False, packed_from: int | None = None,
+                 hidden_layers: tuple[int, ...] = (-1,)):
         self.model = model
         self.cache = kv.new_cache(model)
         self.prefix = torch.zeros(0, dtype=torch.long)  # [prefix_len] the committed tokens before the root
         self._scored: tuple[int, TokenTree] | None = None  # (root, tree) of the last score(), for commit
-        self.configure(keep_hidden_states=keep_hidden_states, packed_from=packed_from)
+        self.configure(keep_hidden_states=keep_hidden_states, packed_from=packed_from, hidden_layers=hidden_layers)
 
-    def configure(self, *, keep_hidden_states: bool, packed_from: int | None) -> None:
-        """Set per-generation options; the cache stays."""
+    def configure(self, *, keep_hidden_states: bool, packed_from: int | None,
+                  hidden_layers: tuple[int, ...] = (-1,)) -> None:
+        """Set per-generation options; the cache stays. `hidden_layers`: which of HF's
+        ``output_hidden_states`` a kept state concatenates (default the last, post-norm; EAGLE-3
+        heads ask for three)."""
         self.keep_hidden_states = keep_hidden_states
+        self.hidden_layers = tuple(hidden_layers)
         self._route = PackedRoute(self.model, packed_from)
 
     @property
@@ -66,7 +71,7 @@ class Verifier:
                     output_hidden_states=self.keep_hidden_states,
                 )
             if self.keep_hidden_states:
-                hidden = out.hidden_states[-1][0]
+                hidden = self._kept(out.hidden_states)
         self.prefix = want.clone()
         return hidden
 
@@ -81,9 +86,15 @@ class Verifier:
                 use_cache=True,
                 output_hidden_states=self.keep_hidden_states,
             )
-        hidden = out.hidden_states[-1][0] if self.keep_hidden_states else None
+        hidden = self._kept(out.hidden_states) if self.keep_hidden_states else None
         self._scored = (root, tree)
         return Scores(out.logits[0], hidden)
+
+    def _kept(self, states: tuple[Tensor, ...]) -> Tensor:
+        """[m, F] the requested layers' states of the one sequence, side by side."""
+        if len(self.hidden_layers) == 1:
+            return states[self.hidden_layers[0]][0]
+        return torch.cat([states[i][0] for i in self.hidden_layers], dim=-1)
 
     def commit(self, accepted_nodes: list[int]) -> None:
         """Keep prefix + root + the accepted path; the next root is the target's own token."""

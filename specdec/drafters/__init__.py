@@ -25,13 +25,15 @@ __all__ = [
 
 
 # Trained drafters shipped inside the package (specdec/drafters/shipped/<base model>/<kind>/).
-TRAINED = {"medusa": Medusa, "eagle": Eagle, "early-exit": EarlyExit}
+TRAINED = {"medusa": Medusa, "eagle": Eagle, "eagle3": Eagle, "early-exit": EarlyExit}
 
 
-def load(kind: str, model, **kwargs):
-    """The trained `kind` drafter shipped for `model` (matched by its base model name), e.g.
-    ``load("medusa", model)``; a clear error lists what is shipped when nothing matches. Any
-    checkpoint directory loads with ``Medusa.from_pretrained(dir, model)`` (likewise the others)."""
+def load(kind: str, model, directory=None, **kwargs):
+    """The trained `kind` drafter in checkpoint `directory`, or (None) the one shipped for
+    `model` (matched by its base model name), e.g. ``load("medusa", model)``; a clear error lists
+    what is shipped when nothing matches."""
     if kind not in TRAINED:
         raise ValueError(f"load: unknown trained drafter kind {kind!r}; choose from {', '.join(TRAINED)}")
-    return TRAINED[kind].shipped(model, **kwargs)
+    from specdec.drafters import checkpoint
+
+    return TRAINED[kind].from_pretrained(directory or checkpoint.shipped(kind, model), model, **kwargs)

@@ -36,6 +36,16 @@ def _memory_of(drafters) -> int:
     return sum(int(getattr(d, "memory_bytes", 0) or 0) for d in drafters)
 
 
+def _layers_of(drafters, who: str) -> tuple[int, ...]:
+    """The target hidden states the parts that need any read (`Drafter.hidden_layers`); parts
+    reading different layers cannot share the verifier's one set."""
+    wanted = {tuple(getattr(d, "hidden_layers", (-1,))) for d in drafters if d.needs_hidden_states}
+    if len(wanted) > 1:
+        raise ValueError(f"{who}: its parts read different target hidden states ({sorted(wanted)}, e.g. an EAGLE-3 "
+                         "head and a Medusa head); compose at most one kind of head-based drafter")
+    return wanted.pop() if wanted else (-1,)
+
+
 def _same_tree(a: TokenTree | None, b: TokenTree) -> bool:
     return a is not None and (a is b or (torch.equal(a.tokens, b.tokens) and torch.equal(a.parents, b.parents)))
 
@@ -84,6 +94,10 @@ class Merge:
     @property
     def needs_hidden_states(self) -> bool:
         return any(d.needs_hidden_states for d in self.drafters)
+
+    @property
+    def hidden_layers(self) -> tuple[int, ...]:
+        return _layers_of(self.drafters, "Merge")
 
     @property
     def feedback_topk(self) -> int:
@@ -181,6 +195,10 @@ class Fallback:
     @property
     def needs_hidden_states(self) -> bool:
         return self.primary.needs_hidden_states or self.secondary.needs_hidden_states
+
+    @property
+    def hidden_layers(self) -> tuple[int, ...]:
+        return _layers_of((self.primary, self.secondary), "Fallback")
 
     @property
     def feedback_topk(self) -> int:

@@ -27,11 +27,15 @@ from torch import Tensor, nn
 from specdec import kv
 from specdec.drafter import Context, Feedback
 from specdec.drafters import checkpoint
+from specdec.drafters.eagle3 import Eagle3Head
 from specdec.drafters.layer_view import causal_mask
 from specdec.drafters.vocab import DraftVocab, PackedDraft, rows, stored, stripped
 from specdec.trees import RunningRate, TokenTree, best_size, expand, tree_mask
 
 KIND = "eagle"
+KIND3 = "eagle3"  # an `Eagle3Head`'s checkpoints
+
+
 def _decoder_parts(model) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(last decoder layer, rotary embedding, final norm) of a Llama-layout causal LM."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
@@ -80,6 +84,11 @@ class EagleHead(nn.Module):
     @property
     def layer_name(self) -> str:
         return type(self.layer).__name__
+
+    @property
+    def feature_size(self) -> int:
+        """Width of a real pair's feature: the target's last-layer state."""
+        return self.hidden_size
 
     def forward(self, features: Tensor, embeds: Tensor, position_ids: Tensor, attention_mask: Tensor,
                 cache=None) -> Tensor:
@@ -153,17 +162,18 @@ class FrozenTarget:
 
 def predict(head, frozen: FrozenTarget, features: Tensor, tokens: Tensor, position_ids: Tensor,
             attention_mask: Tensor, cache=None) -> Tensor:
-    """Pairs (features [b, m, H], next tokens [b, m]) -> [b, m, H] predicted next features. `head`
-    may be wrapped (DDP): only its forward is called. Shared by drafting and training, so both
-    compute the same function."""
-    return frozen.norm(head(features, frozen.embed(tokens), position_ids, attention_mask, cache))
+    """Pairs (features [b, m, F], next tokens [b, m]) -> [b, m, H] predicted next features (an
+    `Eagle3Head`'s: its layer output, before its own norm). `head` may be wrapped (DDP): only its
+    forward is called. Shared by drafting and training, so both compute the same function."""
+    out = head(features, frozen.embed(tokens), position_ids, attention_mask, cache)
+    return out if isinstance(getattr(head, "module", head), Eagle3Head) else frozen.norm(out)
 
 
 class Eagle:
     needs_hidden_states = True
 
     def __init__(
-        self, model, head: EagleHead, *, depth: int = 6, topk: int = 8, width: int | None = None,
+        self, model, head: EagleHead | Eagle3Head, *, depth: int = 6, topk: int = 8, width: int | None = None,
         budget: int | None = 32, min_confidence: float = 0.0, min_gain: float = 0.1, calibration_decay: float = 0.95,
         draft_vocab: Tensor | None = None, metadata: dict | None = None,
     ):
@@ -180,10 +190,13 @@ class Eagle:
         docs/design.md). 0: always grow `depth` levels.
         `calibration_decay`: weight of past steps in the running acceptance calibration.
         `draft_vocab`: [V] token ids the head scores (with each request's context tokens added);
-        None: the whole vocabulary. `from_pretrained` passes the checkpoint's, if it has one.
+        None: the whole vocabulary. `from_pretrained` passes the checkpoint's, if it has one. An
+        `Eagle3Head` scores its own lm_head's columns (its d2t), so it takes none.
         `metadata`: the checkpoint's training record, saved again by `save_pretrained`."""
-        if not isinstance(head, EagleHead):
-            raise TypeError(f"Eagle: head must be an EagleHead, got {type(head).__name__}")
+        if not isinstance(head, (EagleHead, Eagle3Head)):
+            raise TypeError(f"Eagle: head must be an EagleHead or an Eagle3Head, got {type(head).__name__}")
+        if isinstance(head, Eagle3Head) and draft_vocab is not None:
+            raise ValueError("Eagle: an Eagle3Head drafts over its own lm_head's vocabulary (d2t); pass no draft_vocab")
         for name, value in (("depth", depth), ("topk", topk)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Eagle: {name} must be an int >= 1, got {value!r}")
@@ -203,7 +216,7 @@ class Eagle:
         self.metadata = dict(metadata or {})
         self._check(model)
         self._frozen = FrozenTarget.of(model)
-        self._vocab = DraftVocab(self._frozen.lm_weight, self._frozen.lm_bias, draft_vocab, "Eagle")
+        self._vocab = self._vocab_for(self._frozen, draft_vocab)
         self._route = PackedDraft(head, self._vocab, None)  # each proposal takes the runtime's (`Context.packing`)
         self._reset()
         # Accepted drafts per unit of the proposed trees' summed scores; the prior (1, 1) trusts
@@ -215,7 +228,20 @@ class Eagle:
         """[V] sorted token ids of the draft vocabulary, or None: every row."""
         return self._vocab.ids
 
+    @property
+    def hidden_layers(self) -> tuple[int, ...]:
+        """The target hidden states this head reads (HF ``output_hidden_states`` indices)."""
+        return self.head.aux_layers if isinstance(self.head, Eagle3Head) else (-1,)
+
+    def _vocab_for(self, frozen: FrozenTarget, ids: Tensor | None) -> DraftVocab:
+        if isinstance(self.head, Eagle3Head):
+            return DraftVocab.own(self.head.lm_head, self.head.draft_ids)
+        return DraftVocab(frozen.lm_weight, frozen.lm_bias, ids, "Eagle")
+
     def _check(self, target) -> None:
+        if isinstance(self.head, Eagle3Head):
+            self.head.check(target)
+            return
         if target.config.hidden_size != self.head.hidden_size:
             raise ValueError(f"Eagle: the head takes hidden size {self.head.hidden_size} but the target's is "
                              f"{target.config.hidden_size}; use a head trained for this target")
@@ -229,13 +255,26 @@ class Eagle:
         self._ids = torch.zeros(0, dtype=torch.long)  # [k] committed tokens the cached pairs were built from
         self._pos = torch.zeros(0, dtype=torch.long)  # [c] position of each cached pair, ascending
         weight = self.head.fc.weight
-        self._feats = weight.new_zeros(0, self.head.hidden_size)  # [c, H] the real feature of each cached pair
+        self._feats = weight.new_zeros(0, self.head.feature_size)  # [c, F] the real feature of each cached pair
         self._vocab.reset()
 
     # ---- checkpoints -----------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, directory, model, *, check_base_model: bool = True, **kwargs) -> Eagle:
-        """A head saved by `save_pretrained` (or `specdec train eagle`), validated against `model`."""
+        """A head saved by `save_pretrained` (or `specdec train eagle`/`eagle3`), validated against
+        `model`; an EAGLE-3 head in the SpecForge or speculators layout loads too (`eagle3_formats`)."""
+        from specdec.drafters import eagle3_formats
+
+        if eagle3_formats.foreign(directory):
+            kwargs.pop("draft_vocab", None)  # the head's own (d2t)
+            return cls(model, eagle3_formats.load(directory, model), **kwargs)
+        if checkpoint.header_of(directory)["drafter"] == KIND3:
+            ckpt = checkpoint.load(directory, KIND3, model, check_base_model=check_base_model)
+            head = checkpoint.instantiate(ckpt, lambda **c: eagle3_formats.build(model, **c), directory)
+            head.to(device=model.device, dtype=model.dtype)
+            head.check(model, f"drafter checkpoint {str(directory)!r}")
+            kwargs.pop("draft_vocab", None)  # the head's own (d2t)
+            return cls(model, head, metadata=ckpt.metadata, **kwargs)
         ckpt = checkpoint.load(directory, KIND, model, check_base_model=check_base_model)
         where = f"drafter checkpoint {str(directory)!r}"
         layer = type(_decoder_parts(model)[0]).__name__
@@ -258,6 +297,10 @@ class Eagle:
         return cls.from_pretrained(checkpoint.shipped(KIND, model), model, **kwargs)
 
     def save_pretrained(self, directory) -> Path:
+        if isinstance(self.head, Eagle3Head):
+            return checkpoint.save(directory, checkpoint.Checkpoint(
+                KIND3, checkpoint.describe(self.model), self.head.describe(), dict(self.head.state_dict()),
+                self.metadata))
         config, tensors = stored({"hidden_size": self.head.hidden_size, "decoder_layer": self.head.layer_name},
                                  dict(self.head.state_dict()), self.draft_vocab)
         return checkpoint.save(directory, checkpoint.Checkpoint(
@@ -269,7 +312,7 @@ class Eagle:
         if target is not self.model:  # cached pairs hold another model's features
             frozen = FrozenTarget.of(target)
             # refused before anything changes
-            vocab = DraftVocab(frozen.lm_weight, frozen.lm_bias, self.draft_vocab, "Eagle")
+            vocab = self._vocab_for(frozen, self.draft_vocab)
             self.model, self._frozen, self._vocab = target, frozen, vocab
             self._reset()
         else:  # the cache stays (propose keeps its common prefix with the next prompt); the last
@@ -320,7 +363,7 @@ class Eagle:
 
     def _log_probs(self, feats: Tensor) -> Tensor:
         with self._route(feats.shape[0]):
-            logits = self._vocab.logits(feats)
+            logits = self._vocab.logits(self.head.norm(feats) if isinstance(self.head, Eagle3Head) else feats)
         # [m, V' + c] over the draft vocabulary's rows, normalised over them: the tree's scores
         # overstate q by the mass outside, which `size`'s running calibration absorbs. On the
         # head's device: `expand` brings only each level's top-k to the host.

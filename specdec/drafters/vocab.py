@@ -81,10 +81,23 @@ class DraftVocab:
                            "use a smaller draft vocabulary, or none (draft_vocab=None scores the target's own "
                            "lm_head without a copy)")
         self._base = None if self.ids is None else rows(weight, bias, self.ids)
+        self._own = False
         self.reset()
+
+    @classmethod
+    def own(cls, lm_head: nn.Linear, ids: Tensor) -> DraftVocab:
+        """A head's own lm_head ([V', H]), column j scoring token ``ids[j]``: nothing is copied
+        and no context token is admitted (the head has no rows for them)."""
+        vocab = cls.__new__(cls)
+        vocab._weight, vocab._bias, vocab.ids, vocab._base, vocab._own = lm_head.weight, lm_head.bias, ids, None, True
+        vocab.reset()
+        return vocab
 
     def reset(self) -> None:
         """Forget the last request's context tokens."""
+        if self._own:
+            self.tokens, self._blocks = self.ids, [(self._weight, self._bias)]
+            return
         if self.ids is None:
             self.tokens, self._blocks = None, [(self._weight, self._bias)]
             return
@@ -97,7 +110,7 @@ class DraftVocab:
     def admit(self, ids: Tensor) -> None:
         """Add the context's tokens the vocabulary lacks to the context block. Within a request
         (`reset` ends it) the context only grows, so only its tokens since the last call are read."""
-        if self.ids is None:
+        if self.ids is None or self._own:
             return
         fresh = ids[self._admitted:] if self._admitted <= ids.numel() else ids
         self._admitted = ids.numel()

@@ -1,4 +1,4 @@
-"""``specdec train <make-prompts|make-data|medusa|eagle|draft-vocab|early-exit|draft-model>``: argument
+"""``specdec train <make-prompts|make-data|medusa|eagle|eagle3|draft-vocab|early-exit|draft-model>``: argument
 parsing for the training commands.
 
 Each command's arguments are dataclasses parsed by `transformers.HfArgumentParser`, so
@@ -22,7 +22,7 @@ from specdec.extras import require
 from specdec.training.data import MakeDataArguments, make_data
 from specdec.training.draft_model import DraftModelArguments, DraftModelRecipe
 from specdec.training.draft_vocab import DraftVocabArguments, add_draft_vocab
-from specdec.training.eagle import EagleArguments, EagleRecipe
+from specdec.training.eagle import Eagle3Arguments, Eagle3Recipe, EagleArguments, EagleRecipe
 from specdec.training.early_exit import EarlyExitArguments, EarlyExitRecipe
 from specdec.training.medusa import MedusaArguments, MedusaRecipe
 from specdec.training.prompts import MakePromptsArguments, make_prompts
@@ -42,6 +42,11 @@ COMMANDS = {
         "train an EAGLE feature head (unrolled training-time test) on make-data output (frozen target)",
         (TrainArguments, EagleArguments),
     ),
+    "eagle3": (
+        "train an EAGLE-3 head (fused low/middle/high target layers, own lm_head over a draft vocabulary, "
+        "training-time test) on make-data output; it exports to SGLang/vLLM layouts (specdec export)",
+        (TrainArguments, Eagle3Arguments),
+    ),
     "draft-vocab": (
         "give a trained Eagle or Medusa drafter a draft vocabulary: the most frequent answer tokens of "
         "make-data output",
@@ -56,7 +61,8 @@ COMMANDS = {
         (TrainArguments, DraftModelArguments),
     ),
 }
-RECIPES = {MedusaArguments: MedusaRecipe, EagleArguments: EagleRecipe, EarlyExitArguments: EarlyExitRecipe,
+RECIPES = {MedusaArguments: MedusaRecipe, EagleArguments: EagleRecipe, Eagle3Arguments: Eagle3Recipe,
+           EarlyExitArguments: EarlyExitRecipe,
            DraftModelArguments: DraftModelRecipe}
 
 

@@ -51,7 +51,14 @@ class MakeDataArguments:
     batch_size: int = dataclasses.field(default=8, metadata={"help": "prompts generated together (left-padded)"})
     shard_size: int = dataclasses.field(default=64, metadata={"help": "prompts per saved shard: the unit of resuming"})
     save_hidden_states: bool = dataclasses.field(default=False, metadata={
-        "help": "also store the target's last hidden states (fp16) so head training skips the target forward"})
+        "help": "also store the target's hidden states (fp16) so head training skips the target forward"})
+    hidden_layers: str = dataclasses.field(default="last", metadata={
+        "help": "the states --save-hidden-states stores: last (post-norm; eagle, medusa), eagle3 (EAGLE-3's layers "
+                "2, N/2, N-3 side by side) or comma-separated HF hidden-state indices"})
+    answers: str | None = dataclasses.field(default=None, metadata={
+        "help": "rescore instead of generating: take prompts and answers from this make-data output (made by a "
+                "model with the same tokenizer, e.g. a smaller one); one teacher-forced forward per sequence stores "
+                "the target's own next token at every position (and its states), at prefill speed"})
     dtype: str = dataclasses.field(default="float32", metadata={"help": "target dtype: float32, bfloat16 or float16"})
     threads: int | None = dataclasses.field(default=None, metadata={"help": "torch CPU threads (unset: torch's "
                                                                             "choice)"})
@@ -102,6 +109,36 @@ def _save_dataset(ds, directory: Path) -> None:
         shutil.rmtree(staged, ignore_errors=True)
 
 
+def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
+    """--hidden-layers as HF hidden-state indices: "last" -> (-1,), "eagle3" -> EAGLE-3's three."""
+    from specdec.drafters.eagle3 import check_aux_layers, default_aux_layers
+
+    if spec == "last":
+        return (-1,)
+    if spec == "eagle3":
+        return default_aux_layers(num_layers)
+    try:
+        layers = tuple(int(i) for i in spec.split(","))
+    except ValueError:
+        raise ValueError(f"--hidden-layers takes last, eagle3 or comma-separated ints, got {spec!r}") from None
+    return check_aux_layers(layers, num_layers, "--hidden-layers") if len(layers) > 1 else layers
+
+
+def stored_layers(path) -> tuple[int, ...] | None:
+    """The hidden-state indices make-data output `path` stored (every part's, which must agree),
+    or None when it stored none."""
+    dirs = data_dirs(path)
+    found = set()
+    for d in dirs:
+        settings = manifest_of(d).get("settings", {})
+        if not settings.get("save_hidden_states"):
+            return None
+        found.add(tuple(settings.get("layers", [-1])))
+    if len(found) > 1:
+        raise ValueError(f"--data {path}: its parts stored different hidden states ({sorted(found)})")
+    return found.pop()
+
+
 def eos_ids(model) -> set[int]:
     eos = model.generation_config.eos_token_id
     return set() if eos is None else {int(e) for e in ([eos] if isinstance(eos, int) else eos)}
@@ -112,11 +149,13 @@ class Batch:
     input_ids: Tensor  # [b, t] right-padded with 0
     attention_mask: Tensor  # [b, t] 1 for real tokens
     answer_mask: Tensor  # [b, t] bool: tokens the target generated (the labels)
-    hidden_states: Tensor | None = None  # [b, t, hidden] stored target states, if any
+    hidden_states: Tensor | None = None  # [b, t, F] stored target states, if any
+    target_ids: Tensor | None = None  # [b, t] the target's greedy token after each position (rescored text)
 
     def to(self, device) -> Batch:
         return Batch(*(None if x is None else x.to(device) for x in (self.input_ids, self.attention_mask,
-                                                                    self.answer_mask, self.hidden_states)))
+                                                                    self.answer_mask, self.hidden_states,
+                                                                    self.target_ids)))
 
 
 def collate(rows: dict, max_length: int | None = None) -> Batch:
@@ -136,14 +175,25 @@ def collate(rows: dict, max_length: int | None = None) -> Batch:
         hidden = torch.zeros(len(ids), t, states[0].shape[-1], dtype=torch.float32)
         for i, h in enumerate(states):
             hidden[i, : len(h)] = h
-    return Batch(input_ids, attention, answer, hidden)
+    target_ids = None
+    if "target_ids" in rows:
+        target_ids = torch.zeros_like(input_ids)
+        for i, x in enumerate(rows["target_ids"]):
+            x = torch.as_tensor(x)[:max_length]
+            target_ids[i, : len(x)] = x
+    return Batch(input_ids, attention, answer, hidden, target_ids)
 
 
 @torch.no_grad()
-def target_states(model, batch: Batch) -> Tensor:
-    """[b, t, hidden] the target's last-layer states (post final norm), as the verifier sees them."""
-    out = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    return out.last_hidden_state
+def target_states(model, batch: Batch, layers=(-1,)) -> Tensor:
+    """[b, t, F] the target's states as the verifier hands them to a drafter reading HF hidden-state
+    indices `layers`: the last layer's (post final norm) by default, else those side by side."""
+    layers = tuple(layers)
+    out = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              output_hidden_states=layers != (-1,))
+    if layers == (-1,):
+        return out.last_hidden_state
+    return torch.cat([out.hidden_states[i] for i in layers], dim=-1)
 
 
 def data_dirs(path: str | Path) -> list[Path]:
@@ -240,7 +290,7 @@ def manifest_of(path: str | Path) -> dict:
     return {}
 
 
-def _generate_shard(model, tok, prompts: list[str], args: MakeDataArguments) -> dict:
+def _generate_shard(model, tok, prompts: list[str], args: MakeDataArguments, layers=(-1,)) -> dict:
     """Answers for `prompts`: {"input_ids": [...], "prompt_length": [...], ("hidden_states": [...])}."""
     eos = eos_ids(model)
     rows: dict[str, list] = {"input_ids": [], "prompt_length": []}
@@ -263,8 +313,44 @@ def _generate_shard(model, tok, prompts: list[str], args: MakeDataArguments) -> 
         rows["hidden_states"] = []
         for start in range(0, len(rows["input_ids"]), args.batch_size):
             batch = collate({k: v[start : start + args.batch_size] for k, v in rows.items() if k != "hidden_states"})
-            states = target_states(model, batch.to(model.device)).half().cpu()
+            states = target_states(model, batch.to(model.device), layers).half().cpu()
             rows["hidden_states"] += [states[i, : int(n)].numpy() for i, n in enumerate(batch.attention_mask.sum(1))]
+    return rows
+
+
+@torch.no_grad()
+def _rescore_shard(model, rows: dict, args: MakeDataArguments, layers: tuple[int, ...]) -> dict:
+    """`rows` (input_ids, prompt_length) of another model's answers with the target's greedy next
+    token at every position (`target_ids`) and, if asked, its states at `layers`: one forward per
+    batch of sequences, no generation."""
+    out = {"input_ids": [torch.as_tensor(x).tolist() for x in rows["input_ids"]],
+           "prompt_length": [int(n) for n in rows["prompt_length"]], "target_ids": []}
+    if args.save_hidden_states:
+        out["hidden_states"] = []
+    head = model.get_output_embeddings()
+    for start in range(0, len(out["input_ids"]), args.batch_size):
+        batch = collate({k: out[k][start : start + args.batch_size] for k in ("input_ids", "prompt_length")})
+        batch = batch.to(model.device)
+        dec = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  output_hidden_states=True)
+        last = dec.last_hidden_state  # [b, t, H]
+        top = torch.cat([head(last[:, i : i + 64]).argmax(-1) for i in range(0, last.shape[1], 64)], dim=1)
+        states = torch.cat([dec.hidden_states[i] for i in layers], dim=-1).half().cpu() if args.save_hidden_states \
+            else None
+        for i, n in enumerate(batch.attention_mask.sum(1).tolist()):
+            out["target_ids"].append(top[i, :n].tolist())
+            if states is not None:
+                out["hidden_states"].append(states[i, :n].numpy())
+    return out
+
+
+def _sources(args: MakeDataArguments):
+    """What the shards are cut from: the prompts, or (--answers) the rows to rescore."""
+    if args.answers is None:
+        return read_prompts(args.prompts, args.field, args.limit)
+    rows = load_examples(args.answers).select_columns(["input_ids", "prompt_length"])
+    if args.limit is not None:
+        rows = rows.select(range(min(args.limit, len(rows))))
     return rows
 
 
@@ -276,15 +362,20 @@ def make_data(args: MakeDataArguments) -> Path:
                            max_new_tokens=args.max_new_tokens, limit=args.limit, threads=args.threads)
     dtype = arguments.dtype(args.dtype)
     out = arguments.output_dir(args.output_dir)
-    prompts = read_prompts(args.prompts, args.field, args.limit)
+    prompts = _sources(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = {k: v for k, v in asdict(args).items() if k not in ("output_dir", "batch_size", "threads")}
-    settings.update(prompts=str(Path(args.prompts).resolve()), num_prompts=len(prompts))
+    if args.answers is None:
+        settings.update(prompts=str(Path(args.prompts).resolve()), num_prompts=len(prompts))
+    else:
+        source = manifest_of(args.answers).get("settings", {})
+        settings.update(prompts=source.get("prompts"), answers=str(Path(args.answers).resolve()),
+                        answers_model=source.get("model"), num_prompts=len(prompts))
     manifest = {"settings": settings, "shards": [], "seconds": 0.0, "done": False}
     if (out / MANIFEST).is_file():
         old = json.loads((out / MANIFEST).read_text())
-        if old["settings"] != settings:
+        if {k: v for k, v in old["settings"].items() if k != "layers"} != settings:
             changed = sorted(k for k in settings if old["settings"].get(k) != settings[k])
             raise ValueError(f"{out} holds data made with other settings ({', '.join(changed)} differ); use the same "
                              "arguments to resume it, or another --output-dir")
@@ -293,6 +384,13 @@ def make_data(args: MakeDataArguments) -> Path:
         return out / DATASET_DIR
 
     model, tok = load_model(args.model, dtype=dtype)
+    layers = parse_layers(args.hidden_layers, int(model.config.num_hidden_layers))
+    manifest["settings"]["layers"] = list(layers)  # what --hidden-layers meant for this target
+    if args.answers is not None:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        if max(int(max(ids)) for ids in prompts["input_ids"]) >= vocab:
+            raise ValueError(f"--answers {args.answers} holds token ids outside {args.model}'s vocabulary of {vocab}: "
+                             "it was made with another tokenizer; rescore answers of a model sharing this tokenizer")
     out.mkdir(parents=True, exist_ok=True)
     tok.padding_side = "left"  # batched generation continues every row from its last prompt token
     done = max((s["end"] for s in manifest["shards"]), default=0)
@@ -300,9 +398,12 @@ def make_data(args: MakeDataArguments) -> Path:
     for start in tqdm(starts, desc="make-data shards", unit="shard"):
         end = min(start + args.shard_size, len(prompts))
         t0 = time.perf_counter()
-        rows = _generate_shard(model, tok, prompts[start:end], args)
+        if args.answers is None:
+            rows = _generate_shard(model, tok, prompts[start:end], args, layers)
+        else:
+            rows = _rescore_shard(model, prompts[start:end], args, layers)
         name = f"shard-{start:07d}"
-        _save_dataset(datasets.Dataset.from_dict(rows, features=_features(model, args.save_hidden_states)),
+        _save_dataset(datasets.Dataset.from_dict(rows, features=_features(model, args, layers)),
                       out / "shards" / name)
         manifest["shards"].append({"name": name, "start": start, "end": end})
         manifest["seconds"] += time.perf_counter() - t0
@@ -319,10 +420,13 @@ def make_data(args: MakeDataArguments) -> Path:
     return out / DATASET_DIR
 
 
-def _features(model, hidden: bool):
+def _features(model, args: MakeDataArguments, layers: tuple[int, ...]):
     d = require("datasets", "train")
 
     cols = {"input_ids": d.Sequence(d.Value("int32")), "prompt_length": d.Value("int32")}
-    if hidden:
-        cols["hidden_states"] = d.Array2D(shape=(None, model.config.hidden_size), dtype="float16")
+    if args.answers is not None:
+        cols["target_ids"] = d.Sequence(d.Value("int32"))
+    if args.save_hidden_states:
+        width = model.config.hidden_size * len(layers)
+        cols["hidden_states"] = d.Array2D(shape=(None, width), dtype="float16")
     return d.Features(cols)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from specdec import kv
 from specdec.drafters.eagle import Eagle, EagleHead, FrozenTarget, predict
+from specdec.drafters.eagle3 import Eagle3Head, default_aux_layers
 from specdec.training.data import Batch
 from specdec.training.draft_vocab import pick_draft_vocab
 from specdec.training.train import TrainArguments
@@ -69,9 +70,28 @@ def _shift(x: Tensor, d: int) -> Tensor:
     return torch.cat([x[:, d:], torch.zeros_like(x[:, :d])], dim=1)
 
 
+@dataclass
+class Eagle3Arguments:
+    unroll: int = field(default=3, metadata={
+        "help": "training-time-test steps: step k drafts from the head's own step k-1 outputs"})
+    step_decay: float = field(default=0.8, metadata={"help": "step k's loss weight is step_decay^(k-1)"})
+    draft_vocab_size: int = field(default=8192, metadata={
+        "help": "the head's lm_head scores the N tokens the target generated most often in the training split's "
+                "answers (its d2t/t2d maps); 0: the whole vocabulary"})
+    intermediate_size: int = field(default=0, metadata={
+        "help": "the head's MLP width (0: the target's); smaller trains and drafts faster on a CPU"})
+    aux_layers: str = field(default="", metadata={
+        "help": "three HF hidden-state indices the head reads, e.g. 2,14,25 (default: EAGLE-3's 2,N/2,N-3); the "
+                "data's stored states must be these (make-data --hidden-layers eagle3)"})
+    eval_depth: int = field(default=6, metadata={"help": "draft depths measured by the held-out evaluation"})
+    eval_topk: int = field(default=5, metadata={"help": "k of the top-k accuracy reported per depth"})
+
+
 class EagleRecipe:
     kind = "eagle"
     needs_hidden_states = True
+    hidden_layers = (-1,)  # the target states the head reads (HF output_hidden_states indices)
+    regress_features = True  # EAGLE-1/2: the head's outputs are the target's next features
 
     def __init__(self, args: EagleArguments):
         if args.draft_vocab_size < 0:
@@ -114,10 +134,18 @@ class EagleRecipe:
             self._frozen = (target, frozen if self._vocab is None else frozen.over(self._vocab))
         return self._frozen[1]
 
+    def _logits(self, target, out: Tensor) -> Tensor:
+        """[..., H] head outputs -> [..., vocab or V'] draft logits."""
+        return self._frozen_of(target).logits(out)
+
     def _labels(self, batch: Batch) -> Tensor:
-        """[b, t] the label x_{p+2} at p, as a column of the lm_head `_frozen_of` uses (IGNORE: a
+        """[b, t] the label at p, the target's token after x_{p+1} (x_{p+2} in self-distilled data;
+        the stored `target_ids` of rescored text), as a column of the draft logits (IGNORE: a
         token outside the draft vocabulary)."""
-        labels = F.pad(batch.input_ids[:, 2:], (0, 2))
+        if batch.target_ids is not None:
+            labels = F.pad(batch.target_ids[:, 1:], (0, 1))
+        else:
+            labels = F.pad(batch.input_ids[:, 2:], (0, 2))
         if self._column is None:
             return labels
         if self._column.device != labels.device:
@@ -155,21 +183,24 @@ class EagleRecipe:
     def loss(self, head, target, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         args = self.args
         outs, real = self._unroll(head, target, batch, args.unroll)
-        frozen = self._frozen_of(target)
         next_real = F.pad(real[:, 1:], (0, 0, 0, 1))  # f_{p+1} at p
         labels = self._labels(batch)  # x_{p+2} at p
+        feature_weight = args.feature_weight if self.regress_features else 0.0
+        ce_weight = args.ce_weight if self.regress_features else 1.0
         total, parts = 0.0, {}
         for k, out in enumerate(outs, 1):
             valid = self._valid(batch, k)
             if not valid.any():
                 continue
-            feature = F.smooth_l1_loss(out[valid], next_real[valid])
             scored = valid & (labels != IGNORE)  # [b, t]: a label the head can draft
-            step_loss = args.feature_weight * feature
-            parts[f"loss_feature{k}"] = float(feature.detach())
+            step_loss = out.sum() * 0.0
+            if feature_weight:
+                feature = F.smooth_l1_loss(out[valid], next_real[valid])
+                step_loss = step_loss + feature_weight * feature
+                parts[f"loss_feature{k}"] = float(feature.detach())
             if scored.any():  # else no label here is in the draft vocabulary: nothing to log as its CE
-                ce = F.cross_entropy(frozen.logits(out[scored]).float(), labels[scored])
-                step_loss = step_loss + args.ce_weight * ce
+                ce = F.cross_entropy(self._logits(target, out[scored]).float(), labels[scored])
+                step_loss = step_loss + ce_weight * ce
                 parts[f"loss_ce{k}"] = float(ce.detach())
             total = total + args.step_decay ** (k - 1) * step_loss
         if not torch.is_tensor(total):  # no answer tokens in this batch: a zero that still has a graph
@@ -178,7 +209,6 @@ class EagleRecipe:
 
     def evaluate(self, head, target, batches: Iterator[Batch]) -> dict:
         depth, r = self.args.eval_depth, self.args.eval_topk
-        frozen = self._frozen_of(target)
         positions, top1, topr, reached, accepted = (torch.zeros(depth, dtype=torch.float64) for _ in range(5))
         feature_sum, ce_sum, ce_n = (torch.zeros(depth, dtype=torch.float64) for _ in range(3))
         for batch in batches:
@@ -189,14 +219,16 @@ class EagleRecipe:
             anchored = self._valid(batch, 1)  # by anchor r: the chain's first label x_{r+2} is an answer token
             for d, out in enumerate(outs):
                 valid = self._valid(batch, d + 1)
-                logits = frozen.logits(out[valid]).float()  # [n, vocab or V'], only where scored
+                logits = self._logits(target, out[valid]).float()  # [n, vocab or V'], only where scored
                 truth = labels[valid]
                 drafted = truth != IGNORE  # a label outside the draft vocabulary is never drafted: wrong
                 rank = (logits > logits.gather(-1, truth.clamp(min=0)[:, None])).sum(-1)  # [n]: 0 = top-1
                 positions[d] += rank.numel()
                 top1[d] += float((drafted & (rank == 0)).sum())
                 topr[d] += float((drafted & (rank < r)).sum())
-                feature_sum[d] += float(F.smooth_l1_loss(out[valid], next_real[valid], reduction="none").mean(-1).sum())
+                if self.regress_features:
+                    feature_sum[d] += float(F.smooth_l1_loss(out[valid], next_real[valid],
+                                                             reduction="none").mean(-1).sum())
                 if drafted.any():
                     ce_sum[d] += float(F.cross_entropy(logits[drafted], truth[drafted], reduction="sum"))
                     ce_n[d] += float(drafted.sum())
@@ -217,7 +249,7 @@ class EagleRecipe:
                 "acceptance": acceptance.tolist(),
                 "top1": (top1 / n).tolist(),
                 f"top{r}": (topr / n).tolist(),
-                "loss_feature": (feature_sum / n).tolist(),
+                **({"loss_feature": (feature_sum / n).tolist()} if self.regress_features else {}),
                 "loss_ce": torch.where(
                     ce_n > 0, ce_sum / ce_n.clamp(min=1), float("nan")
                 ).tolist(),  # labels it can draft
@@ -232,3 +264,52 @@ class EagleRecipe:
                 "draft_vocab": {**self._vocab_info, "command": metadata.get("training", {}).get("command")},
             }
         return Eagle(target, head, draft_vocab=self._vocab, metadata=metadata).save_pretrained(directory)
+
+
+class Eagle3Recipe(EagleRecipe):
+    """EAGLE-3: an `Eagle3Head` over the fused aux-layer states, trained by cross-entropy alone
+    (its outputs are its own features, not the target's) with the same training-time-test unroll."""
+
+    kind = "eagle3"
+    regress_features = False
+
+    def __init__(self, args: Eagle3Arguments):
+        if args.draft_vocab_size < 0 or args.intermediate_size < 0:
+            raise ValueError("eagle3: --draft-vocab-size and --intermediate-size must be >= 0 (0: the target's)")
+        for name in ("unroll", "eval_depth", "eval_topk"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"eagle3: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if not 0 < args.step_decay <= 1:
+            raise ValueError(f"eagle3: --step-decay must be in (0, 1], got {args.step_decay}")
+        try:
+            self._aux = tuple(int(i) for i in args.aux_layers.split(",")) if args.aux_layers.strip() else None
+        except ValueError:
+            raise ValueError(f"eagle3: --aux-layers takes three comma-separated ints, got {args.aux_layers!r}") \
+                from None
+        self.args = args
+        self._head, self._frozen, self._vocab, self._column, self._vocab_info = None, None, None, None, {}
+        self.hidden_layers = self._aux
+
+    def build(self, target, train: TrainArguments) -> Eagle3Head:
+        vocab_size = target.get_output_embeddings().weight.shape[0]
+        ids = None
+        if self.args.draft_vocab_size:
+            ids, self._vocab_info = pick_draft_vocab(train.data, self.args.draft_vocab_size, vocab_size,
+                                                     eval_fraction=train.eval_fraction, seed=train.seed)
+        aux = self._aux or default_aux_layers(int(target.config.num_hidden_layers))
+        head = Eagle3Head.for_target(target, ids, aux_layers=aux, intermediate_size=self.args.intermediate_size or None)
+        if target.dtype not in (torch.float32, torch.float64):
+            head = head.float()
+        self._column = torch.full((vocab_size,), IGNORE, dtype=torch.long)
+        self._column[head.draft_ids] = torch.arange(head.d2t.numel())
+        self._head, self.hidden_layers = head, head.aux_layers
+        return head
+
+    def _logits(self, target, out: Tensor) -> Tensor:
+        return self._head.logits(out)
+
+    def save(self, head, target, directory: Path, metadata: dict) -> Path:
+        if self._vocab_info:
+            metadata = {**metadata, "draft_vocab": {**self._vocab_info,
+                                                    "command": metadata.get("training", {}).get("command")}}
+        return Eagle(target, head, metadata=metadata).save_pretrained(directory)

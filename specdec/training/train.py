@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from specdec.models import load_model
 from specdec.training import arguments
-from specdec.training.data import Batch, collate, load_examples, manifest_of, split, target_states
+from specdec.training.data import Batch, collate, load_examples, manifest_of, split, stored_layers, target_states
 
 LOG = "log.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -91,7 +91,7 @@ class Recipe(Protocol):
 def _batch(ds, indices: Tensor, args: TrainArguments, recipe: Recipe, target, device) -> Batch:
     batch = collate(ds[indices.tolist()], args.max_length).to(device)
     if recipe.needs_hidden_states and batch.hidden_states is None:
-        batch.hidden_states = target_states(target, batch)
+        batch.hidden_states = target_states(target, batch, getattr(recipe, "hidden_layers", None) or (-1,))
     return batch
 
 
@@ -275,6 +275,12 @@ def train(args: TrainArguments, recipe: Recipe, command: str | None = None) -> P
         out.mkdir(parents=True, exist_ok=True)
 
     module = recipe.build(target, args)
+    wanted = tuple(getattr(recipe, "hidden_layers", None) or (-1,))
+    stored = stored_layers(args.data) if recipe.needs_hidden_states else None
+    if stored is not None and stored != wanted:
+        raise ValueError(f"--data {args.data} stores the target states of layers {list(stored)} but the {recipe.kind} "
+                         f"head reads layers {list(wanted)}; remake the data with --hidden-layers "
+                         f"{','.join(map(str, wanted))} (or without --save-hidden-states)")
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=args.weight_decay)
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
