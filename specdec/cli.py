@@ -1,4 +1,4 @@
-"""The `specdec` command: ``specdec generate``, ``bench``, ``profile`` and ``demo``.
+"""The `specdec` command: ``specdec generate``, ``bench``, ``profile``, ``demo``, ``datastore`` and ``export``.
 
 Boundary: the edge where strings become objects (model names through `specdec.models`, drafter
 names through `specdec.registry`). Arguments are derived from frozen dataclasses.
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from specdec.bench import BenchConfig
 from specdec.devices import device_field, dtype_field
+from specdec.drafters.medusa_formats import export_medusa_vllm
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,26 @@ class DatastoreConfig:
     # Last: the name shadows dataclasses.field for the rest of the class body.
     field: str = field(default="text", metadata={"help": "comma list of .jsonl fields to read (string or "
                                                          "list-of-strings values)"})
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    model: str = field(default="smollm2-135m", metadata={"help": "target: embedded name, HF path/id or .gguf file"})
+    kind: str = field(default="medusa", metadata={"help": "the trained drafter to export: medusa"})
+    format: str = field(default="vllm", metadata={"help": "the layout to write: vllm (for --kind medusa)"})
+    output_dir: str | None = field(default=None, metadata={"help": "required: the directory to write"})
+    drafter_dir: str | None = field(default=None, metadata={"help": "a specdec checkpoint directory; unset: the "
+                                                                    "drafter of --kind shipped for --model"})
+    dtype: str = field(default="float32", metadata={"help": "the target loads, and the tensors are written, in this "
+                                                            "dtype: float32, bfloat16, float16 or float64"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --output-dir"})
+
+
+# (kind, format) -> writer(drafter, directory): `specdec export` loads the drafter of `kind`
+# (`specdec.drafters.TRAINED`) and hands it to the writer. New formats are new rows.
+EXPORTERS = {
+    ("medusa", "vllm"): export_medusa_vllm,
+}
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
@@ -410,6 +431,40 @@ def cmd_datastore(cfg: DatastoreConfig) -> int:
     return 0
 
 
+def cmd_export(cfg: ExportConfig) -> int:
+    from pathlib import Path
+
+    from specdec.devices import parse_dtype
+    from specdec.drafters import TRAINED
+    from specdec.models import load_model
+
+    writer = EXPORTERS.get((cfg.kind, cfg.format))
+    if writer is None:
+        valid = ", ".join(f"--kind {k} --format {f}" for k, f in EXPORTERS)
+        raise ValueError(f"export: --kind {cfg.kind} --format {cfg.format} is not an export; choose one of: {valid}")
+    if not cfg.output_dir:
+        raise ValueError("export needs --output-dir DIR (the directory to write)")
+    out = Path(cfg.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {cfg.output_dir}: exists and is not a directory; pick another path")
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise ValueError(f"--output-dir {cfg.output_dir}: exists and is not empty; pass --overwrite to replace it, "
+                         "or pick another directory")
+    if cfg.drafter_dir is not None and not Path(cfg.drafter_dir).expanduser().is_dir():
+        raise ValueError(f"--drafter-dir {cfg.drafter_dir}: no such directory (a checkpoint written by specdec "
+                         "train or save_pretrained)")
+    dtype = parse_dtype(cfg.dtype)
+    _setup(None)
+    model, _ = load_model(cfg.model, dtype=dtype)
+    cls = TRAINED[cfg.kind]
+    drafter = cls.shipped(model) if cfg.drafter_dir is None else cls.from_pretrained(
+        Path(cfg.drafter_dir).expanduser(), model)
+    writer(drafter, out)
+    print(f"exported the {cfg.kind} drafter for {cfg.model} in the {cfg.format} layout")
+    print(f"written: {out}", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {
     "generate": (GenerateConfig, cmd_generate, "generate text with speculative decoding (streamed)"),
     "bench": (BenchConfig, cmd_bench, "benchmark methods on Spec-Bench questions, interleaved, exactness checked"),
@@ -417,6 +472,8 @@ COMMANDS = {
     "demo": (DemoConfig, cmd_demo, "serve the side-by-side demo page (plain model.generate vs specdec)"),
     "datastore": (DatastoreConfig, cmd_datastore, "build a retrieval (REST) datastore from a corpus: datastore build "
                                                   "--corpus F --out D"),
+    "export": (ExportConfig, cmd_export, "write a trained drafter in another framework's layout: export --kind medusa "
+                                         "--format vllm --output-dir D"),
 }
 
 

@@ -10,7 +10,7 @@ adapter; `adapted_target` merges it into a copy of the model, and output is exac
 adapted model, which the drafter requires.
 
 Boundary: the core interface, `specdec.trees`, `specdec.memory` and this package's checkpoint
-and draft-vocabulary helpers.
+and draft-vocabulary helpers; `medusa_formats` reads vLLM's and FasterDecoding's layouts for it.
 """
 
 from __future__ import annotations
@@ -236,10 +236,16 @@ class Medusa:
     # ---- checkpoints -----------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, directory, model, *, check_base_model: bool = True, **kwargs) -> Medusa:
-        """Heads saved by `save_pretrained` (or `specdec train medusa`), validated against
-        `model`; the saved accuracy table calibrates the tree unless `tree=` is given."""
-        ckpt = checkpoint.load(directory, KIND, model, check_base_model=check_base_model)
-        ckpt, vocab = stripped(ckpt, directory, model.get_output_embeddings().out_features)
+        """Heads saved by `save_pretrained` (or `specdec train medusa`), or in vLLM's or
+        FasterDecoding's layout (`specdec.drafters.medusa_formats`), validated against `model`;
+        the saved accuracy table calibrates the tree unless `tree=` is given."""
+        from specdec.drafters import medusa_formats  # it builds on this module
+
+        if medusa_formats.layout(directory):
+            ckpt, vocab = medusa_formats.read(directory, model, check_base_model=check_base_model)
+        else:
+            ckpt = checkpoint.load(directory, KIND, model, check_base_model=check_base_model)
+            ckpt, vocab = stripped(ckpt, directory, model.get_output_embeddings().out_features)
         lora, rest = _split_lora(ckpt.tensors)
         heads = checkpoint.instantiate(dataclasses.replace(ckpt, tensors=rest), MedusaHeads, directory)
         heads.to(device=model.device, dtype=model.dtype)
