@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from specdec.bench import BenchConfig
 from specdec.devices import device_field, dtype_field
+from specdec.drafters import eagle3_formats
 from specdec.drafters.medusa_formats import export_medusa_vllm
 
 
@@ -85,20 +86,26 @@ class DatastoreConfig:
 @dataclass(frozen=True)
 class ExportConfig:
     model: str = field(default="smollm2-135m", metadata={"help": "target: embedded name, HF path/id or .gguf file"})
-    kind: str = field(default="medusa", metadata={"help": "the trained drafter to export: medusa"})
-    format: str = field(default="vllm", metadata={"help": "the layout to write: vllm (for --kind medusa)"})
+    kind: str = field(default="medusa", metadata={"help": "the trained drafter to export: medusa or eagle3"})
+    format: str = field(default="vllm", metadata={"help": "the layout to write: vllm (--kind medusa); specforge "
+                                                          "(SGLang, vLLM) or speculators (vllm serve DIR) for eagle3"})
     output_dir: str | None = field(default=None, metadata={"help": "required: the directory to write"})
     drafter_dir: str | None = field(default=None, metadata={"help": "a specdec checkpoint directory; unset: the "
                                                                     "drafter of --kind shipped for --model"})
     dtype: str = field(default="float32", metadata={"help": "the target loads, and the tensors are written, in this "
                                                             "dtype: float32, bfloat16, float16 or float64"})
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --output-dir"})
+    verifier: str | None = field(default=None, metadata={"help": "speculators: the target's HF id or path that vLLM "
+                                                                 "serves with the head (default: where --model loaded "
+                                                                 "from)"})
 
 
 # (kind, format) -> writer(drafter, directory): `specdec export` loads the drafter of `kind`
 # (`specdec.drafters.TRAINED`) and hands it to the writer. New formats are new rows.
 EXPORTERS = {
-    ("medusa", "vllm"): export_medusa_vllm,
+    ("medusa", "vllm"): lambda drafter, out, verifier=None: export_medusa_vllm(drafter, out),
+    ("eagle3", "specforge"): eagle3_formats.exporter(eagle3_formats.SPECFORGE),
+    ("eagle3", "speculators"): eagle3_formats.exporter(eagle3_formats.SPECULATORS),
 }
 
 
@@ -435,7 +442,7 @@ def cmd_export(cfg: ExportConfig) -> int:
     from pathlib import Path
 
     from specdec.devices import parse_dtype
-    from specdec.drafters import TRAINED
+    from specdec.drafters import load
     from specdec.models import load_model
 
     writer = EXPORTERS.get((cfg.kind, cfg.format))
@@ -456,10 +463,8 @@ def cmd_export(cfg: ExportConfig) -> int:
     dtype = parse_dtype(cfg.dtype)
     _setup(None)
     model, _ = load_model(cfg.model, dtype=dtype)
-    cls = TRAINED[cfg.kind]
-    drafter = cls.shipped(model) if cfg.drafter_dir is None else cls.from_pretrained(
-        Path(cfg.drafter_dir).expanduser(), model)
-    writer(drafter, out)
+    drafter = load(cfg.kind, model, None if cfg.drafter_dir is None else Path(cfg.drafter_dir).expanduser())
+    writer(drafter, out, verifier=cfg.verifier)
     print(f"exported the {cfg.kind} drafter for {cfg.model} in the {cfg.format} layout")
     print(f"written: {out}", file=sys.stderr)
     return 0

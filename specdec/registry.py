@@ -1,8 +1,9 @@
 """Drafter names -> drafter objects, for the CLI, bench and demo.
 
 A name is an entry of `DRAFTERS` with optional options, ``name[opt,key=value]`` (e.g.
-``eagle[full-vocab]``, ``prompt-lookup-tree[budget=32]``); names compose with ``+`` (`Merge`) and
-``|`` (`Fallback`). Boundary: the edge; the API takes drafter objects, never names.
+``eagle[full-vocab]``, ``prompt-lookup-tree[budget=32]``); a trained drafter takes ``dir=PATH``, a
+checkpoint directory (a path free of ``+ | , [ ]``), instead of the shipped one. Names compose with
+``+`` (`Merge`) and ``|`` (`Fallback`). Boundary: the edge; the API takes drafter objects, never names.
 """
 
 from __future__ import annotations
@@ -86,15 +87,28 @@ class Entry:
     options: dict[str, Callable[[str], Any] | None] = field(default_factory=dict)
 
 
-def _trained(kind: str) -> Entry:
+def _directory(value: str) -> str:
+    if not value.strip():
+        raise ValueError("dir takes a checkpoint directory (dir=PATH, e.g. the drafter/ that `specdec train` wrote)")
+    return value.strip()
+
+
+def _trained(kind: str, full_vocab: bool = True) -> Entry:
+    """A trained drafter: the one shipped for the target, or ``[dir=PATH]`` a checkpoint directory
+    (specdec's, or for Eagle and Medusa the engine layouts they import)."""
+
     def build(r: Resources, full_vocab: bool = False, **kwargs):
         # full-vocab: every lm_head row, the A/B of the draft vocabulary
+        if "dir" in kwargs:
+            kwargs["directory"] = kwargs.pop("dir")
         return load(kind, r.target, **({"draft_vocab": None} if full_vocab else {}), **kwargs)
 
-    return Entry(build, {"full-vocab": FLAG, **BUDGET})
+    return Entry(build, {"dir": _directory, **({"full-vocab": FLAG} if full_vocab else {}), **BUDGET})
 
 
 def _early_exit(r: Resources, untrained: bool = False, **kwargs):
+    if "dir" in kwargs:
+        kwargs["directory"] = kwargs.pop("dir")
     return EarlyExit(r.target, **kwargs) if untrained else load("early-exit", r.target, **kwargs)
 
 
@@ -142,7 +156,8 @@ DRAFTERS = {
     "layer-skip": Entry(lambda r, **o: LayerSkip(r.target, **o), BUDGET),
     "medusa": _trained("medusa"),
     "eagle": _trained("eagle"),
-    "early-exit": Entry(_early_exit, {"untrained": FLAG, **BUDGET}),
+    "eagle3": _trained("eagle3", full_vocab=False),
+    "early-exit": Entry(_early_exit, {"untrained": FLAG, "dir": _directory, **BUDGET}),
     "draft-model": Entry(_draft_model, {"quantized": FLAG, **SIZING}),
     "draft-model-tree": Entry(
         lambda r, **o: _draft_model(r, **{"topk": 2, "width": 2, "budget": 8, **o}), {"quantized": FLAG, **SIZING}

@@ -360,6 +360,35 @@ def test_training_an_eagle3_head_end_to_end(workdir, capsys):
     assert "--aux-layers takes three comma-separated ints" in capsys.readouterr().err
 
 
+def test_a_trained_directory_is_named_on_the_command_line_and_exported(workdir, tmp_path, capsys):
+    from specdec.cli import main as specdec_main
+    from specdec.registry import Resources, make_drafter
+
+    target = str(workdir / "tiny-target")
+    assert main(["eagle3", "--model", target, "--data", str(workdir / "data"), "--output-dir", str(tmp_path / "run"),
+                 "--max-steps", "2", "--batch-size", "2", "--draft-vocab-size", "30"]) == 0
+    head_dir = tmp_path / "run" / "drafter"
+    model = load_model(target)[0]
+    drafter = make_drafter(f"eagle3[dir={head_dir}]+prompt-lookup", Resources(model))
+    prompt = torch.tensor([[2, 4, 10, 3, 2, 5, 4, 10]])
+    assert torch.equal(run(model, prompt, drafter, 16)[0], reference(model, prompt, 16))
+    for layout in ("specforge", "speculators"):
+        out = tmp_path / layout
+        assert specdec_main(["export", "--model", target, "--kind", "eagle3", "--format", layout, "--drafter-dir",
+                             str(head_dir), "--output-dir", str(out)]) == 0
+        config = json.loads((out / "config.json").read_text())
+        if layout == "speculators":
+            assert config["speculators_config"]["verifier"]["name_or_path"] == target
+            assert config["speculators_config"]["verifier"]["architectures"] == ["LlamaForCausalLM"]
+        assert_same_drafts(model, Eagle.from_pretrained(head_dir, model), make_drafter(f"eagle[dir={out}]",
+                                                                                         Resources(model)))
+    assert specdec_main(["export", "--model", target, "--kind", "eagle3", "--format", "onnx", "--output-dir",
+                         str(tmp_path / "x")]) == 2
+    assert "--kind eagle3 --format speculators" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="dir takes a checkpoint directory"):
+        make_drafter("eagle3[dir=]", Resources(model))
+
+
 def test_features_stored_and_computed_agree(workdir):
     recipe = Eagle3Arguments(unroll=2, eval_depth=2, draft_vocab_size=0)
     train(train_args(workdir, workdir / "data", "s3", max_steps=2, save_steps=2), Eagle3Recipe(recipe))

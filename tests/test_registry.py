@@ -35,7 +35,12 @@ def test_options_reach_the_drafter(loads):
     make_drafter("eagle[full-vocab]", Resources(None))
     make_drafter("medusa[full-vocab,budget=12]", Resources(None))
     make_drafter("eagle", Resources(None))
-    assert loads == [("eagle", {"draft_vocab": None}), ("medusa", {"draft_vocab": None, "budget": 12}), ("eagle", {})]
+    make_drafter("eagle3[dir=runs/e3/drafter,budget=8]+prompt-lookup", Resources(None))
+    make_drafter("early-exit[dir=x]", Resources(None))
+    assert loads == [("eagle", {"draft_vocab": None}), ("medusa", {"draft_vocab": None, "budget": 12}), ("eagle", {}),
+                     ("eagle3", {"directory": "runs/e3/drafter", "budget": 8}), ("early-exit", {"directory": "x"})]
+    with pytest.raises(ValueError, match="unknown option 'full-vocab'"):
+        make_drafter("eagle3[full-vocab]", Resources(None))
     tree = make_drafter("prompt-lookup-tree[budget=5]", Resources(None))
     assert (tree.num_matches, tree.budget) == (3, 5)  # the entry's other settings stay
     assert make_drafter("prompt-lookup-tree", Resources(None)).budget == 16
@@ -87,7 +92,7 @@ def test_bench_variant_follows_the_options(loads):
 @pytest.mark.parametrize(
     "name, complaint",
     [
-        ("eagle[nope]", r"drafter 'eagle\[nope\]': unknown option 'nope'; the options are full-vocab, budget"),
+        ("eagle[nope]", r"drafter 'eagle\[nope\]': unknown option 'nope'; the options are dir, full-vocab, budget"),
         ("jacobi[full-vocab]", r"unknown option 'full-vocab'; it takes no options"),
         ("eagle[full-vocab=1]", r"option 'full-vocab' is a flag and takes no value"),
         ("eagle[budget]", r"option 'budget' needs a value \(budget=\.\.\.\)"),
@@ -119,4 +124,4 @@ def test_cli_refuses_a_bad_option_before_loading(argv, capsys, monkeypatch):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("specdec: error: ") and "\n" not in err
-    assert "unknown option 'ful-vocab'; the options are full-vocab, budget" in err
+    assert "unknown option 'ful-vocab'; the options are dir, full-vocab, budget" in err

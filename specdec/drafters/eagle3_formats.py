@@ -28,7 +28,7 @@ from specdec.drafters.eagle3 import AUX_KEY, Eagle3Head, default_aux_layers, hea
 SPECFORGE, SPECULATORS = "specforge", "speculators"
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 SPECULATOR = "Eagle3Speculator"
-SPECULATORS_VERSION = "0.2.0"
+SPECULATORS_VERSION = "0.9.0"  # the speculators release whose config schema this writes
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -78,15 +78,19 @@ def _tensors(head: Eagle3Head, dtype: torch.dtype, layer_prefix: str) -> dict[st
     return out
 
 
-def export(head: Eagle3Head, directory, layout: str = SPECFORGE, *, dtype: str = "bfloat16", verifier: str = "",
-           speculative_tokens: int = 3) -> Path:
-    """Write `head` to `directory` in `layout` (`SPECFORGE` or `SPECULATORS`), weights in `dtype`.
-    `verifier`: the target's name or path, recorded for `speculators`; `speculative_tokens`: the
-    draft length vLLM takes from the speculators config."""
+def export(head: Eagle3Head, directory, layout: str = SPECFORGE, *, dtype: str | None = None, verifier: str = "",
+           verifier_architectures: tuple[str, ...] = (), speculative_tokens: int = 3) -> Path:
+    """Write `head` to `directory` in `layout` (`SPECFORGE` or `SPECULATORS`), weights in `dtype`
+    (None: the head's). `verifier` / `verifier_architectures`: the target's HF id or path and its
+    classes, which a speculators config must name (vLLM serves that verifier);
+    `speculative_tokens`: the draft length vLLM takes from the speculators config."""
     if layout not in (SPECFORGE, SPECULATORS):
         raise ValueError(f"layout must be {SPECFORGE!r} or {SPECULATORS!r}, got {layout!r}")
+    dtype = dtype or str(head.fc.weight.dtype).removeprefix("torch.")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if layout == SPECULATORS and not verifier:
+        raise ValueError("a speculators config names its verifier: pass the target's HF id or path (--verifier)")
     c, aux = head.config, list(head.aux_layers)
     extra = {"target_hidden_size": c.target_hidden_size, "norm_before_residual": c.norm_before_residual,
              AUX_KEY: aux}
@@ -105,7 +109,7 @@ def export(head: Eagle3Head, directory, layout: str = SPECFORGE, *, dtype: str =
                 "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": int(speculative_tokens),
                                       "verifier_accept_k": 1, "accept_tolerance": 0.0}],
                 "default_proposal_method": "greedy",
-                "verifier": {"name_or_path": verifier or None, "architectures": []},
+                "verifier": {"name_or_path": verifier, "architectures": list(verifier_architectures)},
             },
         }
         tensors = _tensors(head, DTYPES[dtype], "layers.0.")
@@ -199,3 +203,18 @@ def load(directory, model) -> Eagle3Head:
     head.load_state_dict({k: v.to(want[k].dtype) for k, v in tensors.items()})
     head.check(model, where)
     return head.to(device=model.device, dtype=model.dtype)
+
+
+def exporter(layout: str):
+    """`specdec export`'s writer for `layout`: (Eagle drafter with an `Eagle3Head`, directory,
+    verifier) -> the directory; the target's architectures come from the drafter's model."""
+
+    def write(drafter, directory, verifier: str | None = None) -> Path:
+        if not isinstance(drafter.head, Eagle3Head):
+            raise ValueError("this head is an EAGLE-1/2 feature head, which no serving engine loads; train an "
+                             "EAGLE-3 head (specdec train eagle3) to export it")
+        config = drafter.model.config
+        return export(drafter.head, directory, layout, verifier=verifier or str(config.name_or_path or ""),
+                      verifier_architectures=tuple(config.architectures or ()))
+
+    return write
