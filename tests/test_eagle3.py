@@ -256,20 +256,27 @@ def test_a_specforge_head_written_key_by_key_loads_drafts_exactly_and_matches_th
 def test_export_then_import_drafts_the_same(tmp_path, layout):
     model = tiny_model("qwen", layers=3).float()
     drafter = Eagle(model, random_head3(model, 1, torch.arange(5, 80), intermediate_size=40), min_gain=0)
-    export(drafter.head, tmp_path / "x", layout, dtype="float32", verifier="tiny")
+    embedding = model.get_input_embeddings().weight
+    export(drafter.head, tmp_path / "x", layout, dtype="float32", verifier="tiny", embedding=embedding)
     cfg = json.loads((tmp_path / "x" / "config.json").read_text())
-    keys = set(load_file(str(tmp_path / "x" / "model.safetensors")))
+    weights = load_file(str(tmp_path / "x" / "model.safetensors"))
+    keys = set(weights)
     if layout == SPECFORGE:
         assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["num_hidden_layers"] == 1
         assert cfg["eagle_config"] == {"use_aux_hidden_state": True, "eagle_aux_hidden_state_layer_ids": [0, 1, 2]}
         assert cfg["eagle_aux_hidden_state_layer_ids"] == [0, 1, 2] and cfg["norm_before_residual"] is False
-        assert "midlayer.self_attn.q_proj.weight" in keys
+        assert "midlayer.self_attn.q_proj.weight" in keys and "embed_tokens.weight" not in keys
     else:
         assert cfg["speculators_model_type"] == "eagle3" and cfg["architectures"] == ["Eagle3Speculator"]
         assert cfg["transformer_layer_config"]["num_hidden_layers"] == 1
         assert cfg["speculators_config"]["verifier"]["name_or_path"] == "tiny"
         assert "layers.0.self_attn.q_proj.weight" in keys and not any(k.startswith("midlayer.") for k in keys)
-    assert {"fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d"} <= keys and "embed_tokens.weight" not in keys
+        # the speculators package leaves a missing embed_tokens uninitialised (scripts/check_speculators.py)
+        assert torch.equal(weights["embed_tokens.weight"], embedding.detach())
+        with pytest.raises(ValueError, match="stores the target's input embedding"):
+            export(drafter.head, tmp_path / "y", layout, verifier="tiny")
+        assert not (tmp_path / "y").exists()
+    assert {"fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d"} <= keys
     assert cfg["vocab_size"] if layout == SPECFORGE else cfg["transformer_layer_config"]["vocab_size"] == 96
     assert_same_drafts(model, drafter, Eagle.from_pretrained(tmp_path / "x", model, min_gain=0))
 

@@ -5,9 +5,12 @@ config.json a one-layer Llama config plus `draft_vocab_size`, `target_hidden_siz
 `norm_before_residual` and the aux layer ids (top level and under `eagle_config`);
 model.safetensors `fc`, `midlayer.*`, `norm`, `lm_head`, `d2t`, `t2d`. ``speculators``:
 vLLM's `speculators` config (``Eagle3Speculator``, `transformer_layer_config`,
-`speculators_config`), the same weights with ``layers.0.`` for ``midlayer.``. Aux layer ids are
-HF ``output_hidden_states`` indices (the state entering that layer). No embedding is written:
-the head reads the target's, as engines share it. Writes are atomic (`checkpoint.write_directory`).
+`speculators_config`), the same weights with ``layers.0.`` for ``midlayer.``, plus the target's
+input embedding as ``embed_tokens.weight`` (the speculators package saves it, and its loader leaves a
+missing one uninitialised; vLLM shares it with the target either way). Aux layer ids are HF
+``output_hidden_states`` indices (the state entering that layer). The SpecForge layout holds no
+embedding: engines share the target's. Reading drops any embedding: the head reads the target's.
+Writes are atomic (`checkpoint.write_directory`).
 
 Boundary: files, configs and validation; the head is `specdec.drafters.eagle3.Eagle3Head`.
 """
@@ -79,10 +82,12 @@ def _tensors(head: Eagle3Head, dtype: torch.dtype, layer_prefix: str) -> dict[st
 
 
 def export(head: Eagle3Head, directory, layout: str = SPECFORGE, *, dtype: str | None = None, verifier: str = "",
-           verifier_architectures: tuple[str, ...] = (), speculative_tokens: int = 3) -> Path:
+           verifier_architectures: tuple[str, ...] = (), embedding: Tensor | None = None,
+           speculative_tokens: int = 3) -> Path:
     """Write `head` to `directory` in `layout` (`SPECFORGE` or `SPECULATORS`), weights in `dtype`
     (None: the head's). `verifier` / `verifier_architectures`: the target's HF id or path and its
-    classes, which a speculators config must name (vLLM serves that verifier);
+    classes, which a speculators config must name (vLLM serves that verifier); `embedding`: the
+    target's input embedding [vocab, H], which the speculators layout stores (unused otherwise);
     `speculative_tokens`: the draft length vLLM takes from the speculators config."""
     if layout not in (SPECFORGE, SPECULATORS):
         raise ValueError(f"layout must be {SPECFORGE!r} or {SPECULATORS!r}, got {layout!r}")
@@ -91,7 +96,13 @@ def export(head: Eagle3Head, directory, layout: str = SPECFORGE, *, dtype: str |
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if layout == SPECULATORS and not verifier:
         raise ValueError("a speculators config names its verifier: pass the target's HF id or path (--verifier)")
-    c, aux = head.config, list(head.aux_layers)
+    c = head.config
+    if layout == SPECULATORS and (embedding is None or tuple(embedding.shape) != (c.vocab_size, c.hidden_size)):
+        got = "none" if embedding is None else f"shape {list(embedding.shape)}"
+        raise ValueError(f"a speculators checkpoint stores the target's input embedding [{c.vocab_size}, "
+                         f"{c.hidden_size}] (the speculators package leaves a missing one uninitialised): pass "
+                         f"embedding=model.get_input_embeddings().weight, got {got}")
+    aux = list(head.aux_layers)
     extra = {"target_hidden_size": c.target_hidden_size, "norm_before_residual": c.norm_before_residual,
              AUX_KEY: aux}
     if layout == SPECFORGE:
@@ -113,6 +124,7 @@ def export(head: Eagle3Head, directory, layout: str = SPECFORGE, *, dtype: str |
             },
         }
         tensors = _tensors(head, DTYPES[dtype], "layers.0.")
+        tensors["embed_tokens.weight"] = embedding.detach().cpu().to(DTYPES[dtype]).contiguous()
 
     def fill(staged: Path) -> None:
         (staged / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -215,6 +227,7 @@ def exporter(layout: str):
                              "EAGLE-3 head (specdec train eagle3) to export it")
         config = drafter.model.config
         return export(drafter.head, directory, layout, verifier=verifier or str(config.name_or_path or ""),
-                      verifier_architectures=tuple(config.architectures or ()))
+                      verifier_architectures=tuple(config.architectures or ()),
+                      embedding=drafter.model.get_input_embeddings().weight)
 
     return write
