@@ -47,6 +47,11 @@ def check_full_attention(cache: Cache) -> None:
             )
 
 
+def states(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (keys, values), [batch, kv heads, slots, head dim]."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
 def length(cache: Cache, layer: int = 0) -> int:
     """Slots held by decoder layer `layer`. A cache filled by running only some of the model's
     layers (self-speculative drafters) leaves the others empty, so those ask for a filled one."""

@@ -1,9 +1,10 @@
-"""Training: self-distilled data (batched, resumable), the Medusa recipe under accelerate, resume,
+"""Training: self-distilled data (batched with refilled rows, resumable), the Medusa recipe under accelerate, resume,
 the CLI, and a 2-process CPU run. A tiny Llama and a WordLevel tokenizer with a chat template
-are written to disk, so the whole path (load_model, chat template, left padding) runs offline."""
+are written to disk, so the whole path (load_model, chat template, batched greedy) runs offline."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import reference, run
+from conftest import random_prompt, reference, run, tiny_model
 from helpers import MEDUSA_RECIPE, NUM_PROMPTS, data_args, read_log, train_args, write_prompts, write_target
 from specdec.drafters.medusa import Medusa
 from specdec.models import load_model
@@ -66,25 +67,43 @@ def test_make_data_answers_like_unbatched_greedy(workdir, dataset):
     assert manifest["done"] and manifest["examples"] == NUM_PROMPTS and manifest["answer_tokens"] > 0
 
 
-def test_make_data_resumes_after_a_crash(workdir, dataset, monkeypatch):
-    real, calls = data_module._generate_shard, []
+@pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa")])
+def test_greedy_refills_rows_with_per_prompt_generate_answers(arch, attn):
+    """9 prompts on 3 rows: rows that stop at EOS (some at their first token) take the next prompt,
+    the last ones drain on fewer rows; every answer is that prompt's own greedy `generate`."""
+    model = copy.deepcopy(tiny_model(arch, attn=attn))
+    prompts = [random_prompt(seed, 3 + 2 * seed % 9) for seed in range(9)]
+    free = [reference(model, p, 12)[0, p.shape[1]:].tolist() for p in prompts]
+    eos = max({a[0] for a in free}, key=lambda t: sum(t in a for a in free))  # a first token many answers hold
+    model.generation_config.eos_token_id = eos
+    want = {i: reference(model, p, 12, eos_token_id=eos)[0, p.shape[1]:].tolist() for i, p in enumerate(prompts)}
+    lengths = sorted(len(a) for a in want.values())
+    assert lengths[0] == 1 and any(1 < n < 12 for n in lengths) and lengths[-1] == 12, lengths  # the cases tested
+    got = dict(data_module._greedy(model, [p[0].tolist() for p in prompts], 12, rows=3))
+    assert got == want
+    assert dict(data_module._greedy(model, [p[0].tolist() for p in prompts], 1, rows=2)) == {
+        i: a[:1] for i, a in want.items()}
 
-    def crash_on_second(model, tok, prompts, args):
+
+def test_make_data_resumes_after_a_crash(workdir, dataset, monkeypatch):
+    real, calls = data_module._shard_rows, []
+
+    def crash_on_second(model, prompts, answers, args):
         calls.append(len(prompts))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(model, tok, prompts, args)
+        return real(model, prompts, answers, args)
 
-    monkeypatch.setattr(data_module, "_generate_shard", crash_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        make_data(data_args(workdir, "resumed"))
+    monkeypatch.setattr(data_module, "_shard_rows", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):  # other batch sizes than `dataset`'s: rows refill across shards
+        make_data(data_args(workdir, "resumed", batch_size=3))
     manifest = json.loads((workdir / "resumed" / "manifest.json").read_text())
     assert [s["end"] for s in manifest["shards"]] == [4] and not manifest["done"]
     with pytest.raises(ValueError, match="unfinished"):
         load_examples(workdir / "resumed")
     calls.clear()
-    monkeypatch.setattr(data_module, "_generate_shard", real)
-    make_data(data_args(workdir, "resumed"))
+    monkeypatch.setattr(data_module, "_shard_rows", real)
+    make_data(data_args(workdir, "resumed", batch_size=5))
     again, full = load_examples(workdir / "resumed"), load_examples(dataset)
     assert [r.tolist() for r in again["input_ids"]] == [r.tolist() for r in full["input_ids"]]
     with pytest.raises(ValueError, match="max_new_tokens differ"):

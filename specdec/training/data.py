@@ -1,8 +1,12 @@
 """Training data for drafters: self-distillation (`make-data`) and batches of it.
 
-`make_data` has the target answer jsonl prompts through its chat template (greedy, batched,
-left padding) and stores prompt + answer token ids with the prompt length, optionally with the
-target's post-norm last hidden states (fp16), so head training never runs the target again.
+`make_data` has the target answer jsonl prompts through its chat template (greedy; `batch_size`
+answers decoded together, a finished one making room for the next prompt) and stores prompt +
+answer token ids with the prompt length, optionally with the target's hidden states (fp16; the
+last post-norm layer, or `--hidden-layers`), so head training never runs the target again.
+Answers are what greedy `generate` gives each prompt alone, up to batched rounding. With
+`--answers` it rescores another model's answers instead: one forward per sequence stores the
+target's own next token at every position (`target_ids`).
 Work is saved in shards with a manifest; a rerun with the same settings skips finished shards,
 and the last step assembles one `datasets` dataset under ``<output_dir>/dataset``. `Batch` /
 `collate` make right-padded tensors with the answer-token mask; `target_states` computes the
@@ -20,6 +24,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +32,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from specdec import kv
 from specdec.extras import require
 from specdec.models import load_model
 from specdec.training import arguments
@@ -48,7 +54,9 @@ class MakeDataArguments:
     max_new_tokens: int = dataclasses.field(default=256, metadata={"help": "longest answer, in tokens"})
     limit: int | None = dataclasses.field(default=None, metadata={"help": "use only the first N prompts (default: "
                                                                           "all)"})
-    batch_size: int = dataclasses.field(default=8, metadata={"help": "prompts generated together (left-padded)"})
+    batch_size: int = dataclasses.field(default=64, metadata={"help": "answers decoded together (a finished one "
+                                                                        "makes room for the next prompt); also "
+                                                                        "the batch of the hidden-state forwards"})
     shard_size: int = dataclasses.field(default=64, metadata={"help": "prompts per saved shard: the unit of resuming"})
     save_hidden_states: bool = dataclasses.field(default=False, metadata={
         "help": "also store the target's hidden states (fp16) so head training skips the target forward"})
@@ -290,25 +298,104 @@ def manifest_of(path: str | Path) -> dict:
     return {}
 
 
-def _generate_shard(model, tok, prompts: list[str], args: MakeDataArguments, layers=(-1,)) -> dict:
-    """Answers for `prompts`: {"input_ids": [...], "prompt_length": [...], ("hidden_states": [...])}."""
-    eos = eos_ids(model)
-    rows: dict[str, list] = {"input_ids": [], "prompt_length": []}
-    for start in range(0, len(prompts), args.batch_size):
-        chunk = prompts[start : start + args.batch_size]
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-                 for p in chunk]
-        enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-        out = model.generate(**enc.to(model.device), max_new_tokens=args.max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id).cpu()  # [b, padded prompt + new]
-        width = enc["input_ids"].shape[1]
-        for b in range(len(chunk)):
-            prompt = enc["input_ids"][b][enc["attention_mask"][b].bool()]
-            answer = out[b, width:].tolist()
-            stop = next((i for i, t in enumerate(answer) if t in eos), None)
-            answer = answer if stop is None else answer[: stop + 1]  # keep EOS: the heads should predict it too
-            rows["input_ids"].append(prompt.tolist() + answer)
-            rows["prompt_length"].append(prompt.numel())
+class _Rows:
+    """The KV cache `_greedy` decodes with: `rows` sequences side by side, each from column 0, in
+    tensors grown to the longest prompt + answer seen (memory: rows x that x the KV of a token);
+    `pos` is the column each row writes next. The model calls only `update`: a 4D mask (`mask`)
+    skips transformers' mask code, so no other cache method is needed."""
+
+    def __init__(self, rows: int, device: torch.device):
+        self.rows, self.keys, self.values, self.width = rows, [], [], 0
+        self.pos = torch.zeros(rows, dtype=torch.long, device=device)
+
+    def put(self, row: int, states: list[tuple[Tensor, Tensor]], width: int) -> None:
+        """Row `row` now holds a prompt: `states` as `kv.states` gives them for a batch of one; `width`
+        columns are made room for (prompt + longest answer)."""
+        if not self.keys:
+            self.keys = [k.new_zeros(self.rows, k.shape[1], 0, k.shape[3]) for k, _ in states]
+            self.values = [v.new_zeros(self.rows, v.shape[1], 0, v.shape[3]) for _, v in states]
+        have = self.keys[0].shape[2]
+        if width > have:  # by a quarter at least: a few copies in all, not one a row
+            grow = max(width, have * 5 // 4) - have
+            self.keys = [torch.cat([k, k.new_zeros(*k.shape[:2], grow, k.shape[3])], 2) for k in self.keys]
+            self.values = [torch.cat([v, v.new_zeros(*v.shape[:2], grow, v.shape[3])], 2) for v in self.values]
+        n = states[0][0].shape[2]
+        for (k, v), keys, values in zip(states, self.keys, self.values):
+            keys[row, :, :n], values[row, :, :n] = k[0], v[0]
+        self.pos[row] = n
+
+    def keep(self, rows: list[int]) -> None:
+        index = torch.tensor(rows, device=self.pos.device)
+        self.keys = [k[index] for k in self.keys]
+        self.values = [v[index] for v in self.values]
+        self.pos, self.rows = self.pos[index], len(rows)
+
+    def mask(self, dtype: torch.dtype) -> Tensor:
+        """[rows, 1, 1, width] additive: each row sees its columns up to `pos`; sets `width` for `update`."""
+        self.width = int(self.pos.max()) + 1
+        hidden = torch.arange(self.width, device=self.pos.device)[None] > self.pos[:, None]
+        return torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill(
+            hidden, torch.finfo(dtype).min)[:, None, None]
+
+    def update(self, key: Tensor, value: Tensor, layer: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        rows = torch.arange(self.rows, device=self.pos.device)
+        self.keys[layer][rows, :, self.pos] = key[:, :, 0]
+        self.values[layer][rows, :, self.pos] = value[:, :, 0]
+        return self.keys[layer][:, :, : self.width], self.values[layer][:, :, : self.width]
+
+
+@torch.no_grad()
+def _greedy(model, prompts: list[list[int]], max_new_tokens: int, rows: int) -> Iterator[tuple[int, list[int]]]:
+    """Greedy answers to `prompts` (token ids) as (index, answer) pairs, yielded as each finishes (EOS
+    kept). `rows` answers are decoded together and a finished row takes the next prompt, so no row
+    waits for a longer one; each prompt is prefilled alone, as unbatched `generate` does."""
+    eos, device = eos_ids(model), model.device
+    cache = _Rows(min(rows, len(prompts)), device)
+    todo = list(enumerate(prompts))[::-1]
+    slots: list[tuple[int, list[int]] | None] = [None] * cache.rows  # (prompt index, answer so far) per row
+    while True:
+        for row in range(len(slots)):
+            while slots[row] is None and todo:
+                i, ids = todo.pop()
+                prefill = kv.new_cache(model)
+                logits = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1,
+                               **kv.cache_kwargs(model, prefill)).logits
+                answer = [int(logits[0, -1].argmax())]
+                if answer[0] in eos or max_new_tokens == 1:
+                    yield i, answer
+                else:
+                    cache.put(row, kv.states(prefill), len(ids) + max_new_tokens)
+                    slots[row] = (i, answer)
+        live = [row for row, slot in enumerate(slots) if slot is not None]
+        if not live:
+            return
+        if len(live) <= len(slots) * 3 // 4:  # no prompts left: stop computing most idle rows
+            cache.keep(live)
+            slots = [slots[row] for row in live]
+        last = torch.tensor([[slot[1][-1] if slot else 0] for slot in slots], device=device)
+        logits = model(input_ids=last, position_ids=cache.pos[:, None], attention_mask=cache.mask(model.dtype),
+                       use_cache=True, **kv.cache_kwargs(model, cache)).logits
+        busy = torch.tensor([slot is not None for slot in slots], device=device)
+        cache.pos += busy  # idle rows stay where they are
+        for row, token in enumerate(logits[:, -1].argmax(-1).tolist()):
+            if slots[row] is not None:
+                i, answer = slots[row]
+                answer.append(token)
+                if token in eos or len(answer) == max_new_tokens:
+                    yield i, answer
+                    slots[row] = None
+
+
+def _chat_ids(tok, prompt: str) -> list[int]:
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def _shard_rows(model, prompts: list[list[int]], answers: list[list[int]], args: MakeDataArguments,
+                layers=(-1,)) -> dict:
+    """A shard's columns: {"input_ids": [...], "prompt_length": [...], ("hidden_states": [...])}."""
+    rows: dict[str, list] = {"input_ids": [p + a for p, a in zip(prompts, answers)],
+                             "prompt_length": [len(p) for p in prompts]}
     if args.save_hidden_states:
         rows["hidden_states"] = []
         for start in range(0, len(rows["input_ids"]), args.batch_size):
@@ -392,16 +479,21 @@ def make_data(args: MakeDataArguments) -> Path:
             raise ValueError(f"--answers {args.answers} holds token ids outside {args.model}'s vocabulary of {vocab}: "
                              "it was made with another tokenizer; rescore answers of a model sharing this tokenizer")
     out.mkdir(parents=True, exist_ok=True)
-    tok.padding_side = "left"  # batched generation continues every row from its last prompt token
     done = max((s["end"] for s in manifest["shards"]), default=0)
-    starts = range(done, len(prompts), args.shard_size)
-    for start in tqdm(starts, desc="make-data shards", unit="shard"):
+    if args.answers is None:
+        ids = [_chat_ids(tok, p) for p in prompts[done:]]
+        answers, finished = _greedy(model, ids, args.max_new_tokens, args.batch_size), {}
+    for start in tqdm(range(done, len(prompts), args.shard_size), desc="make-data shards", unit="shard"):
         end = min(start + args.shard_size, len(prompts))
         t0 = time.perf_counter()
-        if args.answers is None:
-            rows = _generate_shard(model, tok, prompts[start:end], args, layers)
-        else:
+        if args.answers is not None:
             rows = _rescore_shard(model, prompts[start:end], args, layers)
+        else:
+            shard = range(start - done, end - done)  # indices into ids
+            while any(i not in finished for i in shard):  # answers finish in any order
+                i, answer = next(answers)
+                finished[i] = answer
+            rows = _shard_rows(model, [ids[i] for i in shard], [finished.pop(i) for i in shard], args, layers)
         name = f"shard-{start:07d}"
         _save_dataset(datasets.Dataset.from_dict(rows, features=_features(model, args, layers)),
                       out / "shards" / name)
