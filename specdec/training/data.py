@@ -7,10 +7,9 @@ last post-norm layer, or `--hidden-layers`), so head training never runs the tar
 Answers are what greedy `generate` gives each prompt alone, up to batched rounding. With
 `--answers` it rescores another model's answers instead: one forward per sequence stores the
 target's own next token at every position (`target_ids`).
-Work is saved in shards with a manifest; a rerun with the same settings skips finished shards,
-and the last step assembles one `datasets` dataset under ``<output_dir>/dataset``. `Batch` /
-`collate` make right-padded tensors with the answer-token mask; `target_states` computes the
-hidden states when they were not stored.
+Work is saved in shards with a manifest (a rerun resumes), then assembled under
+``<output_dir>/dataset``. `Batch` / `collate` make right-padded tensors with the answer-token
+mask; `target_states` computes the hidden states when they were not stored.
 
 Boundary: data only; no drafter and no training loop. Runs in one process.
 """
