@@ -88,11 +88,11 @@ def test_greedy_refills_rows_with_per_prompt_generate_answers(arch, attn):
 def test_make_data_resumes_after_a_crash(workdir, dataset, monkeypatch):
     real, calls = data_module._shard_rows, []
 
-    def crash_on_second(model, prompts, answers, args):
+    def crash_on_second(model, prompts, answers, args, layers=(-1,)):
         calls.append(len(prompts))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(model, prompts, answers, args)
+        return real(model, prompts, answers, args, layers)
 
     monkeypatch.setattr(data_module, "_shard_rows", crash_on_second)
     with pytest.raises(KeyboardInterrupt):  # other batch sizes than `dataset`'s: rows refill across shards
