@@ -25,7 +25,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList, StopStringCr
 
 from specdec import devices, memory, profile
 from specdec.acceptance import AcceptanceRule, Greedy, Speculative
-from specdec.drafter import Context, Drafter, Feedback, check_drafter
+from specdec.drafter import Context, Drafter, Feedback, check_drafter, hidden_layers
 from specdec.guard import Guard
 from specdec.models import cache_dir
 from specdec.packing import Packing
@@ -324,7 +324,7 @@ def _verifier(model, drafter: Drafter | None, verifier: Verifier | None, packed_
     if drafter is not None:
         drafter.begin(model)
     keep_hidden = drafter is not None and drafter.needs_hidden_states
-    layers = tuple(getattr(drafter, "hidden_layers", (-1,)))  # HF hidden-state indices it reads
+    layers = hidden_layers(drafter)  # HF hidden-state indices it reads
     if verifier is None:
         return Verifier(model, keep_hidden_states=keep_hidden, packed_from=packed_from, hidden_layers=layers)
     if verifier.model is not model:

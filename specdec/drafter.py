@@ -74,6 +74,11 @@ class Drafter(Protocol):
         """Learn from the verifier's decision (adapt lengths, fill tables); may do nothing."""
 
 
+def hidden_layers(drafter) -> tuple[int, ...]:
+    """The target states `drafter` reads: its optional ``hidden_layers``, else the last layer's."""
+    return tuple(getattr(drafter, "hidden_layers", (-1,)))
+
+
 def check_drafter(given, who: str = "drafter") -> None:
     """Refuse what is not a drafter object (a CLI name, a drafter class, anything lacking the
     protocol), naming `who` and the fix; the one check `generate`, `Merge` and `Fallback` make."""

@@ -93,23 +93,26 @@ def _directory(value: str) -> str:
     return value.strip()
 
 
+def _load(kind: str, r: Resources, **kwargs):
+    """A trained drafter of `kind`: from option ``dir=PATH`` if given, else the shipped one."""
+    if "dir" in kwargs:
+        kwargs["directory"] = kwargs.pop("dir")
+    return load(kind, r.target, **kwargs)
+
+
 def _trained(kind: str, full_vocab: bool = True) -> Entry:
     """A trained drafter: the one shipped for the target, or ``[dir=PATH]`` a checkpoint directory
     (specdec's, or for Eagle and Medusa the engine layouts they import)."""
 
     def build(r: Resources, full_vocab: bool = False, **kwargs):
         # full-vocab: every lm_head row, the A/B of the draft vocabulary
-        if "dir" in kwargs:
-            kwargs["directory"] = kwargs.pop("dir")
-        return load(kind, r.target, **({"draft_vocab": None} if full_vocab else {}), **kwargs)
+        return _load(kind, r, **({"draft_vocab": None} if full_vocab else {}), **kwargs)
 
     return Entry(build, {"dir": _directory, **({"full-vocab": FLAG} if full_vocab else {}), **BUDGET})
 
 
 def _early_exit(r: Resources, untrained: bool = False, **kwargs):
-    if "dir" in kwargs:
-        kwargs["directory"] = kwargs.pop("dir")
-    return EarlyExit(r.target, **kwargs) if untrained else load("early-exit", r.target, **kwargs)
+    return EarlyExit(r.target, **kwargs) if untrained else _load("early-exit", r, **kwargs)
 
 
 def _count(value: str) -> int:

@@ -26,6 +26,12 @@ class Scores:
     hidden_states: Tensor | None = None  # [n + 1, F] the requested target states, if any
 
 
+def side_by_side(states: tuple[Tensor, ...], layers: tuple[int, ...]) -> Tensor:
+    """HF ``output_hidden_states`` ([b, t, H] each) -> [b, t, len(layers) H]: those of `layers`,
+    concatenated in that order (what a drafter with `hidden_layers` reads)."""
+    return states[layers[0]] if len(layers) == 1 else torch.cat([states[i] for i in layers], dim=-1)
+
+
 class Verifier:
     def __init__(self, model, *, keep_hidden_states: bool = False, packed_from: int | None = None,
                  hidden_layers: tuple[int, ...] = (-1,)):
@@ -91,10 +97,8 @@ class Verifier:
         return Scores(out.logits[0], hidden)
 
     def _kept(self, states: tuple[Tensor, ...]) -> Tensor:
-        """[m, F] the requested layers' states of the one sequence, side by side."""
-        if len(self.hidden_layers) == 1:
-            return states[self.hidden_layers[0]][0]
-        return torch.cat([states[i][0] for i in self.hidden_layers], dim=-1)
+        """[m, F] the requested layers' states of the one sequence."""
+        return side_by_side(states, self.hidden_layers)[0]
 
     def commit(self, accepted_nodes: list[int]) -> None:
         """Keep prefix + root + the accepted path; the next root is the target's own token."""

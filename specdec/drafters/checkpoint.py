@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -185,6 +187,37 @@ def load(directory, kind: str, model, *, check_base_model: bool = True) -> Check
         raise CheckpointError(f"{where} is corrupt: {WEIGHTS_NAME} cannot be read ({e}); "
                               "re-save it with save_pretrained or retrain it") from None
     return Checkpoint(kind, header["target"], header["config"], tensors, header.get("metadata") or {})
+
+
+def read_config(directory: Path, name: str, where: str) -> dict:
+    """The JSON object in `directory`/`name` (another framework's config), or a clear error."""
+    try:
+        config = json.loads((directory / name).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{where} is corrupt: {name} is not valid JSON ({e}); download or export it again") \
+            from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where} is corrupt: {name} is not a JSON object")
+    return config
+
+
+def read_weights(directory: Path, names: tuple[str, ...], where: str) -> tuple[str, dict[str, Tensor]]:
+    """(file name, tensors) of the first of `names` (safetensors, or a pickled state dict read with
+    ``weights_only``) present in `directory`, or a clear error."""
+    name = next((n for n in names if (directory / n).is_file()), None)
+    if name is None:
+        raise CheckpointError(f"{where} has config.json but no weights ({' or '.join(names)}); download or export "
+                              "it again")
+    try:
+        if name.endswith(".safetensors"):
+            tensors = load_file(str(directory / name))
+        else:
+            tensors = torch.load(directory / name, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{where} is corrupt: {name} cannot be read ({e}); download or export it again") from None
+    if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
+        raise CheckpointError(f"{where} is corrupt: {name} is not a dict of tensors; download or export it again")
+    return name, tensors
 
 
 def instantiate(ckpt: Checkpoint, build: Callable[..., M], directory) -> M:

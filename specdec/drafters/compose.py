@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from specdec.drafter import Context, Drafter, Feedback, check_drafter
+from specdec.drafter import Context, Drafter, Feedback, check_drafter, hidden_layers
 from specdec.trees import RunningRate, TokenTree, best_size, merge
 
 
@@ -39,7 +39,7 @@ def _memory_of(drafters) -> int:
 def _layers_of(drafters, who: str) -> tuple[int, ...]:
     """The target hidden states the parts that need any read (`Drafter.hidden_layers`); parts
     reading different layers cannot share the verifier's one set."""
-    wanted = {tuple(getattr(d, "hidden_layers", (-1,))) for d in drafters if d.needs_hidden_states}
+    wanted = {hidden_layers(d) for d in drafters if d.needs_hidden_states}
     if len(wanted) > 1:
         raise ValueError(f"{who}: its parts read different target hidden states ({sorted(wanted)}, e.g. an EAGLE-3 "
                          "head and a Medusa head); compose at most one kind of head-based drafter")

@@ -26,14 +26,13 @@ from torch import Tensor, nn
 
 from specdec import kv
 from specdec.drafter import Context, Feedback
-from specdec.drafters import checkpoint
+from specdec.drafters import checkpoint, eagle3
 from specdec.drafters.eagle3 import Eagle3Head
 from specdec.drafters.layer_view import causal_mask
 from specdec.drafters.vocab import DraftVocab, PackedDraft, rows, stored, stripped
 from specdec.trees import RunningRate, TokenTree, best_size, expand, tree_mask
 
 KIND = "eagle"
-KIND3 = "eagle3"  # an `Eagle3Head`'s checkpoints
 
 
 def _decoder_parts(model) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -89,6 +88,8 @@ class EagleHead(nn.Module):
     def feature_size(self) -> int:
         """Width of a real pair's feature: the target's last-layer state."""
         return self.hidden_size
+
+    hidden_layers = (-1,)  # the target states it reads: the last layer's, post-norm
 
     def forward(self, features: Tensor, embeds: Tensor, position_ids: Tensor, attention_mask: Tensor,
                 cache=None) -> Tensor:
@@ -231,7 +232,7 @@ class Eagle:
     @property
     def hidden_layers(self) -> tuple[int, ...]:
         """The target hidden states this head reads (HF ``output_hidden_states`` indices)."""
-        return self.head.aux_layers if isinstance(self.head, Eagle3Head) else (-1,)
+        return self.head.hidden_layers
 
     def _vocab_for(self, frozen: FrozenTarget, ids: Tensor | None) -> DraftVocab:
         if isinstance(self.head, Eagle3Head):
@@ -265,16 +266,9 @@ class Eagle:
         `model`; an EAGLE-3 head in the SpecForge or speculators layout loads too (`eagle3_formats`)."""
         from specdec.drafters import eagle3_formats
 
-        if eagle3_formats.foreign(directory):
-            kwargs.pop("draft_vocab", None)  # the head's own (d2t)
-            return cls(model, eagle3_formats.load(directory, model), **kwargs)
-        if checkpoint.header_of(directory)["drafter"] == KIND3:
-            ckpt = checkpoint.load(directory, KIND3, model, check_base_model=check_base_model)
-            head = checkpoint.instantiate(ckpt, lambda **c: eagle3_formats.build(model, **c), directory)
-            head.to(device=model.device, dtype=model.dtype)
-            head.check(model, f"drafter checkpoint {str(directory)!r}")
-            kwargs.pop("draft_vocab", None)  # the head's own (d2t)
-            return cls(model, head, metadata=ckpt.metadata, **kwargs)
+        if eagle3_formats.foreign(directory) or checkpoint.header_of(directory)["drafter"] == eagle3.KIND:
+            head, metadata = eagle3_formats.read(directory, model, check_base_model=check_base_model)
+            return cls(model, head, metadata=metadata, **kwargs)
         ckpt = checkpoint.load(directory, KIND, model, check_base_model=check_base_model)
         where = f"drafter checkpoint {str(directory)!r}"
         layer = type(_decoder_parts(model)[0]).__name__
@@ -299,7 +293,7 @@ class Eagle:
     def save_pretrained(self, directory) -> Path:
         if isinstance(self.head, Eagle3Head):
             return checkpoint.save(directory, checkpoint.Checkpoint(
-                KIND3, checkpoint.describe(self.model), self.head.describe(), dict(self.head.state_dict()),
+                eagle3.KIND, checkpoint.describe(self.model), self.head.describe(), dict(self.head.state_dict()),
                 self.metadata))
         config, tensors = stored({"hidden_size": self.head.hidden_size, "decoder_layer": self.head.layer_name},
                                  dict(self.head.state_dict()), self.draft_vocab)

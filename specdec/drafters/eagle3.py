@@ -24,6 +24,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, L
 from specdec import kv
 
 AUX_KEY = "eagle_aux_hidden_state_layer_ids"
+KIND = "eagle3"  # the drafter kind specdec's checkpoints of these heads record
 
 
 def default_aux_layers(num_layers: int) -> tuple[int, int, int]:
@@ -151,6 +152,11 @@ class Eagle3Head(nn.Module):
     def feature_size(self) -> int:
         """Width of a real pair's feature: the fused target states."""
         return self.fc.in_features
+
+    @property
+    def hidden_layers(self) -> tuple[int, ...]:
+        """The target states it reads (HF ``output_hidden_states`` indices)."""
+        return self.aux_layers
 
     def forward(self, features: Tensor, embeds: Tensor, position_ids: Tensor, attention_mask: Tensor,
                 cache=None) -> Tensor:

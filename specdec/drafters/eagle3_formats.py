@@ -21,12 +21,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from specdec.drafters import checkpoint
-from specdec.drafters.eagle3 import AUX_KEY, Eagle3Head, default_aux_layers, head_config
+from specdec.drafters.eagle3 import AUX_KEY, KIND, Eagle3Head, default_aux_layers, head_config
 
 SPECFORGE, SPECULATORS = "specforge", "speculators"
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -44,7 +43,8 @@ def foreign(directory) -> bool:
 
 def build(model, *, hidden_size: int, intermediate_size: int, num_attention_heads: int, num_key_value_heads: int,
           head_dim: int, draft_vocab_size: int, aux_layers, norm_before_residual: bool = False) -> Eagle3Head:
-    """An empty head for `model` with a checkpoint's config fields (`Eagle3Head.describe`)."""
+    """An empty head for `model` (its dtype and device) with a checkpoint's config fields
+    (`Eagle3Head.describe`)."""
     if int(hidden_size) != int(model.config.hidden_size):
         raise ValueError(f"the head's hidden size {hidden_size} differs from the target's {model.config.hidden_size}: "
                          "heads with their own embedding are not supported")
@@ -53,7 +53,7 @@ def build(model, *, hidden_size: int, intermediate_size: int, num_attention_head
     config.vocab_size = model.get_output_embeddings().weight.shape[0]
     config.num_attention_heads, config.num_key_value_heads = int(num_attention_heads), int(num_key_value_heads)
     config.head_dim = int(head_dim)
-    return Eagle3Head(config)
+    return Eagle3Head(config).to(device=model.device, dtype=model.dtype)
 
 
 def _llama_config(head: Eagle3Head) -> dict:
@@ -133,23 +133,13 @@ def export(head: Eagle3Head, directory, layout: str = SPECFORGE, *, dtype: str |
     return checkpoint.write_directory(directory, fill)
 
 
-def _read(directory: Path) -> tuple[dict, dict[str, Tensor]]:
-    where = f"EAGLE-3 head {str(directory)!r}"
-    try:
-        config = json.loads((directory / CONFIG).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise checkpoint.CheckpointError(f"{where}: {CONFIG} cannot be read ({e})") from None
-    files = sorted(directory.glob("*.safetensors"))
-    try:
-        if files:
-            tensors = {k: v for f in files for k, v in load_file(str(f)).items()}
-        elif (directory / "pytorch_model.bin").is_file():
-            tensors = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        else:
-            raise checkpoint.CheckpointError(f"{where} has no weights ({WEIGHTS} or pytorch_model.bin)")
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise checkpoint.CheckpointError(f"{where}: its weights cannot be read ({e})") from None
-    return config, tensors
+def read(directory, model, *, check_base_model: bool = True) -> tuple[Eagle3Head, dict]:
+    """(head, metadata) of an EAGLE-3 head in `directory`: specdec's checkpoint (kind `KIND`) or an
+    engine layout (`load`), checked against `model`."""
+    if foreign(directory):
+        return load(directory, model), {}
+    ckpt = checkpoint.load(directory, KIND, model, check_base_model=check_base_model)
+    return checkpoint.instantiate(ckpt, lambda **config: build(model, **config), directory), ckpt.metadata
 
 
 def load(directory, model) -> Eagle3Head:
@@ -157,7 +147,8 @@ def load(directory, model) -> Eagle3Head:
     its hidden size, vocabulary and aux layer ids, and every weight's name and shape."""
     directory = Path(directory)
     where = f"EAGLE-3 head {str(directory)!r}"
-    config, tensors = _read(directory)
+    config = checkpoint.read_config(directory, CONFIG, where)
+    _, tensors = checkpoint.read_weights(directory, (WEIGHTS, "pytorch_model.bin"), where)
     if config.get("speculators_model_type") is not None:
         if config["speculators_model_type"] != "eagle3":
             raise checkpoint.CheckpointError(f"{where} is a speculators {config['speculators_model_type']!r} model; "
@@ -213,8 +204,7 @@ def load(directory, model) -> Eagle3Head:
                 part for part in (f"missing {missing}" if missing else "", f"unexpected {unknown}" if unknown else "",
                                   f"wrong shapes {wrong}" if wrong else "") if part))
     head.load_state_dict({k: v.to(want[k].dtype) for k, v in tensors.items()})
-    head.check(model, where)
-    return head.to(device=model.device, dtype=model.dtype)
+    return head
 
 
 def exporter(layout: str):

@@ -16,13 +16,11 @@ one of these layouts; `export_medusa_vllm` writes with `checkpoint.write_directo
 from __future__ import annotations
 
 import json
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from specdec.drafters import checkpoint
@@ -55,35 +53,7 @@ def layout(directory) -> str | None:
 
 
 def _config(directory: Path) -> dict:
-    try:
-        config = json.loads((directory / CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(
-            f"Medusa checkpoint {str(directory)!r} is corrupt: {CONFIG} is not valid JSON ({e}); "
-            "download or export it again"
-        ) from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"Medusa checkpoint {str(directory)!r} is corrupt: {CONFIG} is not a JSON object")
-    return config
-
-
-def _weights(directory: Path, names: tuple[str, ...], where: str) -> tuple[str, dict[str, Tensor]]:
-    """(file name, tensors) of the first of `names` present in `directory`."""
-    name = next((n for n in names if (directory / n).is_file()), None)
-    if name is None:
-        raise CheckpointError(
-            f"{where} has {CONFIG} but no weights ({' or '.join(names)}); download or export it again"
-        )
-    try:
-        if name.endswith(".safetensors"):
-            tensors = load_file(str(directory / name))
-        else:
-            tensors = torch.load(directory / name, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"{where} is corrupt: {name} cannot be read ({e}); download or export it again") from None
-    if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
-        raise CheckpointError(f"{where} is corrupt: {name} is not a dict of tensors; download or export it again")
-    return name, tensors
+    return checkpoint.read_config(directory, CONFIG, f"Medusa checkpoint {str(directory)!r}")
 
 
 def _count(config: dict, keys: tuple[str, ...], where: str, default: int | None = None) -> int:
@@ -128,7 +98,7 @@ def read(directory, model, *, check_base_model: bool = True) -> tuple[checkpoint
                 f"{where}: {CONFIG} needs truncated_vocab_size in [1, vocab_size={vocab}], got "
                 f"{truncated!r}; download or export it again"
             )
-        file, tensors = _weights(directory, VLLM_WEIGHTS, where)
+        file, tensors = checkpoint.read_weights(directory, VLLM_WEIGHTS, where)
         tensors = {k.removeprefix("medusa_heads."): v for k, v in tensors.items()}  # as vLLM's load_weights does
         original = bool(config.get("original_lm_head", False))
         if original and "lm_heads.0.weight" not in tensors and "lm_head.weight" in tensors:
@@ -146,7 +116,7 @@ def read(directory, model, *, check_base_model: bool = True) -> tuple[checkpoint
         where = f"FasterDecoding Medusa checkpoint {str(directory)!r}"
         num_heads = _count(config, ("medusa_num_heads",), where)
         num_layers = _count(config, ("medusa_num_layers",), where, default=1)
-        file, tensors = _weights(directory, FASTERDECODING_WEIGHTS, where)
+        file, tensors = checkpoint.read_weights(directory, FASTERDECODING_WEIGHTS, where)
         fc_bias, token_map, metadata = True, None, {}
 
         def block(h: int, i: int, part: str) -> str:

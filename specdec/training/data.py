@@ -35,6 +35,7 @@ from specdec import kv
 from specdec.extras import require
 from specdec.models import load_model
 from specdec.training import arguments
+from specdec.verifier import side_by_side
 
 DATASET_DIR = "dataset"
 MANIFEST = "manifest.json"
@@ -200,7 +201,7 @@ def target_states(model, batch: Batch, layers=(-1,)) -> Tensor:
                               output_hidden_states=layers != (-1,))
     if layers == (-1,):
         return out.last_hidden_state
-    return torch.cat([out.hidden_states[i] for i in layers], dim=-1)
+    return side_by_side(out.hidden_states, layers)
 
 
 def data_dirs(path: str | Path) -> list[Path]:
@@ -421,8 +422,7 @@ def _rescore_shard(model, rows: dict, args: MakeDataArguments, layers: tuple[int
                                   output_hidden_states=True)
         last = dec.last_hidden_state  # [b, t, H]
         top = torch.cat([head(last[:, i : i + 64]).argmax(-1) for i in range(0, last.shape[1], 64)], dim=1)
-        states = torch.cat([dec.hidden_states[i] for i in layers], dim=-1).half().cpu() if args.save_hidden_states \
-            else None
+        states = side_by_side(dec.hidden_states, layers).half().cpu() if args.save_hidden_states else None
         for i, n in enumerate(batch.attention_mask.sum(1).tolist()):
             out["target_ids"].append(top[i, :n].tolist())
             if states is not None:

@@ -65,6 +65,24 @@ def unroll_mask(t: int, step: int, dtype: torch.dtype, device=None) -> Tensor:
     return mask[None, None]
 
 
+def _check_unroll(args, who: str) -> None:
+    """The arguments both Eagle recipes share, each refused with its flag."""
+    if args.draft_vocab_size < 0:
+        raise ValueError(f"{who}: --draft-vocab-size must be >= 0 (0: every token), got {args.draft_vocab_size}")
+    for name in ("unroll", "eval_depth", "eval_topk"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{who}: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.step_decay <= 1:
+        raise ValueError(f"{who}: --step-decay must be in (0, 1], got {args.step_decay}")
+
+
+def _columns(ids: Tensor, vocab_size: int) -> Tensor:
+    """[vocab] token id -> its column among draft-vocabulary ids `ids`, or IGNORE."""
+    column = torch.full((vocab_size,), IGNORE, dtype=torch.long)
+    column[ids] = torch.arange(ids.numel())
+    return column
+
+
 def _shift(x: Tensor, d: int) -> Tensor:
     """[b, t] -> [b, t] with x[:, r + d] at r (False past the end)."""
     return torch.cat([x[:, d:], torch.zeros_like(x[:, :d])], dim=1)
@@ -94,13 +112,7 @@ class EagleRecipe:
     regress_features = True  # EAGLE-1/2: the head's outputs are the target's next features
 
     def __init__(self, args: EagleArguments):
-        if args.draft_vocab_size < 0:
-            raise ValueError(f"eagle: --draft-vocab-size must be >= 0 (0: every token), got {args.draft_vocab_size}")
-        for name in ("unroll", "eval_depth", "eval_topk"):
-            if getattr(args, name) < 1:
-                raise ValueError(f"eagle: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-        if not 0 < args.step_decay <= 1:
-            raise ValueError(f"eagle: --step-decay must be in (0, 1], got {args.step_decay}")
+        _check_unroll(args, "eagle")
         if args.feature_weight < 0 or args.ce_weight < 0 or args.feature_weight + args.ce_weight == 0:
             raise ValueError("eagle: --feature-weight and --ce-weight must be >= 0 and not both 0")
         self.args = args
@@ -119,8 +131,7 @@ class EagleRecipe:
             vocab_size = target.get_output_embeddings().weight.shape[0]
             self._vocab, self._vocab_info = pick_draft_vocab(train.data, self.args.draft_vocab_size, vocab_size,
                                                              eval_fraction=train.eval_fraction, seed=train.seed)
-            self._column = torch.full((vocab_size,), IGNORE, dtype=torch.long)
-            self._column[self._vocab] = torch.arange(self._vocab.numel())
+            self._column = _columns(self._vocab, vocab_size)
         head = EagleHead.for_target(target, init_from_last_layer=self.args.init_from_last_layer)
         if target.dtype not in (torch.float32, torch.float64):
             head = head.float()  # half-precision targets: the head still trains in fp32
@@ -258,7 +269,7 @@ class EagleRecipe:
         }
 
     def save(self, head, target, directory: Path, metadata: dict) -> Path:
-        if self._vocab is not None:
+        if self._vocab_info:  # a draft vocabulary was picked from the data
             metadata = {
                 **metadata,
                 "draft_vocab": {**self._vocab_info, "command": metadata.get("training", {}).get("command")},
@@ -274,13 +285,10 @@ class Eagle3Recipe(EagleRecipe):
     regress_features = False
 
     def __init__(self, args: Eagle3Arguments):
-        if args.draft_vocab_size < 0 or args.intermediate_size < 0:
-            raise ValueError("eagle3: --draft-vocab-size and --intermediate-size must be >= 0 (0: the target's)")
-        for name in ("unroll", "eval_depth", "eval_topk"):
-            if getattr(args, name) < 1:
-                raise ValueError(f"eagle3: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-        if not 0 < args.step_decay <= 1:
-            raise ValueError(f"eagle3: --step-decay must be in (0, 1], got {args.step_decay}")
+        _check_unroll(args, "eagle3")
+        if args.intermediate_size < 0:
+            raise ValueError(f"eagle3: --intermediate-size must be >= 0 (0: the target's), got "
+                             f"{args.intermediate_size}")
         try:
             self._aux = tuple(int(i) for i in args.aux_layers.split(",")) if args.aux_layers.strip() else None
         except ValueError:
@@ -300,16 +308,9 @@ class Eagle3Recipe(EagleRecipe):
         head = Eagle3Head.for_target(target, ids, aux_layers=aux, intermediate_size=self.args.intermediate_size or None)
         if target.dtype not in (torch.float32, torch.float64):
             head = head.float()
-        self._column = torch.full((vocab_size,), IGNORE, dtype=torch.long)
-        self._column[head.draft_ids] = torch.arange(head.d2t.numel())
+        self._column = _columns(head.draft_ids, vocab_size)
         self._head, self.hidden_layers = head, head.aux_layers
         return head
 
     def _logits(self, target, out: Tensor) -> Tensor:
         return self._head.logits(out)
-
-    def save(self, head, target, directory: Path, metadata: dict) -> Path:
-        if self._vocab_info:
-            metadata = {**metadata, "draft_vocab": {**self._vocab_info,
-                                                    "command": metadata.get("training", {}).get("command")}}
-        return Eagle(target, head, metadata=metadata).save_pretrained(directory)

@@ -88,10 +88,15 @@ class Recipe(Protocol):
         """The recipe's own arguments, recorded in the metadata."""
 
 
+def _layers(recipe: Recipe) -> tuple[int, ...]:
+    """The target states a recipe's module reads (HF hidden-state indices; default the last layer)."""
+    return tuple(getattr(recipe, "hidden_layers", None) or (-1,))
+
+
 def _batch(ds, indices: Tensor, args: TrainArguments, recipe: Recipe, target, device) -> Batch:
     batch = collate(ds[indices.tolist()], args.max_length).to(device)
     if recipe.needs_hidden_states and batch.hidden_states is None:
-        batch.hidden_states = target_states(target, batch, getattr(recipe, "hidden_layers", None) or (-1,))
+        batch.hidden_states = target_states(target, batch, _layers(recipe))
     return batch
 
 
@@ -275,7 +280,7 @@ def train(args: TrainArguments, recipe: Recipe, command: str | None = None) -> P
         out.mkdir(parents=True, exist_ok=True)
 
     module = recipe.build(target, args)
-    wanted = tuple(getattr(recipe, "hidden_layers", None) or (-1,))
+    wanted = _layers(recipe)
     stored = stored_layers(args.data) if recipe.needs_hidden_states else None
     if stored is not None and stored != wanted:
         raise ValueError(f"--data {args.data} stores the target states of layers {list(stored)} but the {recipe.kind} "
