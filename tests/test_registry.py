@@ -125,3 +125,19 @@ def test_cli_refuses_a_bad_option_before_loading(argv, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert err.startswith("specdec: error: ") and "\n" not in err
     assert "unknown option 'ful-vocab'; the options are dir, full-vocab, budget" in err
+
+
+def test_shipped_drafters_fit_pypi_and_are_bf16():
+    """PyPI refuses files over 100 MB; shipped weights are bf16 (cast to the target's dtype on load)."""
+    from safetensors import safe_open
+
+    from specdec.drafters import checkpoint
+
+    files = sorted(checkpoint.SHIPPED_DIR.glob("*/*/*"))
+    assert any(f.name == checkpoint.WEIGHTS_NAME for f in files)
+    for f in files:
+        assert f.stat().st_size < 100 * 10**6, f"{f}: {f.stat().st_size / 1e6:.1f} MB, over PyPI's per-file limit"
+        if f.name == checkpoint.WEIGHTS_NAME:
+            with safe_open(str(f), "pt") as weights:
+                dtypes = {weights.get_slice(k).get_dtype() for k in weights.keys()}
+            assert not dtypes & {"F32", "F64", "F16"}, f"{f}: {dtypes}"
