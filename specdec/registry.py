@@ -147,6 +147,7 @@ def _scheme(value: str) -> str:
 
 
 SIZING = {"fixed": FLAG, **BUDGET}  # fixed: always draft num_tokens deep, not sized by the measured cost
+CHAIN = {**SIZING, "lookup": _count}  # lookup=N: multi-level drafting, N n-gram guesses per draft forward
 
 
 DRAFTERS = {
@@ -161,11 +162,11 @@ DRAFTERS = {
     "eagle": _trained("eagle"),
     "eagle3": _trained("eagle3", full_vocab=False),
     "early-exit": Entry(_early_exit, {"untrained": FLAG, "dir": _directory, **BUDGET}),
-    "draft-model": Entry(_draft_model, {"quantized": FLAG, **SIZING}),
+    "draft-model": Entry(_draft_model, {"quantized": FLAG, **CHAIN}),
     "draft-model-tree": Entry(
         lambda r, **o: _draft_model(r, **{"topk": 2, "width": 2, "budget": 8, **o}), {"quantized": FLAG, **SIZING}
     ),
-    "quantized-self": Entry(_quantized_self, {"fp32-head": FLAG, "scheme": _scheme, **SIZING}),
+    "quantized-self": Entry(_quantized_self, {"fp32-head": FLAG, "scheme": _scheme, **CHAIN}),
 }
 
 _PART = re.compile(r"([a-z0-9-]+)(?:\[([^\[\]]*)\])?")

@@ -20,6 +20,7 @@ from torch import Tensor
 from specdec import devices, kv
 from specdec.drafter import Context, Feedback
 from specdec.drafters import cached_drafting
+from specdec.drafters.prompt_lookup import PromptLookup
 from specdec.drafters.quantized import check_scheme, check_target, model_bytes, quantized_copy
 from specdec.packing import PackedRoute
 from specdec.trees import RunningRate, TokenTree, best_size
@@ -29,9 +30,15 @@ def _vocab_size(model) -> int:
     return model.get_output_embeddings().out_features  # also on quantized linears (their `weight` is a method)
 
 
-def check_options(who: str, num_tokens: int, topk: int, window: int | None, min_confidence: float) -> None:
+def check_options(
+    who: str, num_tokens: int, topk: int, window: int | None, min_confidence: float, lookup: int
+) -> None:
     """The draft options `DraftModel` takes, checked with `who` named in the error."""
     cached_drafting.check_window(who, window)
+    if lookup < 0:
+        raise ValueError(f"{who}: lookup must be >= 0 (guessed tokens per draft forward; 0: off), got {lookup}")
+    if lookup and topk != 1:
+        raise ValueError(f"{who}: lookup (multi-level drafting) speeds up a chain only: use topk=1 or lookup=0")
     if not 0 <= min_confidence < 1:
         raise ValueError(f"{who}: min_confidence must be in [0, 1), got {min_confidence}")
     if num_tokens < 1 or topk < 1:
@@ -47,7 +54,7 @@ class DraftModel:
     def __init__(
         self, model, *, num_tokens: int = 5, topk: int = 1, width: int | None = None, budget: int | None = None,
         window: int | None = None, min_confidence: float = 0.0, sized: bool = True, quantize: str | None = None,
-        calibration: Tensor | None = None,
+        calibration: Tensor | None = None, lookup: int = 0,
     ):
         """`num_tokens`: the deepest draft; with `sized` each proposal drafts the depth that
         maximises expected tokens per unit of time (`best_size` over the running acceptance, with
@@ -61,21 +68,27 @@ class DraftModel:
         drafting deeper once the draft model's best next token is less likely than this (0: always
         draft `num_tokens`; HF assisted generation's default cut-off is 0.4).
         `window`: when the draft (re)starts on more than this many committed tokens (a long
-        prompt, a new turn), it reads only the last `window` of them (None: all)."""
-        check_options("DraftModel", num_tokens, topk, window, min_confidence)
+        prompt, a new turn), it reads only the last `window` of them (None: all). `lookup`
+        (multi-level drafting, chains only): each draft forward also feeds up to `lookup` tokens
+        that n-gram lookup over the context and chain expects next (`PromptLookup`), and the draft
+        model confirms the ones it would draft itself in that forward (0: off)."""
+        check_options("DraftModel", num_tokens, topk, window, min_confidence, lookup)
         if quantize is not None:
             check_scheme(quantize, "DraftModel")
             model = quantized_copy(model, quantize, calibration=calibration)
         self.model = model.eval()
         self.sized = sized
         self._accept = RunningRate(1.0, 2.0)  # accepted draft tokens per trial (prior 0.5, decay 0.95)
-        self._forward_s = RunningRate(0.0, 1e-9, decay=0.9)  # seconds per draft forward (not a prefill)
+        self._forward_s = RunningRate(0.0, 1e-9, decay=0.9)  # draft seconds per drafted level (no prefill)
+        self._spent = 0.0  # this proposal's draft seconds; NaN once a (re)start's prefill ran
         self._drafted = 0  # depth of the last proposal (0: none to learn from)
         self.num_tokens, self.topk = num_tokens, topk
         self.width = 1 if topk == 1 else (width or topk)
         self.budget = budget
         self.window = window
         self.min_confidence = min_confidence
+        self.lookup = lookup
+        self._guesser = PromptLookup(num_tokens=max(lookup, 1))
         self._route = PackedRoute(model, None)
         self.cache = kv.new_cache(model)
         self.cached = torch.zeros(0, dtype=torch.long)  # [c] the tokens whose keys/values are in self.cache
@@ -119,9 +132,14 @@ class DraftModel:
                 logits_to_keep=1 if last_only else 0,  # the lm_head is a large share of a small model's weights
             )
         logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)  # [m, vocab] on the model's device
-        if ids.numel() <= _COSTED:  # a (re)start's prefill is paid once, not per drafted token
-            self._forward_s.add(devices.clock(device) - t0, 1)
+        # a (re)start's prefill is paid once, not per drafted token: such a proposal is not costed
+        self._spent += devices.clock(device) - t0 if ids.numel() <= _COSTED else float("nan")
         return logprobs
+
+    def _guess(self, seq: Tensor) -> Tensor:
+        """[g <= lookup] tokens n-gram lookup expects after `seq` ([s]), for multi-level drafting."""
+        found = self._guesser.continuations(seq.numpy(), self.lookup)
+        return torch.from_numpy(found[0][1]) if found else torch.zeros(0, dtype=torch.long)
 
     @torch.no_grad()
     def propose(self, ctx: Context) -> TokenTree:
@@ -132,12 +150,15 @@ class DraftModel:
         depth = self._depth(ctx, depth) if depth >= 1 else 0
         if depth < 1:
             return TokenTree.empty()
+        self._spent = 0.0
         tree, self.cached, self.start = cached_drafting.draft(
             self._forward, self.cache, self.cached, ids, depth=depth, topk=self.topk, width=self.width,
             budget=self.budget, min_confidence=self.min_confidence, dtype=self.model.dtype,
-            start=self.start, window=self.window,
+            start=self.start, window=self.window, guess=self._guess if self.lookup else None,
         )
-        self._drafted = int(tree.depths().max()) if len(tree) else 0
+        self._drafted = int(tree.depths().max()) if len(tree) else 0  # levels, one forward each without lookup
+        if self._drafted and self._spent == self._spent:  # not NaN: no prefill among this proposal's forwards
+            self._forward_s.add(self._spent, self._drafted)
         if self.width == 1 and len(tree):  # a chain's cumulative q is no acceptance chance; a ** depth is
             tree = dataclasses.replace(tree, scores=self._accept.rate ** tree.depths().double())
         return tree
@@ -164,16 +185,16 @@ class QuantizedDraft:
     def __init__(
         self, scheme: str = "int8-smooth", *, lm_head: bool = True, calibration: Tensor | None = None,
         num_tokens: int = 8, topk: int = 1, width: int | None = None, budget: int | None = None,
-        window: int | None = None, min_confidence: float = 0.0, sized: bool = True,
+        window: int | None = None, min_confidence: float = 0.0, sized: bool = True, lookup: int = 0,
     ):
         """`scheme`: a key of `SCHEMES`; `lm_head`: quantize the output projection too (False keeps
         it fp32, shared with the target: slower on large vocabularies); `calibration`: token ids for
         ``int8-smooth`` (None: the first proposal's). The rest are `DraftModel`'s."""
         check_scheme(scheme)
-        check_options("QuantizedDraft", num_tokens, topk, window, min_confidence)
+        check_options("QuantizedDraft", num_tokens, topk, window, min_confidence, lookup)
         self.scheme, self.lm_head, self.calibration = scheme, lm_head, calibration
         self._options = dict(num_tokens=num_tokens, topk=topk, width=width, budget=budget, window=window,
-                             min_confidence=min_confidence, sized=sized)
+                             min_confidence=min_confidence, sized=sized, lookup=lookup)
         self._drafts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # target -> DraftModel
         self._target = None
         self._draft: DraftModel | None = None
