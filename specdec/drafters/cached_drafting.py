@@ -124,9 +124,10 @@ def _guessed_chain(
     total = 0.0  # cumulative log-probability of the chain so far
     pending = ids[fed:]
     while len(tokens) < depth:
-        seq = torch.cat([ids, torch.tensor(tokens, dtype=torch.long)])
         room = depth - len(tokens) - 1 if pending.numel() <= _GUESS_AFTER else 0  # a (re)start feeds alone
-        guessed = guess(seq)[:room].to(torch.long)  # [g]: room for one token past them
+        guessed = torch.zeros(0, dtype=torch.long)  # [g]: room for one token past them
+        if room:
+            guessed = guess(torch.cat([ids, torch.tensor(tokens, dtype=torch.long)]))[:room].to(torch.long)
         feed = torch.cat([pending, guessed])
         first = t + len(tokens) - pending.numel()  # position of feed[0]
         last_only = not guessed.numel()  # else only the guesses' rows and the one before them count

@@ -87,8 +87,7 @@ class DraftModel:
         self.budget = budget
         self.window = window
         self.min_confidence = min_confidence
-        self.lookup = lookup
-        self._guesser = PromptLookup(num_tokens=max(lookup, 1))
+        self._guesser = PromptLookup(num_tokens=lookup) if lookup else None
         self._route = PackedRoute(model, None)
         self.cache = kv.new_cache(model)
         self.cached = torch.zeros(0, dtype=torch.long)  # [c] the tokens whose keys/values are in self.cache
@@ -138,7 +137,7 @@ class DraftModel:
 
     def _guess(self, seq: Tensor) -> Tensor:
         """[g <= lookup] tokens n-gram lookup expects after `seq` ([s]), for multi-level drafting."""
-        found = self._guesser.continuations(seq.numpy(), self.lookup)
+        found = self._guesser.continuations(seq.numpy(), self._guesser.num_tokens)
         return torch.from_numpy(found[0][1]) if found else torch.zeros(0, dtype=torch.long)
 
     @torch.no_grad()
@@ -154,7 +153,7 @@ class DraftModel:
         tree, self.cached, self.start = cached_drafting.draft(
             self._forward, self.cache, self.cached, ids, depth=depth, topk=self.topk, width=self.width,
             budget=self.budget, min_confidence=self.min_confidence, dtype=self.model.dtype,
-            start=self.start, window=self.window, guess=self._guess if self.lookup else None,
+            start=self.start, window=self.window, guess=self._guess if self._guesser else None,
         )
         self._drafted = int(tree.depths().max()) if len(tree) else 0  # levels, one forward each without lookup
         if self._drafted and self._spent == self._spent:  # not NaN: no prefill among this proposal's forwards
